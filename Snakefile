@@ -1,0 +1,20 @@
+# normbench: train every cell of every study in the config, aggregate, report.
+# The logic lives in the normbench package; these rules only wire files.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "reports/report.html",

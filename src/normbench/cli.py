@@ -1,0 +1,91 @@
+"""`normbench train | data | aggregate | report`: every workflow step is one of these commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> None:
+    import torch
+
+    from normbench.config import load_settings_file, make_settings, parse_assignments
+    from normbench.train import train
+
+    values = load_settings_file(args.from_file) if args.from_file else {}
+    values.update(parse_assignments(args.set))
+    settings = make_settings(values)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = train(settings, args.out)
+    state = "diverged: " + summary["diverged_reason"] if summary["diverged"] else f"final test acc {summary['final_test_acc']:.4f}"
+    print(f"{args.out}: {state}, {summary['train_samples_per_s']:.0f} samples/s")
+
+
+def _data(args: argparse.Namespace) -> None:
+    from normbench.data import fetch
+
+    fetch(args.dataset, args.root, args.download)
+    print(f"{args.dataset} ready under {args.root}")
+
+
+def _aggregate(args: argparse.Namespace) -> None:
+    from normbench.results import aggregate, write_table
+
+    cells, curves = aggregate(args.summaries, args.runs_root)
+    write_table(cells, Path(args.out) / "cells.csv")
+    write_table(curves, Path(args.out) / "curves.csv")
+    print(f"{len(cells)} cells, {len(curves)} evaluations -> {args.out}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from normbench.report import render_report
+
+    render_report(Path(args.tables), Path(args.out))
+    print(f"report -> {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="normbench", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train one cell into a folder (resumes if interrupted)")
+    train.add_argument("--out", required=True, help="the cell folder")
+    train.add_argument("--from", dest="from_file", help="start from a settings file, e.g. a cell's config.json")
+    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings, e.g. norm=gn batch_size=4")
+    train.add_argument("--threads", type=int, help="CPU threads (an execution setting: not recorded in config.json)")
+    train.set_defaults(run=_train)
+
+    data = commands.add_parser("data", help="make a dataset loadable under the data root")
+    data.add_argument("dataset", choices=["fashion_mnist", "cifar10"])
+    data.add_argument("--root", default="data")
+    data.add_argument("--download", action="store_true", help="use torchvision's download (needs the internet)")
+    data.set_defaults(run=_data)
+
+    agg = commands.add_parser("aggregate", help="cell folders -> tidy tables cells.csv and curves.csv")
+    agg.add_argument("summaries", nargs="+", help="the cells' summary.json files")
+    agg.add_argument("--runs-root", default="results/runs", help="the folder holding <study>/<cell>/")
+    agg.add_argument("--out", default="results/tables")
+    agg.set_defaults(run=_aggregate)
+
+    report = commands.add_parser("report", help="tables -> one self-contained HTML report")
+    report.add_argument("--tables", default="results/tables")
+    report.add_argument("--out", default="reports/report.html")
+    report.set_defaults(run=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from normbench.config import SettingsError
+    from normbench.data import DatasetMissing
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (SettingsError, DatasetMissing) as error:
+        sys.exit(f"normbench: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

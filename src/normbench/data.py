@@ -1,0 +1,169 @@
+"""Datasets as tensors on the training device, through torchvision's own loaders.
+
+Fashion-MNIST and CIFAR-10 fit in memory many times over, so each split is
+decoded once by torchvision, normalized with the training split's statistics
+and kept as one tensor on the device: batches are index lookups, with no
+DataLoader workers to become the bottleneck (airbench's discipline).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision import datasets
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    torchvision_class: type
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    how_to_get: str
+
+
+DATASETS = {
+    "fashion_mnist": DatasetSpec(
+        datasets.FashionMNIST, (1, 28, 28), 10,
+        "run `make setup` (installs Debian's dataset-fashion-mnist as root, then "
+        "`normbench data fashion_mnist`), or `normbench data fashion_mnist --download` "
+        "where the internet is reachable",
+    ),
+    "cifar10": DatasetSpec(
+        datasets.CIFAR10, (3, 32, 32), 10,
+        "run `normbench data cifar10 --download` where the internet is reachable, or put "
+        "cifar-10-batches-py/ (the python version of CIFAR-10) under the data root",
+    ),
+}
+
+
+class DatasetMissing(FileNotFoundError):
+    """The dataset is not under the data root; the message says how to get it."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # float, (N, C, H, W), normalized
+    labels: torch.Tensor  # int64, (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _load_raw(name: str, root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, C, H, W) and int64 labels from torchvision's dataset class."""
+    spec = DATASETS[name]
+    try:
+        dataset = spec.torchvision_class(str(root), train=train, download=False)
+    except RuntimeError as error:  # torchvision: "Dataset not found or corrupted..."
+        raise DatasetMissing(f"{name} not found under {Path(root).resolve()} ({error}); {spec.how_to_get}") from None
+    images = torch.as_tensor(dataset.data)
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # CIFAR is NHWC
+    return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.int64)
+
+
+def load_splits(name: str, root: str | Path, train_subset: int | None, test_subset: int | None,
+                device: torch.device) -> tuple[Split, Split]:
+    """Train and test splits on `device`, normalized per channel by the full training split's statistics.
+
+    Subsets are the first images of a fixed permutation (seed 0), so every cell of a
+    study, whatever its training seed, sees the same images.
+    """
+    train_images, train_labels = _load_raw(name, root, train=True)
+    test_images, test_labels = _load_raw(name, root, train=False)
+    scaled = train_images.float().div_(255)
+    mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
+    std = scaled.std(dim=(0, 2, 3), keepdim=True)
+
+    def prepare(images: torch.Tensor, labels: torch.Tensor, subset: int | None) -> Split:
+        if subset is not None:
+            keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:subset]
+            images, labels = images[keep], labels[keep]
+        normalized = (images.float().div_(255) - mean) / std
+        return Split(normalized.to(device), labels.to(device))
+
+    return prepare(train_images, train_labels, train_subset), prepare(test_images, test_labels, test_subset)
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random crop after zero padding and random horizontal flip, for a whole batch at once."""
+    n, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
+    flip = torch.rand(n, generator=generator).to(images.device) < 0.5
+    rows = (dy[:, None] + torch.arange(height, device=images.device))[:, None, :, None]
+    cols = torch.arange(width, device=images.device).expand(n, width)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]
+    batch_index = torch.arange(n, device=images.device)[:, None, None, None]
+    channel_index = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return padded[batch_index, channel_index, rows, cols[:, None, None, :]]
+
+
+def dataset_files(name: str) -> list[str]:
+    """The files, relative to the data root, that torchvision's loader reads for `name`."""
+    if name == "fashion_mnist":
+        return [f"FashionMNIST/raw/{file}" for file in FASHION_MNIST_MD5]
+    cifar = datasets.CIFAR10
+    return [f"{cifar.base_folder}/{file}" for file, _ in cifar.train_list + cifar.test_list]
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+# MD5s of the uncompressed idx files. Debian recompressed the .gz files, so the MD5s
+# of the original archives (torchvision's FashionMNIST.resources) cannot match them;
+# these are the checksums of the decompressed originals as published alongside them.
+FASHION_MNIST_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+
+
+def prepare_fashion_mnist(root: str | Path, source: Path = DEBIAN_FASHION_MNIST) -> Path:
+    """Decompress Debian's Fashion-MNIST where torchvision looks, checking each file's MD5.
+
+    torchvision's FashionMNIST(download=False) accepts only the uncompressed idx
+    files in <root>/FashionMNIST/raw/.
+    """
+    raw = Path(root) / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, md5 in FASHION_MNIST_MD5.items():
+        target = raw / name
+        if target.exists() and _md5(target) == md5:
+            continue
+        archive = source / f"{name}.gz"
+        if not archive.exists():
+            raise DatasetMissing(f"{archive} is missing; {DATASETS['fashion_mnist'].how_to_get}")
+        partial = raw / f".{name}.partial"
+        with gzip.open(archive, "rb") as compressed, open(partial, "wb") as out:
+            shutil.copyfileobj(compressed, out)
+        if _md5(partial) != md5:
+            partial.unlink()
+            raise DatasetMissing(f"{archive} decompresses to data with MD5 other than {md5}: "
+                                 "the file is corrupted; reinstall dataset-fashion-mnist")
+        partial.replace(target)
+    return raw
+
+
+def fetch(name: str, root: str | Path, download: bool) -> None:
+    """Make `name` loadable from `root`: from Debian's package, or torchvision's download when asked."""
+    if name == "fashion_mnist" and DEBIAN_FASHION_MNIST.exists() and not download:
+        prepare_fashion_mnist(root)
+    elif download:
+        try:
+            for train in (True, False):
+                DATASETS[name].torchvision_class(str(root), train=train, download=True)
+        except Exception as error:  # no network, a mirror down, a bad archive: all end the same way
+            raise DatasetMissing(f"downloading {name} failed ({error}); {DATASETS[name].how_to_get}") from None
+    for train in (True, False):
+        _load_raw(name, root, train)  # raises DatasetMissing with the fix when still absent

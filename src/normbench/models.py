@@ -1,0 +1,98 @@
+"""Models with a pluggable norm: CIFAR-style ResNets and an MLP.
+
+Every model takes a `norm_layer` (see norms.norm_factory) and never names a
+concrete norm, so one model definition serves every cell of a grid.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from normbench.norms import NormLayer, norm_factory
+
+ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual; a 1x1 conv + norm projects when the shape changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.norm1 = norm_layer(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.norm2 = norm_layer(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), norm_layer(out_channels)
+            )
+
+    def forward(self, x):
+        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet (He et al. 2016, §4.2): depth 6n+2, three stages of n blocks at width w, 2w, 4w."""
+
+    def __init__(self, depth: int, width: int, in_channels: int, num_classes: int, norm_layer: NormLayer) -> None:
+        super().__init__()
+        if (depth - 2) % 6 or depth < 8:
+            raise ValueError(f"ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, ...), got {depth}")
+        blocks_per_stage = (depth - 2) // 6
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), norm_layer(width), nn.ReLU(inplace=True)
+        )
+        layers, channels = [], width
+        for stage, stage_width in enumerate((width, 2 * width, 4 * width)):
+            for block in range(blocks_per_stage):
+                stride = 2 if stage > 0 and block == 0 else 1
+                layers.append(BasicBlock(channels, stage_width, stride, norm_layer))
+                channels = stage_width
+        self.stages = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.head(self.stages(self.stem(x)))
+
+
+class MLP(nn.Module):
+    """`depth` hidden layers of `width` units: Linear -> norm -> activation (the BN paper's order)."""
+
+    def __init__(self, depth: int, width: int, in_features: int, num_classes: int,
+                 norm_layer: NormLayer, activation: str) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        features = in_features
+        for _ in range(depth):
+            layers += [nn.Linear(features, width), norm_layer(width), ACTIVATIONS[activation]()]
+            features = width
+        layers.append(nn.Linear(features, num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
+
+
+def build_model(settings, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """Build the model a cell's settings name, for inputs of shape (C, H, W)."""
+    layout = "features" if settings.model == "mlp" else "channels"
+    norm_layer = norm_factory(settings.norm, layout, gn_groups=settings.gn_groups,
+                              eps=settings.norm_eps, momentum=settings.bn_momentum)
+    if settings.model == "mlp":
+        channels, height, width = input_shape
+        return MLP(settings.depth or 3, settings.width, channels * height * width, num_classes,
+                   norm_layer, settings.activation)
+    depth = RESNET_DEPTHS.get(settings.model) or settings.depth
+    if depth is None:
+        raise ValueError("model 'resnet' needs depth=6n+2 (e.g. depth=44); or name resnet20/32/56")
+    return ResNet(depth, settings.width, input_shape[0], num_classes, norm_layer)

@@ -1,0 +1,72 @@
+"""Cell outputs written atomically, and their aggregation into tidy tables.
+
+A cell folder holds plain files a person can open: config.json (resolved
+settings), metrics.jsonl (one line per evaluation), summary.json (final
+numbers), env.json (provenance) and checkpoint.pt (for resuming).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pandas as pd
+
+CONFIG, METRICS, SUMMARY, ENV, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "env.json", "checkpoint.pt"
+
+
+def write_atomic(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_atomic(path, lambda f: json.dump(data, f, indent=2, sort_keys=True))
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    write_atomic(path, lambda f: f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_table(frame: pd.DataFrame, path: str | Path) -> None:
+    write_atomic(path, lambda f: frame.to_csv(f, index=False))
+
+
+def aggregate(summary_paths: Iterable[str | Path], runs_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Tidy tables from cell folders: one row per cell, and one row per evaluation of a cell.
+
+    `study` and `cell` come from the folder's place under `runs_root`
+    (`<runs_root>/<study>/<cell path>/summary.json`); settings and summary
+    numbers become columns, so figures can be drawn from the tables alone.
+    """
+    runs_root = Path(runs_root)
+    cells, curves = [], []
+    for summary_path in sorted(map(Path, summary_paths)):
+        folder = summary_path.parent
+        study, *cell_parts = folder.relative_to(runs_root).parts
+        identity = {"study": study, "cell": "/".join(cell_parts), "cell_dir": str(folder)}
+        settings = read_json(folder / CONFIG)
+        env = {f"env_{key}": value for key, value in read_json(folder / ENV).items()}
+        cells.append({**identity, **settings, **read_json(summary_path), **env})
+        curves += [{**identity, **settings, **row} for row in read_jsonl(folder / METRICS)]
+    return pd.DataFrame(cells), pd.DataFrame(curves)

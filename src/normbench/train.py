@@ -1,0 +1,233 @@
+"""The training loop: build -> train steps -> evaluate -> record, resumable at every evaluation.
+
+One loop serves every cell. It is deterministic on CPU for a given seed and
+thread count: the model is initialized from the seed, each epoch's shuffle and
+each step's augmentation come from generators seeded by (seed, epoch) and
+(seed, step), so a run resumed from a checkpoint takes exactly the steps of
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from normbench import results
+from normbench.config import Settings
+from normbench.data import DATASETS, Split, augment_batch, load_splits
+from normbench.models import build_model
+from normbench.provenance import environment
+
+EVAL_BATCH_SIZE = 1000
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but torch sees no CUDA device; use device=cpu or auto")
+    return torch.device(name)
+
+
+def make_optimizer(model: torch.nn.Module, settings: Settings) -> torch.optim.Optimizer:
+    """Weight decay on conv/linear weights only: decaying norm gains and biases fights the norm (timm's default)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=settings.effective_lr, momentum=settings.momentum)
+    return torch.optim.AdamW(groups, lr=settings.effective_lr)
+
+
+def lr_multiplier(step: int, total_steps: int, settings: Settings) -> float:
+    """Linear warm-up to the peak, then cosine decay to zero (or constant)."""
+    if step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    if settings.schedule == "constant":
+        return 1.0
+    progress = (step - settings.warmup_steps) / max(1, total_steps - settings.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_permutation(seed: int, epoch: int, n: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).to(device)
+
+
+def batch_indices(permutation: torch.Tensor, step_in_epoch: int, settings: Settings, rank: int = 0) -> torch.Tensor:
+    """This worker's slice of the global batch: world k with batch b sees what world 1 with batch k*b sees."""
+    start = step_in_epoch * settings.global_batch_size + rank * settings.batch_size
+    return permutation[start:start + settings.batch_size]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: Split, memory_format: torch.memory_format) -> tuple[float, float]:
+    """Mean loss and accuracy over a split, in eval mode (running statistics for BN)."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(split), EVAL_BATCH_SIZE):
+        images = split.images[start:start + EVAL_BATCH_SIZE].contiguous(memory_format=memory_format)
+        labels = split.labels[start:start + EVAL_BATCH_SIZE]
+        logits = model(images)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+    model.train()
+    return loss_sum / len(split), correct / len(split)
+
+
+@dataclass
+class Progress:
+    """What a checkpoint carries besides the model and optimizer."""
+
+    step: int = 0
+    metrics: list[dict] = field(default_factory=list)
+    train_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    resumed_from_step: int | None = None
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, progress: Progress, settings: Settings) -> None:
+    state = {
+        "settings": settings.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "progress": progress.__dict__, "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    results.write_atomic(path, lambda f: torch.save(state, f), mode="wb")
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, settings: Settings) -> Progress | None:
+    """Restore a checkpoint of the same settings; a checkpoint of other settings is ignored."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["settings"] != settings.to_dict():
+        print(f"normbench: {path} holds other settings; starting afresh", file=sys.stderr)
+        return None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    progress = Progress(**state["progress"])
+    progress.resumed_from_step = progress.step
+    return progress
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(settings: Settings, out_dir: str | Path) -> dict:
+    """Train one cell into `out_dir` and return its summary. Resumes from out_dir/checkpoint.pt if present."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    device = resolve_device(settings.device)
+    spec = DATASETS[settings.dataset]
+    train_split, test_split = load_splits(settings.dataset, settings.data_root, settings.train_subset,
+                                          settings.test_subset, device)
+
+    torch.manual_seed(settings.seed)
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    model = build_model(settings, spec.input_shape, spec.num_classes).to(device, memory_format=memory_format)
+    optimizer = make_optimizer(model, settings)
+    steps_per_epoch = len(train_split) // settings.global_batch_size  # the last partial batch is dropped
+    total_steps = steps_per_epoch * settings.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, settings))
+    eval_steps = {round(steps_per_epoch * (e + k / settings.evals_per_epoch))
+                  for e in range(settings.epochs) for k in range(1, settings.evals_per_epoch + 1)}
+
+    checkpoint_path = out_dir / results.CHECKPOINT
+    progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler, settings) or Progress()
+    results.write_json(out_dir / results.CONFIG, settings.to_dict())
+    results.write_json(out_dir / results.ENV, environment(device))
+
+    diverged_reason = None
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    permutation, permutation_epoch = None, None
+    interval_started = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=progress.step, desc=str(out_dir), unit="step", file=sys.stderr,
+               disable=None, leave=False)
+    model.train()
+    for step in range(progress.step, total_steps):
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        if permutation_epoch != epoch:
+            permutation, permutation_epoch = epoch_permutation(settings.seed, epoch, len(train_split), device), epoch
+        index = batch_indices(permutation, step_in_epoch, settings)
+        images, labels = train_split.images[index], train_split.labels[index]
+        if settings.augment:
+            images = augment_batch(images, torch.Generator().manual_seed(settings.seed * 1_000_003 + step))
+        logits = model(images.contiguous(memory_format=memory_format))
+        loss = F.cross_entropy(logits, labels)
+        loss_value = loss.item()  # one sync per step buys the exact step of divergence
+        if not math.isfinite(loss_value) or loss_value > settings.max_loss:
+            diverged_reason = f"training loss {loss_value:.4g} at step {step} (bound: finite and <= {settings.max_loss:g})"
+            progress.step = step
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+        bar.update()
+        progress.step = step + 1
+
+        if progress.step in eval_steps:
+            synchronize(device)
+            progress.train_time_s += time.perf_counter() - interval_started
+            test_loss, test_acc = evaluate(model, test_split, memory_format)
+            progress.metrics.append({
+                "step": progress.step, "epoch": progress.step / steps_per_epoch,
+                "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+                "test_loss": test_loss, "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"],
+                "elapsed_s": progress.wall_time_s + time.perf_counter() - started,
+            })
+            bar.write(f"step {progress.step}/{total_steps} epoch {progress.step / steps_per_epoch:.2f} "
+                      f"train_loss {loss_sum.item() / seen:.4f} test_acc {test_acc:.4f}")
+            loss_sum.zero_()
+            correct.zero_()
+            seen = 0
+            results.write_jsonl(out_dir / results.METRICS, progress.metrics)
+            wall_so_far = progress.wall_time_s
+            progress.wall_time_s = wall_so_far + time.perf_counter() - started
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, progress, settings)
+            progress.wall_time_s = wall_so_far
+            interval_started = time.perf_counter()
+    bar.close()
+    synchronize(device)
+    if diverged_reason is not None:  # the steps since the last evaluation still count as training time
+        progress.train_time_s += time.perf_counter() - interval_started
+
+    results.write_jsonl(out_dir / results.METRICS, progress.metrics)
+    test_accs = [row["test_acc"] for row in progress.metrics]
+    summary = {
+        "final_test_acc": test_accs[-1] if test_accs and diverged_reason is None else None,
+        "best_test_acc": max(test_accs) if test_accs else None,
+        "final_test_loss": progress.metrics[-1]["test_loss"] if progress.metrics and diverged_reason is None else None,
+        "final_train_loss": progress.metrics[-1]["train_loss"] if progress.metrics and diverged_reason is None else None,
+        "diverged": diverged_reason is not None,
+        "diverged_step": progress.step if diverged_reason else None,
+        "diverged_reason": diverged_reason,
+        "steps": progress.step,
+        "total_steps": total_steps,
+        "train_samples_per_s": (progress.step * settings.global_batch_size / progress.train_time_s)
+        if progress.train_time_s > 0 else None,
+        "train_time_s": progress.train_time_s,
+        "wall_time_s": progress.wall_time_s + time.perf_counter() - started,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "resumed_from_step": progress.resumed_from_step,
+    }
+    results.write_json(out_dir / results.SUMMARY, summary)
+    return summary

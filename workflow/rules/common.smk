@@ -1,0 +1,51 @@
+# Validation and grid expansion, done while the workflow is parsed: a bad
+# config stops here, before any job runs.
+import shlex
+
+import pandas as pd
+from snakemake.utils import Paramspace, validate
+
+from normbench.config import study_cells
+from normbench.data import dataset_files
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+RUNS = "results/runs"
+TABLES = "results/tables"
+
+
+def study_settings(study):
+    """The settings every cell of a study shares: the config's defaults, then the study's fixed ones."""
+    return {**config.get("defaults", {}), **config["studies"][study].get("fixed", {})}
+
+
+# One Paramspace per study; a cell's folder spells its grid values (norm~gn/batch_size~4/...).
+SPACES = {
+    study: Paramspace(
+        pd.DataFrame(study_cells(study, {**spec, "fixed": study_settings(study)})),
+        single_wildcard="cell",
+    )
+    for study, spec in config["studies"].items()
+}
+
+
+def all_summaries():
+    return [
+        f"{RUNS}/{study}/{cell}/summary.json"
+        for study, space in SPACES.items()
+        for cell in space.instance_patterns
+    ]
+
+
+def cell_assignments(wildcards):
+    """The cell's settings as quoted key=value words for `normbench train --set`."""
+    values = {**study_settings(wildcards.study), **SPACES[wildcards.study].instance(wildcards)}
+    return " ".join(shlex.quote(f"{key}={value}") for key, value in values.items())
+
+
+def cell_dataset_files(wildcards):
+    settings = study_settings(wildcards.study)
+    settings.update(SPACES[wildcards.study].instance(wildcards))
+    dataset, root = settings.get("dataset", "fashion_mnist"), settings.get("data_root", "data")
+    return [f"{root}/{path}" for path in dataset_files(dataset)]
