@@ -148,7 +148,8 @@ def _parse_scalar(raw: str) -> Any:
 
 def load_settings_file(path: str | Path) -> dict[str, Any]:
     """Read a cell's config.json (or any JSON/YAML mapping of settings)."""
-    values = yaml.safe_load(Path(path).read_text())
+    text = Path(path).read_text()
+    values = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
     if not isinstance(values, dict):
         raise SettingsError(f"{path}: expected a mapping of settings")
     return values

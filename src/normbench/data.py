@@ -31,9 +31,9 @@ class DatasetSpec:
 DATASETS = {
     "fashion_mnist": DatasetSpec(
         datasets.FashionMNIST, (1, 28, 28), 10,
-        "run `make setup` (installs Debian's dataset-fashion-mnist as root, then "
-        "`normbench data fashion_mnist`), or `normbench data fashion_mnist --download` "
-        "where the internet is reachable",
+        "install Debian's package dataset-fashion-mnist (as root: apt-get install -y "
+        "dataset-fashion-mnist; `make setup` does this) and run `normbench data fashion_mnist`, "
+        "or run `normbench data fashion_mnist --download` where the internet is reachable",
     ),
     "cifar10": DatasetSpec(
         datasets.CIFAR10, (3, 32, 32), 10,
@@ -156,8 +156,14 @@ def prepare_fashion_mnist(root: str | Path, source: Path = DEBIAN_FASHION_MNIST)
 
 
 def fetch(name: str, root: str | Path, download: bool) -> None:
-    """Make `name` loadable from `root`: from Debian's package, or torchvision's download when asked."""
-    if name == "fashion_mnist" and DEBIAN_FASHION_MNIST.exists() and not download:
+    """Make `name` loadable from `root`: already there, from Debian's package, or (if allowed) downloaded."""
+    try:
+        for train in (True, False):
+            _load_raw(name, root, train)
+        return
+    except DatasetMissing:
+        pass
+    if name == "fashion_mnist" and DEBIAN_FASHION_MNIST.exists():
         prepare_fashion_mnist(root)
     elif download:
         try:

@@ -4,7 +4,12 @@ rule aggregate:
     output:
         cells=f"{TABLES}/cells.csv",
         curves=f"{TABLES}/curves.csv",
+    params:
+        runs=lambda wildcards: RUNS,
+        tables=lambda wildcards, output: os.path.dirname(output.cells),
+    conda:
+        CONDA_ENV
     log:
         "results/logs/aggregate.log",
     shell:
-        "normbench aggregate {input} --runs-root {RUNS} --out {TABLES} > {log} 2>&1"
+        "normbench aggregate {input} --runs-root {params.runs} --out {params.tables} > {log} 2>&1"

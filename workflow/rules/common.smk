@@ -11,6 +11,7 @@ from normbench.data import dataset_files
 
 validate(config, schema="../schemas/config.schema.yaml")
 
+CONDA_ENV = "../envs/normbench.yaml"
 RUNS = "results/runs"
 TABLES = "results/tables"
 

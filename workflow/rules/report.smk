@@ -4,7 +4,11 @@ rule report:
         curves=f"{TABLES}/curves.csv",
     output:
         "reports/report.html",
+    params:
+        tables=lambda wildcards, input: os.path.dirname(input.cells),
+    conda:
+        CONDA_ENV
     log:
         "results/logs/report.log",
     shell:
-        "normbench report --tables {TABLES} --out {output} > {log} 2>&1"
+        "normbench report --tables {params.tables} --out {output} > {log} 2>&1"

@@ -6,6 +6,8 @@ wildcard_constraints:
 rule prepare_data:
     output:
         [f"{{root}}/{path}" for path in dataset_files("fashion_mnist")],
+    conda:
+        CONDA_ENV
     log:
         "results/logs/prepare_data/{root}.log",
     shell:
@@ -23,6 +25,8 @@ rule train:
     params:
         assignments=cell_assignments,
         folder=lambda wildcards, output: os.path.dirname(output.summary),
+    conda:
+        CONDA_ENV
     log:
         "results/logs/train/{study}/{cell}.log",
     benchmark:

@@ -1,0 +1,37 @@
+# The README's commands: `make reproduce` (set up, run the default study) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+DATA_ROOT := data
+PROFILE ?= workflow/profiles/default
+DEBIAN_FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup dataset reproduce test lint clean
+
+setup: $(VENV)/.installed dataset
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# Debian's package where apt is usable as root; otherwise torchvision's download.
+dataset: $(VENV)/.installed
+	@if [ ! -e $(DEBIAN_FASHION_MNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; fi
+	$(BIN)/normbench data fashion_mnist --root $(DATA_ROOT) --download
+
+reproduce: setup
+	$(BIN)/snakemake --workflow-profile $(PROFILE)
+	@echo "report: $(CURDIR)/reports/report.html"
+
+test: setup
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/snakemake --lint
+
+clean:
+	rm -rf results reports .snakemake

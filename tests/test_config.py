@@ -1,0 +1,52 @@
+"""Settings are validated before any work, with messages that name the key and the fix."""
+
+import pytest
+
+from normbench.config import SETTING_NAMES, Settings, SettingsError, make_settings, parse_assignments, settings_schema, study_cells
+
+
+def test_defaults_are_valid_and_schema_covers_every_setting():
+    assert make_settings({}) == Settings()
+    assert set(settings_schema()["properties"]) == set(SETTING_NAMES)
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"norm": "batchnorm"}, r"setting 'norm': 'batchnorm' is not one of"),
+    ({"batch_size": 0}, r"setting 'batch_size': 0 is less than the minimum of 1"),
+    ({"lr": -1.0}, r"setting 'lr'"),
+    ({"nrom": "bn"}, r"unknown setting\(s\) 'nrom'"),
+    ({"norm": "gn", "gn_groups": 3, "width": 8}, r"gn_groups=3 does not divide a layer of 8 channels"),
+    ({"model": "resnet20", "depth": 14}, r"setting 'depth'"),
+    ({"model": "resnet", "depth": 21}, r"6n\+2"),
+    ({"model": "resnet20", "activation": "sigmoid"}, r"setting 'activation'"),
+    ({"model": "mlp", "norm": "in"}, r"needs spatial maps"),
+    ({"train_subset": 100, "batch_size": 128}, r"setting 'train_subset'"),
+])
+def test_bad_settings_are_rejected_with_the_key(values, message):
+    with pytest.raises(SettingsError, match=message):
+        make_settings(values)
+
+
+def test_assignments_are_typed():
+    values = parse_assignments(["norm=gn", "batch_size=4", "lr=1e-3", "augment=true", "train_subset=null"])
+    assert values == {"norm": "gn", "batch_size": 4, "lr": 0.001, "augment": True, "train_subset": None}
+    with pytest.raises(SettingsError, match="key=value"):
+        parse_assignments(["norm"])
+
+
+def test_linear_lr_scaling_uses_the_global_batch():
+    assert make_settings({"lr": 0.1, "batch_size": 32, "lr_reference_batch": 128}).effective_lr == pytest.approx(0.025)
+    assert make_settings({"lr": 0.1, "batch_size": 32}).effective_lr == 0.1
+
+
+def test_study_expands_to_the_grid_product():
+    cells = study_cells("s", {"fixed": {"width": 8, "gn_groups": 4}, "grid": {"norm": ["bn", "gn"], "batch_size": [4, 16, 128]}})
+    assert len(cells) == 6
+    assert {"norm": "gn", "batch_size": 16} in cells
+
+
+def test_study_errors_name_the_study_and_cell():
+    with pytest.raises(SettingsError, match=r"study 's', cell \{\"norm\": \"foo\"\}: setting 'norm'"):
+        study_cells("s", {"grid": {"norm": ["bn", "foo"]}})
+    with pytest.raises(SettingsError, match="both fixed and a grid axis"):
+        study_cells("s", {"fixed": {"norm": "bn"}, "grid": {"norm": ["gn"]}})

@@ -1,0 +1,44 @@
+"""Every model with every norm runs forward and backward and trains every parameter."""
+
+import pytest
+import torch
+
+from normbench.config import Settings
+from normbench.models import ResNet, build_model
+from normbench.norms import NORM_NAMES
+
+
+CASES = [(model, shape, norm) for model, shape in [("resnet20", (1, 28, 28)), ("resnet20", (3, 32, 32)), ("mlp", (1, 28, 28))]
+         for norm in NORM_NAMES if not (model == "mlp" and norm == "in")]  # instance norm needs spatial maps
+
+
+@pytest.mark.parametrize("model,input_shape,norm", CASES)
+def test_forward_backward(model, input_shape, norm):
+    torch.manual_seed(0)
+    net = build_model(Settings(model=model, norm=norm, width=8, gn_groups=4), input_shape, 10)
+    logits = net(torch.randn(4, *input_shape))
+    assert logits.shape == (4, 10)
+    logits.logsumexp(1).mean().backward()
+    for name, parameter in net.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, f"{name} receives no gradient"
+
+
+@pytest.mark.parametrize("depth,blocks", [(8, 1), (20, 3), (32, 5)])
+def test_resnet_depth_counts_weighted_layers(depth, blocks):
+    net = ResNet(depth, 4, 1, 10, torch.nn.BatchNorm2d)
+    assert len(net.stages) == 3 * blocks
+    convs_on_main_path = 1 + 2 * len(net.stages)  # stem + two per block; the head adds one linear
+    assert convs_on_main_path + 1 == depth
+
+
+def test_resnet_rejects_impossible_depth():
+    with pytest.raises(ValueError, match="6n\\+2"):
+        ResNet(21, 4, 1, 10, torch.nn.BatchNorm2d)
+
+
+def test_mlp_depth_and_activation():
+    net = build_model(Settings(model="mlp", depth=5, width=12, activation="sigmoid", norm="bn"), (1, 4, 4), 3)
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linears] == [12] * 5 + [3]
+    assert sum(isinstance(m, torch.nn.Sigmoid) for m in net.modules()) == 5

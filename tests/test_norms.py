@@ -1,0 +1,124 @@
+"""Every norm against a float64 reference written from its definition, forward and backward."""
+
+import pytest
+import torch
+
+from normbench.norms import NORM_NAMES, ChannelRMSNorm, norm_factory
+
+EPS = 1e-5
+
+
+def reference(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
+    """Normalize x (N, C, *) by the statistics each norm's paper defines; biased variance throughout."""
+    n, c = x.shape[:2]
+    if name == "none":
+        return x
+    if name == "rms":
+        dims = tuple(range(1, x.ndim))
+        y = x / torch.sqrt(x.pow(2).mean(dims, keepdim=True) + EPS)
+        return y * weight.view(1, c, *[1] * (x.ndim - 2))
+    if name == "bn":
+        dims = (0, *range(2, x.ndim))
+        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+        y = (x - mean) / torch.sqrt(var + EPS)
+    else:
+        g = {"gn": groups, "ln": 1, "in": c}[name]
+        grouped = x.reshape(n, g, -1)
+        mean, var = grouped.mean(-1, keepdim=True), grouped.var(-1, unbiased=False, keepdim=True)
+        y = ((grouped - mean) / torch.sqrt(var + EPS)).reshape(x.shape)
+    shape = (1, c, *[1] * (x.ndim - 2))
+    return y * weight.view(shape) + bias.view(shape)
+
+
+CASES = [(name, "channels", (6, 8, 5, 5)) for name in NORM_NAMES] + [
+    (name, "features", (16, 8)) for name in NORM_NAMES if name != "in"
+]
+
+
+@pytest.mark.parametrize("name,layout,shape", CASES)
+def test_norm_matches_float64_reference(name, layout, shape):
+    torch.manual_seed(0)
+    layer = norm_factory(name, layout, gn_groups=4, eps=EPS)(shape[1]).double().train()
+    params = dict(layer.named_parameters())
+    with torch.no_grad():
+        for p in params.values():
+            p.copy_(torch.randn_like(p))
+    weight = params.get("weight", torch.ones(shape[1], dtype=torch.float64))
+    bias = params.get("bias", torch.zeros(shape[1], dtype=torch.float64))
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 2).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref, b_ref = weight.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+
+    out, out_ref = layer(x), reference(name, x_ref, w_ref, b_ref, groups=4)
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+
+    upstream = torch.randn(shape, dtype=torch.float64)
+    out.backward(upstream)
+    out_ref.backward(upstream)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-9)
+    if "weight" in params:
+        torch.testing.assert_close(params["weight"].grad, w_ref.grad, rtol=1e-9, atol=1e-9)
+    if "bias" in params:
+        torch.testing.assert_close(params["bias"].grad, b_ref.grad, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("layout,shape", [("channels", (6, 8, 5, 5)), ("features", (16, 8))])
+def test_float32_norms_stay_close_to_float64(layout, shape):
+    """The float32 layers a model uses, against the same layer in float64, on inputs with an offset."""
+    torch.manual_seed(1)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 5
+    for name in NORM_NAMES:
+        if name == "in" and layout == "features":
+            continue
+        layer = norm_factory(name, layout, gn_groups=4)(shape[1])
+        expected = layer.double()(x)
+        torch.testing.assert_close(layer.float()(x.float()).double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_batchnorm_running_statistics_use_unbiased_variance():
+    torch.manual_seed(2)
+    x = torch.randn(10, 3, 4, 4, dtype=torch.float64)
+    layer = norm_factory("bn", momentum=0.25)(3).double().train()
+    layer(x)
+    torch.testing.assert_close(layer.running_mean, 0.25 * x.mean((0, 2, 3)))
+    torch.testing.assert_close(layer.running_var, 0.75 + 0.25 * x.var((0, 2, 3), unbiased=True))
+
+
+def test_batch_independence_of_group_norms():
+    """GN/LN/IN/RMS normalize each sample alone: a sample's output ignores the rest of the batch."""
+    torch.manual_seed(3)
+    x = torch.randn(4, 8, 5, 5)
+    for name in ("gn", "ln", "in", "rms"):
+        layer = norm_factory(name, gn_groups=4)(8)
+        torch.testing.assert_close(layer(x)[:1], layer(x[:1]))
+    bn = norm_factory("bn")(8).train()
+    assert not torch.allclose(bn(x)[:1], bn(x[:1]))
+
+
+def test_channel_rmsnorm_matches_torch_rmsnorm_with_per_channel_gain():
+    torch.manual_seed(4)
+    x = torch.randn(3, 4, 5, 6)
+    ours = ChannelRMSNorm(4, eps=EPS)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(4))
+    theirs = torch.nn.RMSNorm((4, 5, 6), eps=EPS)
+    with torch.no_grad():
+        theirs.weight.copy_(ours.weight.view(4, 1, 1).expand(4, 5, 6))
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_unknown_norm_lists_known_names():
+    with pytest.raises(ValueError, match=r"unknown norm 'batchnorm'; known norms: bn, gn"):
+        norm_factory("batchnorm")
+
+
+def test_group_count_must_divide_channels():
+    make = norm_factory("gn", gn_groups=3)
+    with pytest.raises(ValueError, match=r"gn_groups=3 does not divide a layer of 8 channels"):
+        make(8)
+    assert isinstance(make(9), torch.nn.GroupNorm)
+
+
+def test_instance_norm_needs_spatial_maps():
+    with pytest.raises(ValueError, match="needs spatial maps"):
+        norm_factory("in", "features")

@@ -1,0 +1,99 @@
+"""The training loop end to end on tiny Fashion-MNIST cells: learning, determinism, resume, divergence."""
+
+import json
+import math
+
+import pytest
+
+from normbench import train as train_module
+from normbench.cli import main
+from normbench.config import make_settings
+from normbench.results import read_json, read_jsonl
+from normbench.train import train
+
+TIMING = {"elapsed_s", "train_time_s", "wall_time_s", "train_samples_per_s", "resumed_from_step"}
+
+
+@pytest.fixture
+def tiny(fashion_root):
+    def settings(**overrides):
+        values = {"data_root": str(fashion_root), "model": "resnet20", "width": 4, "gn_groups": 2, "norm": "bn",
+                  "train_subset": 1024, "test_subset": 500, "batch_size": 32, "epochs": 2, "evals_per_epoch": 2,
+                  "lr": 0.05, "seed": 0, "device": "cpu"}
+        return make_settings({**values, **overrides})
+    return settings
+
+
+def without_timing(rows):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def test_tiny_cell_learns_and_writes_its_files(tiny, tmp_path):
+    summary = train(tiny(), tmp_path)
+    metrics = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [row["step"] for row in metrics] == [16, 32, 48, 64]
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"] < math.log(10)
+    assert summary["final_test_acc"] > 0.3 and not summary["diverged"]
+    assert summary["steps"] == 64 and summary["train_samples_per_s"] > 0
+    assert read_json(tmp_path / "config.json") == tiny().to_dict()
+    env = read_json(tmp_path / "env.json")
+    assert env["torch"] and env["device"] == "cpu"
+    assert read_json(tmp_path / "summary.json") == summary
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(tiny, tmp_path):
+    first = train(tiny(), tmp_path / "a")
+    again = train(tiny(), tmp_path / "b")
+    other = train(tiny(seed=1), tmp_path / "c")
+    assert without_timing([first]) == without_timing([again])
+    assert without_timing(read_jsonl(tmp_path / "a/metrics.jsonl")) == without_timing(read_jsonl(tmp_path / "b/metrics.jsonl"))
+    assert other["final_test_loss"] != first["final_test_loss"]
+
+
+def test_interrupted_run_resumes_to_the_same_numbers(tiny, tmp_path, monkeypatch):
+    settings = tiny(augment=True)
+    uninterrupted = train(settings, tmp_path / "whole")
+
+    real_evaluate, calls = train_module.evaluate, []
+
+    def interrupt_at_third_evaluation(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(train_module, "evaluate", interrupt_at_third_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        train(settings, tmp_path / "cut")
+    assert not (tmp_path / "cut/summary.json").exists()
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+
+    resumed = train(settings, tmp_path / "cut")
+    assert resumed["resumed_from_step"] == 32
+    assert without_timing([resumed]) == without_timing([uninterrupted])
+    assert without_timing(read_jsonl(tmp_path / "cut/metrics.jsonl")) == without_timing(read_jsonl(tmp_path / "whole/metrics.jsonl"))
+
+
+def test_divergence_is_recorded_not_raised(tiny, tmp_path):
+    summary = train(tiny(lr=50.0, norm="none"), tmp_path)
+    assert summary["diverged"] and summary["diverged_step"] < 64
+    assert "training loss" in summary["diverged_reason"]
+    assert summary["final_test_acc"] is None
+    assert read_json(tmp_path / "summary.json")["diverged"]
+
+
+def test_cli_rejects_bad_settings_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"setting 'norm': 'foo' is not one of"):
+        main(["train", "--out", str(tmp_path / "cell"), "--set", "norm=foo"])
+    with pytest.raises(SystemExit, match=r"setting 'batch_size': 0 is less than the minimum"):
+        main(["train", "--out", str(tmp_path / "cell"), "--set", "batch_size=0"])
+    assert not (tmp_path / "cell").exists()
+
+
+def test_cli_reruns_a_cell_from_its_config(tiny, tmp_path):
+    cell = tmp_path / "cell"
+    assignments = [f"{key}={json.dumps(value)}" for key, value in tiny(norm="gn", epochs=1).to_dict().items()]
+    main(["train", "--out", str(cell), "--threads", "1", "--set", *assignments])
+    main(["train", "--out", str(tmp_path / "rerun"), "--threads", "1", "--from", str(cell / "config.json")])
+    assert read_json(tmp_path / "rerun/config.json") == read_json(cell / "config.json")
+    assert without_timing(read_jsonl(tmp_path / "rerun/metrics.jsonl")) == without_timing(read_jsonl(cell / "metrics.jsonl"))

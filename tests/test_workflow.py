@@ -1,0 +1,81 @@
+"""The Snakemake workflow on a tiny config: validation, the full run into a report, rerunning one cell."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from normbench.results import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        [str(BIN / "snakemake"), *args, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+         "--cores", "2", "--configfile", str(workdir / "config.yaml")],
+        capture_output=True, text=True, env=env,
+    )
+
+
+def write_config(workdir: Path, fashion_root: Path, **study_changes) -> None:
+    study = {"fixed": {"model": "mlp", "width": 16, "train_subset": 256, "test_subset": 200, "epochs": 2,
+                       "evals_per_epoch": 1, "lr": 0.05},
+             "grid": {"norm": ["bn", "ln"], "batch_size": [8, 32]}}
+    study.update(study_changes)
+    config = {"defaults": {"data_root": str(fashion_root), "device": "cpu"}, "studies": {"tiny": study}}
+    workdir.mkdir(exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def without_timing(rows):
+    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in rows]
+
+
+def test_workflow_runs_into_a_report_and_reruns_a_cell(tmp_path, fashion_root):
+    write_config(tmp_path, fashion_root)
+    run = snakemake(tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    cell = tmp_path / "results/runs/tiny/norm~ln/batch_size~8"
+    assert {p.name for p in cell.iterdir()} >= {"summary.json", "metrics.jsonl", "config.json", "env.json", "checkpoint.pt"}
+    report = (tmp_path / "reports/report.html").read_text()
+    assert report.count("data:image/png;base64,") == 3 and "norm~ln/batch_size~8" in report
+    assert "http://" not in report and "https://" not in report  # self-contained
+    cells_table = (tmp_path / "results/tables/cells.csv").read_text().splitlines()
+    assert len(cells_table) == 1 + 4
+
+    before = read_jsonl(cell / "metrics.jsonl")
+    rerun = snakemake(tmp_path, str(cell.relative_to(tmp_path) / "summary.json"), "--forcerun", "train")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "1 of 1 steps" in rerun.stderr
+    assert without_timing(read_jsonl(cell / "metrics.jsonl")) == without_timing(before)
+
+
+@pytest.mark.parametrize("grid,message", [
+    ({"norm": ["bn", "batchnorm"]}, "setting 'norm': 'batchnorm' is not one of"),
+    ({"norm": ["bn"], "batch_size": [0, 8]}, "setting 'batch_size': 0 is less than the minimum of 1"),
+    ({"norm": ["gn"], "gn_groups": [5]}, "gn_groups=5 does not divide"),
+])
+def test_bad_config_is_rejected_before_any_job(tmp_path, fashion_root, grid, message):
+    write_config(tmp_path, fashion_root, grid=grid)
+    run = snakemake(tmp_path)
+    assert run.returncode != 0
+    assert message in run.stderr + run.stdout
+    assert not (tmp_path / "results").exists()
+
+
+def test_config_schema_rejects_unknown_study_keys(tmp_path, fashion_root):
+    write_config(tmp_path, fashion_root, grdi={"norm": ["bn"]})
+    run = snakemake(tmp_path)
+    assert run.returncode != 0 and "grdi" in run.stderr + run.stdout
+
+
+def test_lint_is_clean():
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.run([str(BIN / "snakemake"), "--lint"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert run.returncode == 0 and "Congratulations" in run.stdout + run.stderr, run.stdout + run.stderr
