@@ -2,7 +2,8 @@
 
 import pytest
 
-from normbench.config import SETTING_NAMES, Settings, SettingsError, make_settings, parse_assignments, settings_schema, study_cells
+from normbench.config import (SETTING_NAMES, Settings, SettingsError, format_assignment, make_settings, parse_assignments,
+                              settings_schema, study_cells)
 
 
 def test_defaults_are_valid_and_schema_covers_every_setting():
@@ -34,6 +35,14 @@ def test_assignments_are_typed():
         parse_assignments(["norm"])
 
 
+def test_assignments_round_trip():
+    import numpy as np
+
+    values = {"norm": "none", "lr": 1e-05, "train_subset": None, "augment": False, "batch_size": np.int64(4), "precision": "fp32"}
+    words = [format_assignment(key, value) for key, value in values.items()]
+    assert parse_assignments(words) == {**values, "batch_size": 4}
+
+
 def test_linear_lr_scaling_uses_the_global_batch():
     assert make_settings({"lr": 0.1, "batch_size": 32, "lr_reference_batch": 128}).effective_lr == pytest.approx(0.025)
     assert make_settings({"lr": 0.1, "batch_size": 32}).effective_lr == 0.1
@@ -45,8 +54,16 @@ def test_study_expands_to_the_grid_product():
     assert {"norm": "gn", "batch_size": 16} in cells
 
 
+def test_linked_axes_vary_together():
+    cells = study_cells("d", {"grid": {"norm": ["bn", "syncbn"]}, "linked": {"world_size": [1, 2], "batch_size": [32, 16]}})
+    assert cells == [{"norm": "bn", "world_size": 1, "batch_size": 32}, {"norm": "bn", "world_size": 2, "batch_size": 16},
+                     {"norm": "syncbn", "world_size": 1, "batch_size": 32}, {"norm": "syncbn", "world_size": 2, "batch_size": 16}]
+    with pytest.raises(SettingsError, match="must list the same number of values"):
+        study_cells("d", {"grid": {"norm": ["bn"]}, "linked": {"world_size": [1, 2], "batch_size": [32]}})
+
+
 def test_study_errors_name_the_study_and_cell():
     with pytest.raises(SettingsError, match=r"study 's', cell \{\"norm\": \"foo\"\}: setting 'norm'"):
         study_cells("s", {"grid": {"norm": ["bn", "foo"]}})
-    with pytest.raises(SettingsError, match="both fixed and a grid axis"):
+    with pytest.raises(SettingsError, match="norm appears twice among fixed, grid and linked"):
         study_cells("s", {"fixed": {"norm": "bn"}, "grid": {"norm": ["gn"]}})

@@ -17,7 +17,7 @@ def reference(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         dims = tuple(range(1, x.ndim))
         y = x / torch.sqrt(x.pow(2).mean(dims, keepdim=True) + EPS)
         return y * weight.view(1, c, *[1] * (x.ndim - 2))
-    if name == "bn":
+    if name in ("bn", "syncbn"):  # syncbn is plain BatchNorm in a single process
         dims = (0, *range(2, x.ndim))
         mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
         y = (x - mean) / torch.sqrt(var + EPS)
@@ -108,7 +108,7 @@ def test_channel_rmsnorm_matches_torch_rmsnorm_with_per_channel_gain():
 
 
 def test_unknown_norm_lists_known_names():
-    with pytest.raises(ValueError, match=r"unknown norm 'batchnorm'; known norms: bn, gn"):
+    with pytest.raises(ValueError, match=r"unknown norm 'batchnorm'; known norms: bn, syncbn, gn"):
         norm_factory("batchnorm")
 
 

@@ -1,13 +1,12 @@
 """The training loop end to end on tiny Fashion-MNIST cells: learning, determinism, resume, divergence."""
 
-import json
 import math
 
 import pytest
 
 from normbench import train as train_module
 from normbench.cli import main
-from normbench.config import make_settings
+from normbench.config import format_assignment, make_settings
 from normbench.results import read_json, read_jsonl
 from normbench.train import train
 
@@ -92,7 +91,7 @@ def test_cli_rejects_bad_settings_before_any_work(tmp_path, capsys):
 
 def test_cli_reruns_a_cell_from_its_config(tiny, tmp_path):
     cell = tmp_path / "cell"
-    assignments = [f"{key}={json.dumps(value)}" for key, value in tiny(norm="gn", epochs=1).to_dict().items()]
+    assignments = [format_assignment(key, value) for key, value in tiny(norm="gn", epochs=1).to_dict().items()]
     main(["train", "--out", str(cell), "--threads", "1", "--set", *assignments])
     main(["train", "--out", str(tmp_path / "rerun"), "--threads", "1", "--from", str(cell / "config.json")])
     assert read_json(tmp_path / "rerun/config.json") == read_json(cell / "config.json")

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from normbench.distributed import under_torchrun
+
 
 def _train(args: argparse.Namespace) -> None:
-    import torch
-
     from normbench.config import load_settings_file, make_settings, parse_assignments
-    from normbench.train import train
+    from normbench.train import run_cell
 
     values = load_settings_file(args.from_file) if args.from_file else {}
     values.update(parse_assignments(args.set))
     settings = make_settings(values)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    summary = train(settings, args.out)
+    summary = run_cell(settings, args.out, args.threads, args.timeout)
+    if under_torchrun() and int(os.environ["RANK"]) != 0:
+        return
     state = "diverged: " + summary["diverged_reason"] if summary["diverged"] else f"final test acc {summary['final_test_acc']:.4f}"
     print(f"{args.out}: {state}, {summary['train_samples_per_s']:.0f} samples/s")
 
@@ -54,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="the cell folder")
     train.add_argument("--from", dest="from_file", help="start from a settings file, e.g. a cell's config.json")
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings, e.g. norm=gn batch_size=4")
-    train.add_argument("--threads", type=int, help="CPU threads (an execution setting: not recorded in config.json)")
+    train.add_argument("--threads", type=int, help="CPU threads for the whole cell, shared by its workers "
+                       "(an execution setting: not recorded in config.json)")
+    train.add_argument("--timeout", type=float, default=300.0,
+                       help="seconds any collective may wait before a hung worker fails the cell (default 300)")
     train.set_defaults(run=_train)
 
     data = commands.add_parser("data", help="make a dataset loadable under the data root")
@@ -79,11 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from normbench.config import SettingsError
     from normbench.data import DatasetMissing
+    from normbench.distributed import WorkerFailed
 
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (SettingsError, DatasetMissing) as error:
+    except (SettingsError, DatasetMissing, WorkerFailed) as error:
         sys.exit(f"normbench: error: {error}")
 
 

@@ -136,6 +136,11 @@ def parse_assignments(assignments: list[str]) -> dict[str, Any]:
     return values
 
 
+def format_assignment(key: str, value: Any) -> str:
+    """The `key=value` word that parse_assignments reads back as `value` (numpy scalars included)."""
+    return f"{key}={json.dumps(value.item() if hasattr(value, 'item') else value)}"
+
+
 def _parse_scalar(raw: str) -> Any:
     value = yaml.safe_load(raw) if raw else ""
     if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
@@ -156,13 +161,22 @@ def load_settings_file(path: str | Path) -> dict[str, Any]:
 
 
 def study_cells(study_name: str, study: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every grid point of a study as a dict of its grid values, each validated with the fixed settings."""
-    fixed, grid = study.get("fixed", {}), study.get("grid", {})
-    overlap = sorted(set(fixed) & set(grid))
-    if overlap:
-        raise SettingsError(f"study {study_name!r}: {', '.join(overlap)} is both fixed and a grid axis; keep one")
-    axes = list(grid)
-    cells = [dict(zip(axes, point)) for point in itertools.product(*(grid[axis] for axis in axes))]
+    """Every cell of a study as a dict of its axis values, each validated with the fixed settings.
+
+    `grid` axes combine as a product; `linked` axes vary together (their i-th values form
+    one point), e.g. world_size [1, 2] with batch_size [32, 16] for a fixed global batch.
+    """
+    fixed, grid, linked = study.get("fixed", {}), study.get("grid", {}), study.get("linked", {})
+    for first, second in ((fixed, grid), (fixed, linked), (grid, linked)):
+        overlap = sorted(set(first) & set(second))
+        if overlap:
+            raise SettingsError(f"study {study_name!r}: {', '.join(overlap)} appears twice among fixed, grid and linked; keep one")
+    lengths = {len(values) for values in linked.values()}
+    if len(lengths) > 1:
+        raise SettingsError(f"study {study_name!r}: linked axes {', '.join(linked)} must list the same number of values")
+    linked_points = [dict(zip(linked, values)) for values in zip(*linked.values())] or [{}]
+    grid_points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    cells = [{**point, **link} for point in grid_points for link in linked_points]
     for cell in cells:
         try:
             make_settings({**fixed, **cell})

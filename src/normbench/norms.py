@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from normbench.config import settings_schema
@@ -37,6 +39,45 @@ class ChannelRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rms = x.pow(2).mean(dim=(1, 2, 3), keepdim=True).add(self.eps).rsqrt()
         return x * rms * self.weight.view(1, -1, 1, 1)
+
+
+class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics span every process of the default group.
+
+    torch.nn.SyncBatchNorm runs only on CUDA/XPU; this is its CPU (gloo)
+    counterpart with the same semantics: mean and biased variance over the
+    global batch normalize, the unbiased global variance feeds the running
+    estimate. Differentiable (functional) all-reduces carry the gradient through the
+    statistics. Two passes (mean, then centred squares) keep the variance exact
+    for inputs with a large mean. Outside a process group it is plain BatchNorm;
+    on CUDA the training loop swaps it for torch.nn.SyncBatchNorm.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (N, C, ...), got {x.dim()}D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        local_count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        sums = funcol.all_reduce(torch.cat([x.sum(dims), local_count]), "sum", dist.group.WORLD)
+        count = sums[-1]
+        mean = sums[:-1] / count
+        centred = x - mean.view(shape)
+        var = funcol.all_reduce(centred.pow(2).sum(dims), "sum", dist.group.WORLD) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                factor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean.detach(), factor)
+                self.running_var.lerp_(var.detach() * count / (count - 1), factor)
+        y = centred * (var + self.eps).rsqrt().view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
 
 
 def norm_factory(
@@ -69,6 +110,7 @@ def norm_factory(
 
     channel_layers: dict[str, NormLayer] = {
         "bn": lambda c: nn.BatchNorm2d(c, eps=eps, momentum=momentum),
+        "syncbn": lambda c: CrossProcessBatchNorm(c, eps=eps, momentum=momentum),
         "gn": group_norm,
         "ln": lambda c: nn.GroupNorm(1, c, eps=eps),
         "in": lambda c: nn.GroupNorm(c, c, eps=eps),
@@ -77,6 +119,7 @@ def norm_factory(
     }
     feature_layers: dict[str, NormLayer] = {
         "bn": lambda f: nn.BatchNorm1d(f, eps=eps, momentum=momentum),
+        "syncbn": lambda f: CrossProcessBatchNorm(f, eps=eps, momentum=momentum),
         "gn": group_norm,
         "ln": lambda f: nn.LayerNorm(f, eps=eps),
         "rms": lambda f: nn.RMSNorm(f, eps=eps),

@@ -27,7 +27,7 @@ from normbench.results import write_atomic  # noqa: E402
 NORM_ORDER = settings_schema()["properties"]["norm"]["enum"]
 NORM_PALETTE = {**dict(zip(NORM_ORDER, sns.color_palette("colorblind"))), "none": (0.45, 0.45, 0.45)}
 # Which varying setting becomes the x axis of a study's main figure, in order of preference.
-X_AXIS_PREFERENCE = ("batch_size", "lr", "world_size", "precision", "width", "depth", "bn_momentum")
+X_AXIS_PREFERENCE = ("world_size", "batch_size", "lr", "precision", "width", "depth", "bn_momentum")
 LOG_AXES = {"batch_size", "lr", "world_size", "width"}
 AXIS_LABELS = {
     "batch_size": "per-worker batch size (images)", "lr": "peak learning rate", "world_size": "workers",
@@ -93,6 +93,22 @@ def throughput_figure(cells: pd.DataFrame, x: str) -> str:
     return _png(figure)
 
 
+def step_time_ratios(cells: pd.DataFrame, x: str | None) -> dict | None:
+    """Training step time of each norm relative to BatchNorm in the same cell otherwise (mean over seeds).
+
+    Step time is images per step over images per second, so at equal batch the ratio is
+    bn's throughput over the norm's: above 1 the norm is slower than BatchNorm.
+    """
+    norms = [norm for norm in NORM_ORDER if norm in set(cells["norm"])]
+    if "bn" not in norms or len(norms) < 2:
+        return None
+    keys = [x] if x else []
+    rates = cells.groupby([*keys, "norm"])["train_samples_per_s"].mean().unstack("norm")[norms]
+    ratios = rates.rdiv(rates["bn"], axis=0)
+    return {"index": _label(x) if x else "", "columns": norms,
+            "rows": [{"key": _format(key), "values": [_format(v) for v in row]} for key, row in ratios.iterrows()]}
+
+
 def study_section(name: str, cells: pd.DataFrame, curves: pd.DataFrame, report_dir: Path) -> dict:
     axes = varying_settings(cells)
     x = next((axis for axis in X_AXIS_PREFERENCE if axis in axes and axis != "norm"), None)
@@ -103,6 +119,7 @@ def study_section(name: str, cells: pd.DataFrame, curves: pd.DataFrame, report_d
         section["figures"].append({"title": "Learning curves", "src": curves_figure(curves, x)})
     if x is not None:
         section["figures"].append({"title": "Training throughput", "src": throughput_figure(cells, x)})
+    section["step_time"] = step_time_ratios(cells, x)
     shown = ["cell", *[a for a in axes if a != "cell"], *TABLE_COLUMNS[1:]]
     section["columns"] = [c for c in dict.fromkeys(shown) if c in cells]
     section["rows"] = [

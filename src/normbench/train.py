@@ -10,30 +10,63 @@ an uninterrupted one.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from normbench import results
-from normbench.config import Settings
+from normbench.config import Settings, SettingsError
 from normbench.data import DATASETS, Split, augment_batch, load_splits
+from normbench.distributed import Worker, all_reduce_sum, join_process_group, launch, under_torchrun
 from normbench.models import build_model
 from normbench.provenance import environment
 
 EVAL_BATCH_SIZE = 1000
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, worker: Worker = Worker()) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but torch sees no CUDA device; use device=cpu or auto")
-    return torch.device(name)
+        raise SettingsError("setting 'device': cuda was asked for but torch sees no CUDA device; use cpu or auto")
+    return torch.device("cuda", worker.local_rank) if name == "cuda" else torch.device("cpu")
+
+
+def run_cell(settings: Settings, out_dir: str | Path, threads: int | None = None, timeout_s: float = 300.0) -> dict:
+    """Train a cell in this process, in world_size launched workers, or as a worker of an outer torchrun.
+
+    `threads` is the CPU thread budget of the whole cell, shared among its local workers.
+    """
+    if under_torchrun():
+        return _worker(settings.to_dict(), str(out_dir), threads, timeout_s)
+    if settings.world_size == 1:
+        if threads:
+            torch.set_num_threads(threads)
+        return train(settings, out_dir)
+    launch(settings.world_size, _worker, settings.to_dict(), str(out_dir), threads, timeout_s)
+    return results.read_json(Path(out_dir) / results.SUMMARY)
+
+
+def _worker(settings_values: dict, out_dir: str, threads: int | None, timeout_s: float) -> dict:
+    """One data-parallel worker (module level, so the launcher can start it in a fresh process)."""
+    settings = Settings(**settings_values)
+    worker = join_process_group(resolve_device(settings.device).type, timeout_s)
+    try:
+        if worker.world_size != settings.world_size:
+            raise SettingsError(f"setting 'world_size': {settings.world_size}, but torchrun started {worker.world_size} workers")
+        if threads:
+            torch.set_num_threads(max(1, threads // int(os.environ.get("LOCAL_WORLD_SIZE", worker.world_size))))
+        return train(settings, out_dir, worker)
+    finally:
+        dist.destroy_process_group()
 
 
 def make_optimizer(model: torch.nn.Module, settings: Settings) -> torch.optim.Optimizer:
@@ -126,18 +159,35 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train(settings: Settings, out_dir: str | Path) -> dict:
-    """Train one cell into `out_dir` and return its summary. Resumes from out_dir/checkpoint.pt if present."""
+def prepare_model(settings: Settings, device: torch.device, worker: Worker) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The model and the module to call in training: itself, or its DDP wrapper when there are several workers."""
+    spec = DATASETS[settings.dataset]
+    torch.manual_seed(settings.seed)
+    model = build_model(settings, spec.input_shape, spec.num_classes)
+    if settings.norm == "syncbn" and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # PyTorch's own on CUDA
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    if worker.world_size == 1:
+        return model, model
+    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) -> dict:
+    """Train one cell into `out_dir` and return its summary. Resumes from out_dir/checkpoint.pt if present.
+
+    With several workers each sees its slice of every global batch, gradients are
+    averaged by DDP, losses and accuracies are summed over workers, and only rank 0 writes.
+    """
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, worker)
     spec = DATASETS[settings.dataset]
     train_split, test_split = load_splits(settings.dataset, settings.data_root, settings.train_subset,
                                           settings.test_subset, device)
 
-    torch.manual_seed(settings.seed)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    model = build_model(settings, spec.input_shape, spec.num_classes).to(device, memory_format=memory_format)
+    model, trained = prepare_model(settings, device, worker)
     optimizer = make_optimizer(model, settings)
     steps_per_epoch = len(train_split) // settings.global_batch_size  # the last partial batch is dropped
     total_steps = steps_per_epoch * settings.epochs
@@ -147,8 +197,9 @@ def train(settings: Settings, out_dir: str | Path) -> dict:
 
     checkpoint_path = out_dir / results.CHECKPOINT
     progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler, settings) or Progress()
-    results.write_json(out_dir / results.CONFIG, settings.to_dict())
-    results.write_json(out_dir / results.ENV, environment(device))
+    if worker.is_main:
+        results.write_json(out_dir / results.CONFIG, settings.to_dict())
+        results.write_json(out_dir / results.ENV, {**environment(device), "world_size": worker.world_size})
 
     diverged_reason = None
     loss_sum = torch.zeros((), device=device)
@@ -157,19 +208,21 @@ def train(settings: Settings, out_dir: str | Path) -> dict:
     permutation, permutation_epoch = None, None
     interval_started = time.perf_counter()
     bar = tqdm(total=total_steps, initial=progress.step, desc=str(out_dir), unit="step", file=sys.stderr,
-               disable=None, leave=False)
+               disable=None if worker.is_main else True, leave=False)
     model.train()
     for step in range(progress.step, total_steps):
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         if permutation_epoch != epoch:
             permutation, permutation_epoch = epoch_permutation(settings.seed, epoch, len(train_split), device), epoch
-        index = batch_indices(permutation, step_in_epoch, settings)
+        index = batch_indices(permutation, step_in_epoch, settings, worker.rank)
         images, labels = train_split.images[index], train_split.labels[index]
         if settings.augment:
             images = augment_batch(images, torch.Generator().manual_seed(settings.seed * 1_000_003 + step))
-        logits = model(images.contiguous(memory_format=memory_format))
+        logits = trained(images.contiguous(memory_format=memory_format))
         loss = F.cross_entropy(logits, labels)
-        loss_value = loss.item()  # one sync per step buys the exact step of divergence
+        # The global mean loss, one sync per step: every worker sees the same value, so all
+        # stop at the same step if it diverges, and that step is exact.
+        loss_value = all_reduce_sum(loss.detach().clone()).item() / worker.world_size
         if not math.isfinite(loss_value) or loss_value > settings.max_loss:
             diverged_reason = f"training loss {loss_value:.4g} at step {step} (bound: finite and <= {settings.max_loss:g})"
             progress.step = step
@@ -188,29 +241,31 @@ def train(settings: Settings, out_dir: str | Path) -> dict:
             synchronize(device)
             progress.train_time_s += time.perf_counter() - interval_started
             test_loss, test_acc = evaluate(model, test_split, memory_format)
+            totals = all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(seen)]))
+            train_loss, train_acc = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
             progress.metrics.append({
                 "step": progress.step, "epoch": progress.step / steps_per_epoch,
-                "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+                "train_loss": train_loss, "train_acc": train_acc,
                 "test_loss": test_loss, "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"],
                 "elapsed_s": progress.wall_time_s + time.perf_counter() - started,
             })
-            bar.write(f"step {progress.step}/{total_steps} epoch {progress.step / steps_per_epoch:.2f} "
-                      f"train_loss {loss_sum.item() / seen:.4f} test_acc {test_acc:.4f}")
+            if worker.is_main:
+                bar.write(f"step {progress.step}/{total_steps} epoch {progress.step / steps_per_epoch:.2f} "
+                          f"train_loss {train_loss:.4f} test_acc {test_acc:.4f}")
+                results.write_jsonl(out_dir / results.METRICS, progress.metrics)
+                wall_so_far = progress.wall_time_s
+                progress.wall_time_s = wall_so_far + time.perf_counter() - started
+                save_checkpoint(checkpoint_path, model, optimizer, scheduler, progress, settings)
+                progress.wall_time_s = wall_so_far
             loss_sum.zero_()
             correct.zero_()
             seen = 0
-            results.write_jsonl(out_dir / results.METRICS, progress.metrics)
-            wall_so_far = progress.wall_time_s
-            progress.wall_time_s = wall_so_far + time.perf_counter() - started
-            save_checkpoint(checkpoint_path, model, optimizer, scheduler, progress, settings)
-            progress.wall_time_s = wall_so_far
             interval_started = time.perf_counter()
     bar.close()
     synchronize(device)
     if diverged_reason is not None:  # the steps since the last evaluation still count as training time
         progress.train_time_s += time.perf_counter() - interval_started
 
-    results.write_jsonl(out_dir / results.METRICS, progress.metrics)
     test_accs = [row["test_acc"] for row in progress.metrics]
     summary = {
         "final_test_acc": test_accs[-1] if test_accs and diverged_reason is None else None,
@@ -229,5 +284,7 @@ def train(settings: Settings, out_dir: str | Path) -> dict:
         "num_params": sum(p.numel() for p in model.parameters()),
         "resumed_from_step": progress.resumed_from_step,
     }
-    results.write_json(out_dir / results.SUMMARY, summary)
+    if worker.is_main:
+        results.write_jsonl(out_dir / results.METRICS, progress.metrics)
+        results.write_json(out_dir / results.SUMMARY, summary)
     return summary

@@ -5,7 +5,7 @@ import shlex
 import pandas as pd
 from snakemake.utils import Paramspace, validate
 
-from normbench.config import study_cells
+from normbench.config import Settings, format_assignment, study_cells
 from normbench.data import dataset_files
 
 
@@ -39,14 +39,22 @@ def all_summaries():
     ]
 
 
+def cell_settings(wildcards):
+    """The settings given for one cell: the study's, then the cell's axis values (the rest default)."""
+    return {**study_settings(wildcards.study), **SPACES[wildcards.study].instance(wildcards)}
+
+
 def cell_assignments(wildcards):
     """The cell's settings as quoted key=value words for `normbench train --set`."""
-    values = {**study_settings(wildcards.study), **SPACES[wildcards.study].instance(wildcards)}
-    return " ".join(shlex.quote(f"{key}={value}") for key, value in values.items())
+    return " ".join(shlex.quote(format_assignment(key, value)) for key, value in cell_settings(wildcards).items())
+
+
+def cell_workers(wildcards):
+    """One core per data-parallel worker of the cell."""
+    return int(cell_settings(wildcards).get("world_size", Settings.world_size))
 
 
 def cell_dataset_files(wildcards):
-    settings = study_settings(wildcards.study)
-    settings.update(SPACES[wildcards.study].instance(wildcards))
-    dataset, root = settings.get("dataset", "fashion_mnist"), settings.get("data_root", "data")
-    return [f"{root}/{path}" for path in dataset_files(dataset)]
+    settings = cell_settings(wildcards)
+    root = settings.get("data_root", Settings.data_root)
+    return [f"{root}/{path}" for path in dataset_files(settings.get("dataset", Settings.dataset))]

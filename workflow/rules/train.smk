@@ -31,6 +31,6 @@ rule train:
         "results/logs/train/{study}/{cell}.log",
     benchmark:
         "results/benchmarks/train/{study}/{cell}.tsv"
-    threads: 1
+    threads: cell_workers
     shell:
         "normbench train --out {params.folder} --threads {threads} --set {params.assignments} > {log} 2>&1"

@@ -1,0 +1,77 @@
+"""Data-parallel cells: one command starts its own workers, or joins an outer torchrun.
+
+`normbench train` with world_size k > 1 starts k workers through torch's
+elastic launcher, the machinery behind `torchrun --standalone`: a c10d
+rendezvous on localhost port 0 (the OS picks a free port, so parallel cells
+never collide), no restarts, and a failed worker stops the others. Under an
+outer torchrun (the environment already has RANK and WORLD_SIZE, e.g. on
+several nodes) the process is a worker itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+
+class WorkerFailed(RuntimeError):
+    """A worker of a data-parallel cell failed or timed out; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Worker:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch(world_size: int, entrypoint: Callable, *args) -> None:
+    """Run entrypoint(*args) in world_size local workers; raise WorkerFailed naming the failed rank."""
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=world_size, run_id=f"normbench-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
+        monitor_interval=0.2,
+    )
+    try:
+        elastic_launch(config, entrypoint)(*args)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        message = failure.message["message"] if isinstance(failure.message, dict) else failure.message
+        raise WorkerFailed(f"worker rank {rank} of this {world_size}-process cell failed first: "
+                           f"{message or f'exit code {failure.exitcode}'}") from None
+
+
+def join_process_group(device_type: str, timeout_s: float) -> Worker:
+    """Join the group the launcher set up (env://): NCCL on CUDA, gloo on CPU.
+
+    The timeout bounds every collective, so a hung worker fails the cell instead of the workflow.
+    """
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    worker = Worker(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size())
+    if device_type == "cuda":
+        torch.cuda.set_device(worker.local_rank)
+    return worker
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over workers (a no-op in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
