@@ -81,6 +81,13 @@ def test_divergence_is_recorded_not_raised(tiny, tmp_path):
     assert read_json(tmp_path / "summary.json")["diverged"]
 
 
+def test_absurd_learning_rate_ends_as_diverged_with_exit_status_zero(tiny, tmp_path, capsys):
+    assignments = [format_assignment(k, v) for k, v in tiny(lr=1e4, epochs=1).to_dict().items()]
+    main(["train", "--out", str(tmp_path), "--threads", "1", "--set", *assignments])  # no SystemExit
+    assert "diverged: training loss" in capsys.readouterr().out
+    assert read_json(tmp_path / "summary.json")["diverged"]
+
+
 def test_cli_rejects_bad_settings_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"setting 'norm': 'foo' is not one of"):
         main(["train", "--out", str(tmp_path / "cell"), "--set", "norm=foo"])

@@ -69,7 +69,7 @@ def _load_raw(name: str, root: str | Path, train: bool) -> tuple[torch.Tensor, t
 
 
 def load_splits(name: str, root: str | Path, train_subset: int | None, test_subset: int | None,
-                device: torch.device) -> tuple[Split, Split]:
+                device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[Split, Split]:
     """Train and test splits on `device`, normalized per channel by the full training split's statistics.
 
     Subsets are the first images of a fixed permutation (seed 0), so every cell of a
@@ -86,7 +86,7 @@ def load_splits(name: str, root: str | Path, train_subset: int | None, test_subs
             keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:subset]
             images, labels = images[keep], labels[keep]
         normalized = (images.float().div_(255) - mean) / std
-        return Split(normalized.to(device), labels.to(device))
+        return Split(normalized.to(device, dtype), labels.to(device))
 
     return prepare(train_images, train_labels, train_subset), prepare(test_images, test_labels, test_subset)
 

@@ -9,11 +9,11 @@ an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from normbench.config import Settings, SettingsError
 from normbench.data import DATASETS, Split, augment_batch, load_splits
 from normbench.distributed import Worker, all_reduce_sum, join_process_group, launch, under_torchrun
 from normbench.models import build_model
+from normbench.precision import Precision
 from normbench.provenance import environment
 
 EVAL_BATCH_SIZE = 1000
@@ -101,41 +102,45 @@ def batch_indices(permutation: torch.Tensor, step_in_epoch: int, settings: Setti
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split: Split, memory_format: torch.memory_format) -> tuple[float, float]:
-    """Mean loss and accuracy over a split, in eval mode (running statistics for BN)."""
+def evaluate(model: torch.nn.Module, split: Split, memory_format: torch.memory_format,
+             precision: Precision) -> tuple[float, float]:
+    """Mean loss and accuracy over a split, in eval mode (running statistics for BN), at the cell's precision."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(split), EVAL_BATCH_SIZE):
         images = split.images[start:start + EVAL_BATCH_SIZE].contiguous(memory_format=memory_format)
         labels = split.labels[start:start + EVAL_BATCH_SIZE]
-        logits = model(images)
+        with precision.autocast():
+            logits = model(images).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
     model.train()
     return loss_sum / len(split), correct / len(split)
 
 
-@dataclass
+@dataclasses.dataclass
 class Progress:
     """What a checkpoint carries besides the model and optimizer."""
 
     step: int = 0
-    metrics: list[dict] = field(default_factory=list)
+    metrics: list[dict] = dataclasses.field(default_factory=list)
     train_time_s: float = 0.0
-    wall_time_s: float = 0.0
+    skipped_steps: int = 0  # optimizer steps GradScaler skipped for inf/NaN gradients (fp16)
+    wall_time_s: float = 0.0  # of earlier sessions, when resumed
     resumed_from_step: int | None = None
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, progress: Progress, settings: Settings) -> None:
+def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, progress: Progress, settings: Settings) -> None:
     state = {
         "settings": settings.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "progress": progress.__dict__, "torch_rng": torch.get_rng_state(),
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "progress": progress.__dict__,
+        "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
     results.write_atomic(path, lambda f: torch.save(state, f), mode="wb")
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, settings: Settings) -> Progress | None:
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, settings: Settings) -> Progress | None:
     """Restore a checkpoint of the same settings; a checkpoint of other settings is ignored."""
     if not path.exists():
         return None
@@ -146,6 +151,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, settings: Settings)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -159,7 +165,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prepare_model(settings: Settings, device: torch.device, worker: Worker) -> tuple[torch.nn.Module, torch.nn.Module]:
+def prepare_model(settings: Settings, device: torch.device, dtype: torch.dtype,
+                  worker: Worker) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The model and the module to call in training: itself, or its DDP wrapper when there are several workers."""
     spec = DATASETS[settings.dataset]
     torch.manual_seed(settings.seed)
@@ -167,7 +174,7 @@ def prepare_model(settings: Settings, device: torch.device, worker: Worker) -> t
     if settings.norm == "syncbn" and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # PyTorch's own on CUDA
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
+    model = model.to(device, dtype, memory_format=memory_format)
     if worker.world_size == 1:
         return model, model
     return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -182,12 +189,12 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
     started = time.perf_counter()
     out_dir = Path(out_dir)
     device = resolve_device(settings.device, worker)
-    spec = DATASETS[settings.dataset]
+    precision = Precision(settings.precision, device)
     train_split, test_split = load_splits(settings.dataset, settings.data_root, settings.train_subset,
-                                          settings.test_subset, device)
+                                          settings.test_subset, device, precision.storage_dtype)
 
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    model, trained = prepare_model(settings, device, worker)
+    model, trained = prepare_model(settings, device, precision.storage_dtype, worker)
     optimizer = make_optimizer(model, settings)
     steps_per_epoch = len(train_split) // settings.global_batch_size  # the last partial batch is dropped
     total_steps = steps_per_epoch * settings.epochs
@@ -196,10 +203,11 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
                   for e in range(settings.epochs) for k in range(1, settings.evals_per_epoch + 1)}
 
     checkpoint_path = out_dir / results.CHECKPOINT
-    progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler, settings) or Progress()
+    progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler, precision.scaler, settings) or Progress()
     if worker.is_main:
         results.write_json(out_dir / results.CONFIG, settings.to_dict())
-        results.write_json(out_dir / results.ENV, {**environment(device), "world_size": worker.world_size})
+        results.write_json(out_dir / results.ENV, {**environment(device), "world_size": worker.world_size,
+                                                   "tf32": precision.tf32()})
 
     diverged_reason = None
     loss_sum = torch.zeros((), device=device)
@@ -218,8 +226,9 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
         images, labels = train_split.images[index], train_split.labels[index]
         if settings.augment:
             images = augment_batch(images, torch.Generator().manual_seed(settings.seed * 1_000_003 + step))
-        logits = trained(images.contiguous(memory_format=memory_format))
-        loss = F.cross_entropy(logits, labels)
+        with precision.autocast():
+            logits = trained(images.contiguous(memory_format=memory_format))
+        loss = F.cross_entropy(logits.float(), labels)
         # The global mean loss, one sync per step: every worker sees the same value, so all
         # stop at the same step if it diverges, and that step is exact.
         loss_value = all_reduce_sum(loss.detach().clone()).item() / worker.world_size
@@ -228,8 +237,8 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
             progress.step = step
             break
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if not precision.backward_and_step(loss, optimizer):
+            progress.skipped_steps += 1
         scheduler.step()
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
@@ -240,7 +249,7 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
         if progress.step in eval_steps:
             synchronize(device)
             progress.train_time_s += time.perf_counter() - interval_started
-            test_loss, test_acc = evaluate(model, test_split, memory_format)
+            test_loss, test_acc = evaluate(model, test_split, memory_format, precision)
             totals = all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(seen)]))
             train_loss, train_acc = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
             progress.metrics.append({
@@ -253,10 +262,9 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
                 bar.write(f"step {progress.step}/{total_steps} epoch {progress.step / steps_per_epoch:.2f} "
                           f"train_loss {train_loss:.4f} test_acc {test_acc:.4f}")
                 results.write_jsonl(out_dir / results.METRICS, progress.metrics)
-                wall_so_far = progress.wall_time_s
-                progress.wall_time_s = wall_so_far + time.perf_counter() - started
-                save_checkpoint(checkpoint_path, model, optimizer, scheduler, progress, settings)
-                progress.wall_time_s = wall_so_far
+                elapsed = time.perf_counter() - started  # the checkpoint counts this session's time too
+                save_checkpoint(checkpoint_path, model, optimizer, scheduler, precision.scaler,
+                                dataclasses.replace(progress, wall_time_s=progress.wall_time_s + elapsed), settings)
             loss_sum.zero_()
             correct.zero_()
             seen = 0
@@ -276,6 +284,7 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
         "diverged_step": progress.step if diverged_reason else None,
         "diverged_reason": diverged_reason,
         "steps": progress.step,
+        "skipped_steps": progress.skipped_steps,
         "total_steps": total_steps,
         "train_samples_per_s": (progress.step * settings.global_batch_size / progress.train_time_s)
         if progress.train_time_s > 0 else None,

@@ -1,0 +1,39 @@
+"""Reduced precision: every mode trains, pure bf16 really is bf16, fp16 skips steps with non-finite gradients."""
+
+import pytest
+import torch
+
+from normbench.config import make_settings
+from normbench.precision import Precision
+from normbench.train import train
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "bf16-pure"])
+def test_every_precision_trains_a_cell(fashion_root, tmp_path, precision):
+    settings = make_settings({"data_root": str(fashion_root), "model": "mlp", "width": 32, "norm": "bn",
+                              "train_subset": 512, "test_subset": 200, "batch_size": 32, "epochs": 1,
+                              "evals_per_epoch": 2, "lr": 0.05, "precision": precision, "device": "cpu"})
+    summary = train(settings, tmp_path)
+    assert not summary["diverged"] and summary["final_test_acc"] > 0.3
+    weights = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    expected = torch.bfloat16 if precision == "bf16-pure" else torch.float32
+    assert {w.dtype for name, w in weights.items() if "num_batches" not in name} == {expected}
+
+
+def test_autocast_runs_convolutions_and_norms_in_the_low_dtype():
+    conv_bn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.GroupNorm(2, 4))
+    with Precision("bf16", torch.device("cpu")).autocast():
+        assert conv_bn[0](torch.randn(2, 1, 8, 8)).dtype == torch.bfloat16
+    with Precision("fp32", torch.device("cpu")).autocast():
+        assert conv_bn(torch.randn(2, 1, 8, 8)).dtype == torch.float32
+
+
+def test_fp16_scaler_skips_a_step_with_infinite_gradients():
+    precision = Precision("fp16", torch.device("cpu"))
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    assert not precision.backward_and_step((weight * float("inf")).sum(), optimizer)
+    assert torch.equal(weight.detach(), torch.ones(3))
+    optimizer.zero_grad()
+    assert precision.backward_and_step(weight.sum(), optimizer)
+    assert torch.allclose(weight.detach(), torch.full((3,), 0.9))
