@@ -34,10 +34,10 @@ def _data(args: argparse.Namespace) -> None:
 def _aggregate(args: argparse.Namespace) -> None:
     from normbench.results import aggregate, write_table
 
-    cells, curves = aggregate(args.summaries, args.runs_root)
-    write_table(cells, Path(args.out) / "cells.csv")
-    write_table(curves, Path(args.out) / "curves.csv")
-    print(f"{len(cells)} cells, {len(curves)} evaluations -> {args.out}")
+    tables = aggregate(args.summaries, args.runs_root)
+    for name, table in tables.items():
+        write_table(table, Path(args.out) / f"{name}.csv")
+    print(", ".join(f"{len(table)} rows in {name}.csv" for name, table in tables.items()), "->", args.out)
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--download", action="store_true", help="use torchvision's download (needs the internet)")
     data.set_defaults(run=_data)
 
-    agg = commands.add_parser("aggregate", help="cell folders -> tidy tables cells.csv and curves.csv")
+    agg = commands.add_parser("aggregate", help="cell folders -> tidy tables cells.csv, curves.csv, probes.csv")
     agg.add_argument("summaries", nargs="+", help="the cells' summary.json files")
     agg.add_argument("--runs-root", default="results/runs", help="the folder holding <study>/<cell>/")
     agg.add_argument("--out", default="results/tables")

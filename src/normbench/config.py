@@ -39,6 +39,7 @@ class Settings:
     depth: int | None = None
     width: int = 16
     activation: str = "relu"
+    init: str = "default"
     norm: str = "bn"
     gn_groups: int = 8
     norm_eps: float = 1e-5
@@ -98,8 +99,8 @@ def _check_consistency(settings: Settings) -> None:
     from normbench.data import DATASETS  # lazy: keeps `import normbench.config` light for the Snakefile
     from normbench.models import build_model
 
-    if settings.model != "mlp" and settings.activation != "relu":
-        raise SettingsError(f"setting 'activation': {settings.activation!r} applies to model 'mlp' only; ResNets use relu")
+    if settings.model not in ("mlp", "cnn") and settings.activation != "relu":
+        raise SettingsError(f"setting 'activation': {settings.activation!r} applies to models mlp and cnn; ResNets use relu")
     if settings.model in ("resnet20", "resnet32", "resnet56") and settings.depth is not None:
         raise SettingsError(f"setting 'depth': model {settings.model!r} fixes its depth; use model 'resnet' with depth=6n+2")
     if settings.train_subset is not None and settings.train_subset < settings.global_batch_size:

@@ -80,6 +80,46 @@ class MLP(nn.Module):
         return self.layers(x)
 
 
+class PlainCNN(nn.Module):
+    """`depth` conv -> norm -> activation layers with no skip connections (He et al. 2016's "plain" nets):
+    three stages at width w, 2w, 4w, the first conv of stages 2 and 3 with stride 2."""
+
+    def __init__(self, depth: int, width: int, in_channels: int, num_classes: int,
+                 norm_layer: NormLayer, activation: str) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for index in range(depth):
+            stage = min(2, index * 3 // depth)
+            stride = 2 if index > 0 and index * 3 // depth != (index - 1) * 3 // depth else 1
+            out_channels = width * 2 ** stage
+            layers += [nn.Conv2d(channels, out_channels, 3, stride, 1, bias=False), norm_layer(out_channels),
+                       ACTIVATIONS[activation]()]
+            channels = out_channels
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def initialize(model: nn.Module, scheme: str) -> None:
+    """Re-draw every conv/linear weight by `scheme` (biases to zero); "default" keeps the model's own init."""
+    if scheme == "default":
+        return
+    draw = {
+        "normal-0.01": lambda w: nn.init.normal_(w, 0.0, 0.01),
+        "normal-1": lambda w: nn.init.normal_(w, 0.0, 1.0),
+        "xavier": nn.init.xavier_normal_,  # Glorot & Bengio 2010: variance 2 / (fan_in + fan_out)
+        "kaiming": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"),  # He et al. 2015: 2 / fan_in
+    }[scheme]
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            draw(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
 RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
 
 
@@ -90,9 +130,14 @@ def build_model(settings, input_shape: tuple[int, int, int], num_classes: int) -
                               eps=settings.norm_eps, momentum=settings.bn_momentum)
     if settings.model == "mlp":
         channels, height, width = input_shape
-        return MLP(settings.depth or 3, settings.width, channels * height * width, num_classes,
-                   norm_layer, settings.activation)
-    depth = RESNET_DEPTHS.get(settings.model) or settings.depth
-    if depth is None:
-        raise ValueError("model 'resnet' needs depth=6n+2 (e.g. depth=44); or name resnet20/32/56")
-    return ResNet(depth, settings.width, input_shape[0], num_classes, norm_layer)
+        model = MLP(settings.depth or 3, settings.width, channels * height * width, num_classes,
+                    norm_layer, settings.activation)
+    elif settings.model == "cnn":
+        model = PlainCNN(settings.depth or 9, settings.width, input_shape[0], num_classes, norm_layer, settings.activation)
+    else:
+        depth = RESNET_DEPTHS.get(settings.model) or settings.depth
+        if depth is None:
+            raise ValueError("model 'resnet' needs depth=6n+2 (e.g. depth=44); or name resnet20/32/56")
+        model = ResNet(depth, settings.width, input_shape[0], num_classes, norm_layer)
+    initialize(model, settings.init)
+    return model

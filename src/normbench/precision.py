@@ -32,14 +32,20 @@ class Precision:
             return torch.autocast(self.device.type, dtype=LOW_DTYPES[self.name])
         return contextlib.nullcontext()
 
-    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
-        """Backward and optimizer step; False when GradScaler skipped the step (inf/NaN gradients)."""
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()  # scale() is the identity when the scaler is off
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Bring gradients to their true scale before reading them (step() then does not unscale twice)."""
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """The optimizer step; False when GradScaler skipped it for inf/NaN gradients."""
         if not self.scaler.is_enabled():
-            loss.backward()
             optimizer.step()
             return True
         scale = self.scaler.get_scale()
-        self.scaler.scale(loss).backward()
         self.scaler.step(optimizer)
         self.scaler.update()
         return self.scaler.get_scale() >= scale  # the scaler backs off exactly when it skipped

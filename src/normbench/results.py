@@ -2,7 +2,8 @@
 
 A cell folder holds plain files a person can open: config.json (resolved
 settings), metrics.jsonl (one line per evaluation), summary.json (final
-numbers), env.json (provenance) and checkpoint.pt (for resuming).
+numbers), probes.jsonl (per-layer measurements, see probes), env.json
+(provenance) and checkpoint.pt (for resuming).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 
-CONFIG, METRICS, SUMMARY, ENV, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "env.json", "checkpoint.pt"
+CONFIG, METRICS, PROBES, SUMMARY, ENV, CHECKPOINT = (
+    "config.json", "metrics.jsonl", "probes.jsonl", "summary.json", "env.json", "checkpoint.pt")
 
 
 def write_atomic(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> None:
@@ -52,15 +54,16 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> None:
     write_atomic(path, lambda f: frame.to_csv(f, index=False))
 
 
-def aggregate(summary_paths: Iterable[str | Path], runs_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Tidy tables from cell folders: one row per cell, and one row per evaluation of a cell.
+def aggregate(summary_paths: Iterable[str | Path], runs_root: str | Path) -> dict[str, pd.DataFrame]:
+    """Tidy tables from cell folders: `cells` (one row per cell), `curves` (one per evaluation)
+    and `probes` (one per measured quantity of a layer at a probed step).
 
     `study` and `cell` come from the folder's place under `runs_root`
     (`<runs_root>/<study>/<cell path>/summary.json`); settings and summary
     numbers become columns, so figures can be drawn from the tables alone.
     """
     runs_root = Path(runs_root)
-    cells, curves = [], []
+    cells, curves, probes = [], [], []
     for summary_path in sorted(map(Path, summary_paths)):
         folder = summary_path.parent
         study, *cell_parts = folder.relative_to(runs_root).parts
@@ -69,4 +72,5 @@ def aggregate(summary_paths: Iterable[str | Path], runs_root: str | Path) -> tup
         env = {f"env_{key}": value for key, value in read_json(folder / ENV).items()}
         cells.append({**identity, **settings, **read_json(summary_path), **env})
         curves += [{**identity, **settings, **row} for row in read_jsonl(folder / METRICS)]
-    return pd.DataFrame(cells), pd.DataFrame(curves)
+        probes += [{**identity, **settings, **row} for row in read_jsonl(folder / PROBES)]
+    return {"cells": pd.DataFrame(cells), "curves": pd.DataFrame(curves), "probes": pd.DataFrame(probes)}

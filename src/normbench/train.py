@@ -9,6 +9,7 @@ an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -28,6 +29,7 @@ from normbench.data import DATASETS, Split, augment_batch, load_splits
 from normbench.distributed import Worker, all_reduce_sum, join_process_group, launch, under_torchrun
 from normbench.models import build_model
 from normbench.precision import Precision
+from normbench.probes import Probe
 from normbench.provenance import environment
 
 EVAL_BATCH_SIZE = 1000
@@ -124,6 +126,7 @@ class Progress:
 
     step: int = 0
     metrics: list[dict] = dataclasses.field(default_factory=list)
+    probes: list[dict] = dataclasses.field(default_factory=list)
     train_time_s: float = 0.0
     skipped_steps: int = 0  # optimizer steps GradScaler skipped for inf/NaN gradients (fp16)
     wall_time_s: float = 0.0  # of earlier sessions, when resumed
@@ -226,7 +229,9 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
         images, labels = train_split.images[index], train_split.labels[index]
         if settings.augment:
             images = augment_batch(images, torch.Generator().manual_seed(settings.seed * 1_000_003 + step))
-        with precision.autocast():
+        # Probe the first step (the network at initialization) and the last before each evaluation.
+        probe = Probe(model) if worker.is_main and (step == 0 or step + 1 in eval_steps) else None
+        with precision.autocast(), probe.watching_activations() if probe else contextlib.nullcontext():
             logits = trained(images.contiguous(memory_format=memory_format))
         loss = F.cross_entropy(logits.float(), labels)
         # The global mean loss, one sync per step: every worker sees the same value, so all
@@ -237,7 +242,11 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
             progress.step = step
             break
         optimizer.zero_grad(set_to_none=True)
-        if not precision.backward_and_step(loss, optimizer):
+        precision.backward(loss)
+        if probe:
+            precision.unscale(optimizer)
+            progress.probes += probe.rows(step)
+        if not precision.step(optimizer):
             progress.skipped_steps += 1
         scheduler.step()
         loss_sum += loss.detach() * len(labels)
@@ -262,6 +271,7 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
                 bar.write(f"step {progress.step}/{total_steps} epoch {progress.step / steps_per_epoch:.2f} "
                           f"train_loss {train_loss:.4f} test_acc {test_acc:.4f}")
                 results.write_jsonl(out_dir / results.METRICS, progress.metrics)
+                results.write_jsonl(out_dir / results.PROBES, progress.probes)
                 elapsed = time.perf_counter() - started  # the checkpoint counts this session's time too
                 save_checkpoint(checkpoint_path, model, optimizer, scheduler, precision.scaler,
                                 dataclasses.replace(progress, wall_time_s=progress.wall_time_s + elapsed), settings)
@@ -295,5 +305,6 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
     }
     if worker.is_main:
         results.write_jsonl(out_dir / results.METRICS, progress.metrics)
+        results.write_jsonl(out_dir / results.PROBES, progress.probes)
         results.write_json(out_dir / results.SUMMARY, summary)
     return summary

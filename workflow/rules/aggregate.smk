@@ -4,6 +4,7 @@ rule aggregate:
     output:
         cells=f"{TABLES}/cells.csv",
         curves=f"{TABLES}/curves.csv",
+        probes=f"{TABLES}/probes.csv",
     params:
         runs=lambda wildcards: RUNS,
         tables=lambda wildcards, output: os.path.dirname(output.cells),

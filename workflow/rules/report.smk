@@ -2,6 +2,7 @@ rule report:
     input:
         cells=f"{TABLES}/cells.csv",
         curves=f"{TABLES}/curves.csv",
+        probes=f"{TABLES}/probes.csv",
     output:
         "reports/report.html",
     params:

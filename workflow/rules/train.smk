@@ -20,6 +20,7 @@ rule train:
     output:
         summary=f"{RUNS}/{{study}}/{{cell}}/summary.json",
         metrics=f"{RUNS}/{{study}}/{{cell}}/metrics.jsonl",
+        probes=f"{RUNS}/{{study}}/{{cell}}/probes.jsonl",
         settings=f"{RUNS}/{{study}}/{{cell}}/config.json",
         env=f"{RUNS}/{{study}}/{{cell}}/env.json",
     params:
