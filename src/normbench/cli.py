@@ -41,9 +41,11 @@ def _aggregate(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
+    import json
+
     from normbench.report import render_report
 
-    render_report(Path(args.tables), Path(args.out))
+    render_report(Path(args.tables), json.loads(args.studies), Path(args.out))
     print(f"report -> {args.out}")
 
 
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="tables -> one self-contained HTML report")
     report.add_argument("--tables", default="results/tables")
+    report.add_argument("--studies", default="{}", help="the config's studies as JSON (descriptions, thresholds)")
     report.add_argument("--out", default="reports/report.html")
     report.set_defaults(run=_report)
     return parser

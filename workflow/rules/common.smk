@@ -1,5 +1,6 @@
 # Validation and grid expansion, done while the workflow is parsed: a bad
 # config stops here, before any job runs.
+import json
 import shlex
 
 import pandas as pd

@@ -7,9 +7,10 @@ rule report:
         "reports/report.html",
     params:
         tables=lambda wildcards, input: os.path.dirname(input.cells),
+        studies=json.dumps(config["studies"]),
     conda:
         CONDA_ENV
     log:
         "results/logs/report.log",
     shell:
-        "normbench report --tables {params.tables} --out {output} > {log} 2>&1"
+        "normbench report --tables {params.tables} --studies {params.studies:q} --out {output} > {log} 2>&1"

@@ -1,0 +1,60 @@
+"""The report from synthetic tables whose truth is known: axes, learning-rate table, escaping, self-containment."""
+
+import pandas as pd
+
+from normbench.report import learning_rate_table, render_report, study_axes
+
+
+def synthetic_cells() -> pd.DataFrame:
+    rows = []
+    for norm in ("bn", "none"):
+        for lr in (0.01, 0.1, 1.0):
+            for seed in (0, 1):
+                diverged = norm == "none" and lr == 1.0
+                acc = None if diverged else {"bn": 0.8, "none": 0.6}[norm] - (0.3 if lr == 0.01 and norm == "none" else 0)
+                rows.append({"study": "lr", "cell": f"norm~{norm}/lr~{lr}/seed~{seed}", "cell_dir": f"results/runs/lr/{norm}/{lr}/{seed}",
+                             "norm": norm, "lr": lr, "seed": seed, "batch_size": 64, "world_size": 1,
+                             "final_test_acc": acc, "best_test_acc": acc, "final_test_loss": 0.5, "diverged": diverged,
+                             "steps": 100, "skipped_steps": 0, "train_samples_per_s": 1000.0 if norm == "bn" else 1250.0,
+                             "wall_time_s": 10.0, "env_torch": "2.14.1", "env_time": "2026-01-01T00:00:00", "env_host": "h"})
+    return pd.DataFrame(rows)
+
+
+def synthetic_curves(cells: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for _, cell in cells.iterrows():
+        for step in (10, 20, 30):
+            acc = 0.0 if cell["diverged"] else cell["final_test_acc"] * step / 30
+            rows.append({"study": "lr", "cell": cell["cell"], "norm": cell["norm"], "lr": cell["lr"], "seed": cell["seed"],
+                         "step": step, "epoch": step / 10, "test_acc": acc, "elapsed_s": step / 10})
+    return pd.DataFrame(rows)
+
+
+def test_axes_skip_linked_settings():
+    cells = pd.DataFrame({"norm": ["bn", "bn", "gn", "gn"], "world_size": [1, 2, 1, 2], "batch_size": [32, 16, 32, 16],
+                          "seed": [0, 0, 0, 0]})
+    assert study_axes(cells) == ("world_size", [])
+
+
+def test_learning_rate_table_finds_stable_range_and_time_to_target():
+    cells = synthetic_cells()
+    table = learning_rate_table(cells, synthetic_curves(cells), {"stable_acc": 0.5, "target_acc": 0.5})
+    rows = {row[0]: row for row in table["rows"]}
+    assert rows["bn"][1:3] == ["0.01 to 1", "2"]  # two decades, nothing diverged
+    assert rows["none"][1:3] == ["0.1 to 0.1", "0"]  # 0.01 too inaccurate, 1.0 diverged
+    assert rows["bn"][3] == "0.01" and rows["bn"][5] == "20"  # 0.8 * 20/30 >= 0.5 first at step 20
+    assert rows["none"][5] == "30"
+
+
+def test_report_is_self_contained_and_escapes_config_text(tmp_path):
+    cells = synthetic_cells()
+    cells.to_csv(tmp_path / "cells.csv", index=False)
+    synthetic_curves(cells).to_csv(tmp_path / "curves.csv", index=False)
+    (tmp_path / "probes.csv").write_text("")
+    out = tmp_path / "report.html"
+    render_report(tmp_path, {"lr": {"description": "<script>alert(1)</script>", "report": {"target_acc": 0.5}}}, out)
+    html = out.read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>alert(1)" not in html
+    assert html.count("data:image/png;base64,") == 3
+    assert "Learning-rate range and speed to target" in html
+    assert "https://" not in html and "http://" not in html
