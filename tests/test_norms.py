@@ -122,3 +122,15 @@ def test_group_count_must_divide_channels():
 def test_instance_norm_needs_spatial_maps():
     with pytest.raises(ValueError, match="needs spatial maps"):
         norm_factory("in", "features")
+
+
+def test_low_precision_error_table():
+    from normbench.numerics import DTYPES, NORMS, OFFSETS, output_errors
+
+    table = output_errors(shape=(8, 16, 6, 6))
+    assert len(table) == len(NORMS) * len(DTYPES) * len(OFFSETS)
+    by = table.set_index(["norm", "dtype", "mean_offset"])["max_abs_error"]
+    for norm in NORMS:
+        assert by[norm, "fp32", 0.0] < 1e-5
+        assert by[norm, "bf16", 0.0] > 100 * by[norm, "fp32", 0.0]  # 8 mantissa bits against 24
+    assert by["rms", "fp16", 1000.0] > 0.5  # x**2 = 1e6 overflows float16 (max 65504): the output collapses

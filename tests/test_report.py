@@ -2,6 +2,7 @@
 
 import pandas as pd
 
+from normbench.numerics import output_errors
 from normbench.report import learning_rate_table, render_report, study_axes
 
 
@@ -51,10 +52,11 @@ def test_report_is_self_contained_and_escapes_config_text(tmp_path):
     cells.to_csv(tmp_path / "cells.csv", index=False)
     synthetic_curves(cells).to_csv(tmp_path / "curves.csv", index=False)
     (tmp_path / "probes.csv").write_text("")
+    output_errors(shape=(4, 8, 4, 4)).to_csv(tmp_path / "numerics.csv", index=False)
     out = tmp_path / "report.html"
     render_report(tmp_path, {"lr": {"description": "<script>alert(1)</script>", "report": {"target_acc": 0.5}}}, out)
     html = out.read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>alert(1)" not in html
     assert html.count("data:image/png;base64,") == 3
-    assert "Learning-rate range and speed to target" in html
+    assert "Learning-rate range and speed to target" in html and "Numerical error of the norm layers" in html
     assert "https://" not in html and "http://" not in html

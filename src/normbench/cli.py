@@ -40,6 +40,14 @@ def _aggregate(args: argparse.Namespace) -> None:
     print(", ".join(f"{len(table)} rows in {name}.csv" for name, table in tables.items()), "->", args.out)
 
 
+def _numerics(args: argparse.Namespace) -> None:
+    from normbench.numerics import output_errors
+    from normbench.results import write_table
+
+    write_table(output_errors(), args.out)
+    print(f"norm layer errors against float64 -> {args.out}")
+
+
 def _report(args: argparse.Namespace) -> None:
     import json
 
@@ -74,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--runs-root", default="results/runs", help="the folder holding <study>/<cell>/")
     agg.add_argument("--out", default="results/tables")
     agg.set_defaults(run=_aggregate)
+
+    numerics = commands.add_parser("numerics", help="each norm layer's error against float64, per dtype and mean offset")
+    numerics.add_argument("--out", default="results/tables/numerics.csv")
+    numerics.set_defaults(run=_numerics)
 
     report = commands.add_parser("report", help="tables -> one self-contained HTML report")
     report.add_argument("--tables", default="results/tables")

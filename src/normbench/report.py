@@ -8,7 +8,9 @@ network. Each norm keeps one colour across every figure.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import json
 import math
 import os
 from importlib.resources import files
@@ -268,6 +270,15 @@ def provenance(cells: pd.DataFrame) -> dict[str, str]:
     return summary
 
 
+def numerics_table(numerics: pd.DataFrame) -> dict | None:
+    """Max absolute output error against float64: one row per norm and mean offset, one column per dtype."""
+    if numerics.empty:
+        return None
+    wide = numerics.pivot_table(index=["norm", "mean_offset"], columns="dtype", values="max_abs_error", sort=False)
+    return {"columns": ["norm", "input mean offset", *wide.columns],
+            "rows": [[norm, _format(offset), *map(_format, row)] for (norm, offset), row in wide.iterrows()]}
+
+
 def _read(path: Path) -> pd.DataFrame:
     """A table that may be empty (no probes recorded, say)."""
     try:
@@ -278,7 +289,7 @@ def _read(path: Path) -> pd.DataFrame:
 
 def render_report(tables: Path, studies: dict, out: Path) -> None:
     """Write the report for `studies` (the workflow config's studies) from the tables in `tables`."""
-    cells, curves, probes = (_read(tables / f"{name}.csv") for name in ("cells", "curves", "probes"))
+    cells, curves, probes, numerics = (_read(tables / f"{name}.csv") for name in ("cells", "curves", "probes", "numerics"))
     sns.set_theme(style="ticks", context="notebook")
     sections = [
         study_section(study, studies.get(study, {}), study_cells, curves[curves["study"] == study],
@@ -287,6 +298,9 @@ def render_report(tables: Path, studies: dict, out: Path) -> None:
     ]
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     template = environment.from_string(files("normbench").joinpath("templates/report.html").read_text())
-    html = template.render(sections=sections, provenance=provenance(cells),
+    details = {**provenance(cells), "studies config sha256": hashlib.sha256(
+        json.dumps(studies, sort_keys=True).encode()).hexdigest()[:16],
+        "reproduce with": "make reproduce (or: snakemake --workflow-profile workflow/profiles/default)"}
+    html = template.render(sections=sections, provenance=details, numerics=numerics_table(numerics),
                            generated=pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"))
     write_atomic(out, lambda f: f.write(html))

@@ -14,3 +14,14 @@ rule aggregate:
         "results/logs/aggregate.log",
     shell:
         "normbench aggregate {input} --runs-root {params.runs} --out {params.tables} > {log} 2>&1"
+
+
+rule numerics:
+    output:
+        f"{TABLES}/numerics.csv",
+    conda:
+        CONDA_ENV
+    log:
+        "results/logs/numerics.log",
+    shell:
+        "normbench numerics --out {output} > {log} 2>&1"

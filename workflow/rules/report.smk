@@ -3,6 +3,7 @@ rule report:
         cells=f"{TABLES}/cells.csv",
         curves=f"{TABLES}/curves.csv",
         probes=f"{TABLES}/probes.csv",
+        numerics=f"{TABLES}/numerics.csv",
     output:
         "reports/report.html",
     params:
