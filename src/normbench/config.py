@@ -32,6 +32,8 @@ class Settings:
 
     dataset: str = "fashion_mnist"
     data_root: str = "data"
+    text_path: str | None = None
+    context: int = 64
     train_subset: int | None = None
     test_subset: int | None = None
     augment: bool = False
@@ -40,6 +42,9 @@ class Settings:
     width: int = 16
     activation: str = "relu"
     init: str = "default"
+    heads: int = 4
+    patch_size: int = 7
+    norm_placement: str = "pre"
     norm: str = "bn"
     gn_groups: int = 8
     norm_eps: float = 1e-5
@@ -96,13 +101,23 @@ def _check_against_schema(values: dict[str, Any]) -> None:
 
 def _check_consistency(settings: Settings) -> None:
     """Checks that involve several settings or the model itself."""
-    from normbench.data import DATASETS  # lazy: keeps `import normbench.config` light for the Snakefile
+    from normbench.data import model_io  # lazy: keeps `import normbench.config` light for the Snakefile
     from normbench.models import build_model
 
     if settings.model not in ("mlp", "cnn") and settings.activation != "relu":
         raise SettingsError(f"setting 'activation': {settings.activation!r} applies to models mlp and cnn; ResNets use relu")
     if settings.model in ("resnet20", "resnet32", "resnet56") and settings.depth is not None:
         raise SettingsError(f"setting 'depth': model {settings.model!r} fixes its depth; use model 'resnet' with depth=6n+2")
+    transformer = settings.model in ("vit", "gpt")
+    if (settings.dataset == "text") != (settings.model == "gpt"):
+        raise SettingsError(f"setting 'model': {settings.model!r} with dataset {settings.dataset!r}; "
+                            "the text dataset goes with model gpt, and gpt needs dataset text")
+    if settings.dataset == "text" and not (settings.text_path and Path(settings.text_path).is_file()):
+        raise SettingsError(f"setting 'text_path': {settings.text_path!r} is no readable file; point it to a UTF-8 text")
+    if transformer and settings.width % settings.heads:
+        raise SettingsError(f"setting 'heads': {settings.heads} heads do not divide width {settings.width}")
+    if settings.dataset == "text" and (settings.augment or settings.channels_last):
+        raise SettingsError("settings 'augment' and 'channels_last' apply to images, not to text")
     if settings.train_subset is not None and settings.train_subset < settings.global_batch_size:
         raise SettingsError(
             f"setting 'train_subset': {settings.train_subset} images make no full batch of "
@@ -110,10 +125,10 @@ def _check_consistency(settings: Settings) -> None:
         )
     import torch
 
-    spec = DATASETS[settings.dataset]
+    input_shape, num_classes = model_io(settings)
     try:
         with torch.device("meta"):  # shapes and norm groups checked without allocating weights
-            build_model(settings, spec.input_shape, spec.num_classes)
+            build_model(settings, input_shape, num_classes)
     except ValueError as error:
         raise SettingsError(f"model {settings.model!r} with norm {settings.norm!r}: {error}") from None
 

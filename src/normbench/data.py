@@ -91,6 +91,48 @@ def load_splits(name: str, root: str | Path, train_subset: int | None, test_subs
     return prepare(train_images, train_labels, train_subset), prepare(test_images, test_labels, test_subset)
 
 
+def text_vocabulary(text: str) -> list[str]:
+    return sorted(set(text))
+
+
+def load_text_splits(path: str | Path, context: int, train_subset: int | None, test_subset: int | None,
+                     device: torch.device) -> tuple[Split, Split]:
+    """Character-level language modelling: the first 90% of the text trains, the rest validates.
+
+    Each split is cut into non-overlapping windows of `context` characters; a window's
+    labels are the same characters shifted by one (the next character to predict).
+    """
+    text = Path(path).read_text(encoding="utf-8")
+    vocabulary = {char: index for index, char in enumerate(text_vocabulary(text))}
+    ids = torch.tensor([vocabulary[char] for char in text], dtype=torch.int64)
+    cut = int(len(ids) * 0.9)
+
+    def windows(part: torch.Tensor, subset: int | None) -> Split:
+        count = (len(part) - 1) // context
+        if count < 1:
+            raise DatasetMissing(f"{path}: too short for one window of {context} characters in each split")
+        inputs = part[:count * context].view(count, context)
+        targets = part[1:count * context + 1].view(count, context)
+        return Split(inputs[:subset].to(device), targets[:subset].to(device))
+
+    return windows(ids[:cut], train_subset), windows(ids[cut:], test_subset)
+
+
+def model_io(settings) -> tuple[tuple[int, ...], int]:
+    """The model's input shape and number of outputs (classes, or the text's vocabulary)."""
+    if settings.dataset == "text":
+        return (settings.context,), len(text_vocabulary(Path(settings.text_path).read_text(encoding="utf-8")))
+    spec = DATASETS[settings.dataset]
+    return spec.input_shape, spec.num_classes
+
+
+def load_data(settings, device: torch.device, dtype: torch.dtype) -> tuple[Split, Split]:
+    """A cell's train and test splits on the device, images in `dtype`."""
+    if settings.dataset == "text":
+        return load_text_splits(settings.text_path, settings.context, settings.train_subset, settings.test_subset, device)
+    return load_splits(settings.dataset, settings.data_root, settings.train_subset, settings.test_subset, device, dtype)
+
+
 def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Random crop after zero padding and random horizontal flip, for a whole batch at once."""
     n, _, height, width = images.shape

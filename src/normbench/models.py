@@ -6,6 +6,7 @@ concrete norm, so one model definition serves every cell of a grid.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from normbench.norms import NormLayer, norm_factory
@@ -123,15 +124,28 @@ def initialize(model: nn.Module, scheme: str) -> None:
 RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
 
 
-def build_model(settings, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """Build the model a cell's settings name, for inputs of shape (C, H, W)."""
-    layout = "features" if settings.model == "mlp" else "channels"
+def build_model(settings, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build the model a cell's settings name, for inputs of shape (C, H, W), or (context,) token ids
+    for the language model, whose `num_classes` is the vocabulary size."""
+    layout = {"mlp": "features", "vit": "tokens", "gpt": "tokens"}.get(settings.model, "channels")
     norm_layer = norm_factory(settings.norm, layout, gn_groups=settings.gn_groups,
                               eps=settings.norm_eps, momentum=settings.bn_momentum)
     if settings.model == "mlp":
         channels, height, width = input_shape
         model = MLP(settings.depth or 3, settings.width, channels * height * width, num_classes,
                     norm_layer, settings.activation)
+    elif settings.model == "vit":
+        channels, height, width = input_shape
+        if height % settings.patch_size or width % settings.patch_size:
+            raise ValueError(f"patch_size={settings.patch_size} does not tile {height}x{width} images")
+        tokens = (height // settings.patch_size) * (width // settings.patch_size)
+        model = Transformer(PatchEmbedding(channels, settings.width, settings.patch_size), tokens, settings.width,
+                            settings.depth or 4, settings.heads, False, norm_layer, settings.norm_placement,
+                            nn.Linear(settings.width, num_classes), pool=True)
+    elif settings.model == "gpt":
+        model = Transformer(nn.Embedding(num_classes, settings.width), input_shape[0], settings.width,
+                            settings.depth or 4, settings.heads, True, norm_layer, settings.norm_placement,
+                            nn.Linear(settings.width, num_classes), pool=False)
     elif settings.model == "cnn":
         model = PlainCNN(settings.depth or 9, settings.width, input_shape[0], num_classes, norm_layer, settings.activation)
     else:
@@ -141,3 +155,70 @@ def build_model(settings, input_shape: tuple[int, int, int], num_classes: int) -
         model = ResNet(depth, settings.width, input_shape[0], num_classes, norm_layer)
     initialize(model, settings.init)
     return model
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; `causal` masks every later token (a decoder's attention)."""
+
+    def __init__(self, width: int, heads: int, causal: bool) -> None:
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        n, t, c = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.proj(y.transpose(1, 2).reshape(n, t, c))
+
+
+class Block(nn.Module):
+    """A transformer block with the norm before each sublayer (pre) or after each residual sum (post).
+
+    Post is the original Transformer's placement; pre keeps an identity path from
+    input to output, which is why it trains without warm-up (Xiong et al. 2020).
+    """
+
+    def __init__(self, width: int, heads: int, causal: bool, norm_layer: NormLayer, placement: str) -> None:
+        super().__init__()
+        self.pre = placement == "pre"
+        self.norm1, self.norm2 = norm_layer(width), norm_layer(width)
+        self.attention = SelfAttention(width, heads, causal)
+        self.feed_forward = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        if self.pre:
+            x = x + self.attention(self.norm1(x))
+            return x + self.feed_forward(self.norm2(x))
+        x = self.norm1(x + self.attention(x))
+        return self.norm2(x + self.feed_forward(x))
+
+
+class Transformer(nn.Module):
+    """Blocks over token embeddings with learned positions; pre-norm stacks end with one more norm."""
+
+    def __init__(self, embed: nn.Module, tokens: int, width: int, depth: int, heads: int, causal: bool,
+                 norm_layer: NormLayer, placement: str, head: nn.Module, pool: bool) -> None:
+        super().__init__()
+        self.embed, self.pool, self.head = embed, pool, head
+        self.position = nn.Parameter(torch.zeros(1, tokens, width))
+        nn.init.normal_(self.position, std=0.02)
+        self.blocks = nn.Sequential(*[Block(width, heads, causal, norm_layer, placement) for _ in range(depth)])
+        self.final_norm = norm_layer(width) if placement == "pre" else nn.Identity()
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = self.final_norm(self.blocks(x + self.position[:, :x.shape[1]]))
+        return self.head(x.mean(dim=1) if self.pool else x)
+
+
+class PatchEmbedding(nn.Module):
+    """Non-overlapping patch x patch squares, each projected to one token (ViT, Dosovitskiy et al. 2021)."""
+
+    def __init__(self, in_channels: int, width: int, patch: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, width, patch, patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)

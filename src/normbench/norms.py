@@ -18,8 +18,9 @@ from normbench.config import settings_schema
 
 NormLayer = Callable[[int], nn.Module]
 
-# Layouts: "channels" is (N, C, H, W) conv maps, "features" is (N, F) MLP activations.
-LAYOUTS = ("channels", "features")
+# Layouts: "channels" is (N, C, H, W) conv maps, "features" is (N, F) MLP activations,
+# "tokens" is (N, T, F) transformer activations.
+LAYOUTS = ("channels", "features", "tokens")
 NORM_NAMES = tuple(settings_schema()["properties"]["norm"]["enum"])  # the one list of names
 
 
@@ -80,6 +81,18 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y
 
 
+class FeaturesFirst(nn.Module):
+    """Apply a channels-first norm (BatchNorm1d) to (N, T, F) tokens: BN then
+    normalizes each feature over batch x tokens, as BN in a transformer does (Shen et al. 2020)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+
+
 def norm_factory(
     name: str,
     layout: str = "channels",
@@ -97,8 +110,11 @@ def norm_factory(
         raise ValueError(f"unknown norm {name!r}; known norms: {', '.join(NORM_NAMES)}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known layouts: {', '.join(LAYOUTS)}")
-    if name == "in" and layout == "features":
-        raise ValueError("norm 'in' (instance norm) needs spatial maps; it is undefined for MLP features")
+    if name == "in" and layout != "channels":
+        raise ValueError(f"norm 'in' (instance norm) needs spatial maps; it is undefined for {layout}")
+    if name == "gn" and layout == "tokens":
+        raise ValueError("norm 'gn' on tokens would pool statistics over positions (a decoder would see the "
+                         "future even at inference); use ln, rms or bn")
 
     def group_norm(num_features: int) -> nn.Module:
         if num_features % gn_groups:
@@ -125,4 +141,6 @@ def norm_factory(
         "rms": lambda f: nn.RMSNorm(f, eps=eps),
         "none": lambda f: nn.Identity(),
     }
+    if layout == "tokens" and name in ("bn", "syncbn"):
+        return lambda f: FeaturesFirst(feature_layers[name](f))
     return (channel_layers if layout == "channels" else feature_layers)[name]

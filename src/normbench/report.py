@@ -30,14 +30,15 @@ from normbench.results import write_atomic  # noqa: E402
 NORM_ORDER = settings_schema()["properties"]["norm"]["enum"]
 NORM_PALETTE = {**dict(zip(NORM_ORDER, sns.color_palette("colorblind"))), "none": (0.45, 0.45, 0.45)}
 # Which varying setting becomes the x axis of a study's figures, and which become panels, by preference.
-X_AXIS_PREFERENCE = ("world_size", "batch_size", "lr", "precision", "init", "width", "depth", "bn_momentum")
-FACET_PREFERENCE = ("model", "activation", "precision", "init", "world_size", "batch_size", "lr")
+X_AXIS_PREFERENCE = ("world_size", "batch_size", "lr", "precision", "init", "norm_placement", "width", "depth",
+                     "bn_momentum")
+FACET_PREFERENCE = ("model", "activation", "warmup_steps", "precision", "init", "world_size", "batch_size", "lr")
 LOG_AXES = {"batch_size": 2, "world_size": 2, "width": 2, "lr": 10}
 AXIS_LABELS = {
     "batch_size": "per-worker batch size (images)", "lr": "peak learning rate", "world_size": "workers",
     "test_acc": "test accuracy", "final_test_acc": "final test accuracy", "epoch": "epoch",
     "train_samples_per_s": "training throughput (images/s)", "test_loss": "test loss", "init": "weight init",
-    "depth": "layer (from the input)",
+    "depth": "layer (from the input)", "norm_placement": "norm placement", "warmup_steps": "warm-up steps",
 }
 TABLE_COLUMNS = ["cell", "final_test_acc", "best_test_acc", "final_test_loss", "diverged", "steps",
                  "skipped_steps", "train_samples_per_s", "wall_time_s"]

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from normbench import results
 from normbench.config import Settings, SettingsError
-from normbench.data import DATASETS, Split, augment_batch, load_splits
+from normbench.data import Split, augment_batch, load_data, model_io
 from normbench.distributed import Worker, all_reduce_sum, join_process_group, launch, under_torchrun
 from normbench.models import build_model
 from normbench.precision import Precision
@@ -54,6 +54,9 @@ def run_cell(settings: Settings, out_dir: str | Path, threads: int | None = None
         if threads:
             torch.set_num_threads(threads)
         return train(settings, out_dir)
+    if resolve_device(settings.device).type == "cuda" and torch.cuda.device_count() < settings.world_size:
+        raise SettingsError(f"setting 'world_size': {settings.world_size} workers need as many GPUs on this node, "
+                            f"torch sees {torch.cuda.device_count()}; lower world_size or use device=cpu")
     launch(settings.world_size, _worker, settings.to_dict(), str(out_dir), threads, timeout_s)
     return results.read_json(Path(out_dir) / results.SUMMARY)
 
@@ -106,18 +109,19 @@ def batch_indices(permutation: torch.Tensor, step_in_epoch: int, settings: Setti
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, memory_format: torch.memory_format,
              precision: Precision) -> tuple[float, float]:
-    """Mean loss and accuracy over a split, in eval mode (running statistics for BN), at the cell's precision."""
+    """Mean loss and accuracy over a split (per image, or per token for text), in eval mode
+    (running statistics for BN), at the cell's precision."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(split), EVAL_BATCH_SIZE):
-        images = split.images[start:start + EVAL_BATCH_SIZE].contiguous(memory_format=memory_format)
+        inputs = split.images[start:start + EVAL_BATCH_SIZE].contiguous(memory_format=memory_format)
         labels = split.labels[start:start + EVAL_BATCH_SIZE]
         with precision.autocast():
-            logits = model(images).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
+            logits = model(inputs).float()
+        loss_sum += F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
     model.train()
-    return loss_sum / len(split), correct / len(split)
+    return loss_sum / split.labels.numel(), correct / split.labels.numel()
 
 
 @dataclasses.dataclass
@@ -171,9 +175,8 @@ def synchronize(device: torch.device) -> None:
 def prepare_model(settings: Settings, device: torch.device, dtype: torch.dtype,
                   worker: Worker) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The model and the module to call in training: itself, or its DDP wrapper when there are several workers."""
-    spec = DATASETS[settings.dataset]
     torch.manual_seed(settings.seed)
-    model = build_model(settings, spec.input_shape, spec.num_classes)
+    model = build_model(settings, *model_io(settings))
     if settings.norm == "syncbn" and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # PyTorch's own on CUDA
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
@@ -193,8 +196,7 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
     out_dir = Path(out_dir)
     device = resolve_device(settings.device, worker)
     precision = Precision(settings.precision, device)
-    train_split, test_split = load_splits(settings.dataset, settings.data_root, settings.train_subset,
-                                          settings.test_subset, device, precision.storage_dtype)
+    train_split, test_split = load_data(settings, device, precision.storage_dtype)
 
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     model, trained = prepare_model(settings, device, precision.storage_dtype, worker)
@@ -233,7 +235,7 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
         probe = Probe(model) if worker.is_main and (step == 0 or step + 1 in eval_steps) else None
         with precision.autocast(), probe.watching_activations() if probe else contextlib.nullcontext():
             logits = trained(images.contiguous(memory_format=memory_format))
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten())  # per image, or per token
         # The global mean loss, one sync per step: every worker sees the same value, so all
         # stop at the same step if it diverges, and that step is exact.
         loss_value = all_reduce_sum(loss.detach().clone()).item() / worker.world_size
@@ -249,9 +251,9 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
         if not precision.step(optimizer):
             progress.skipped_steps += 1
         scheduler.step()
-        loss_sum += loss.detach() * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
-        seen += len(labels)
+        loss_sum += loss.detach() * labels.numel()
+        correct += (logits.argmax(-1) == labels).sum()
+        seen += labels.numel()
         bar.update()
         progress.step = step + 1
 

@@ -57,5 +57,8 @@ def cell_workers(wildcards):
 
 def cell_dataset_files(wildcards):
     settings = cell_settings(wildcards)
+    dataset = settings.get("dataset", Settings.dataset)
+    if dataset == "text":
+        return [settings["text_path"]]
     root = settings.get("data_root", Settings.data_root)
-    return [f"{root}/{path}" for path in dataset_files(settings.get("dataset", Settings.dataset))]
+    return [f"{root}/{path}" for path in dataset_files(dataset)]
