@@ -103,3 +103,30 @@ def test_cli_reruns_a_cell_from_its_config(tiny, tmp_path):
     main(["train", "--out", str(tmp_path / "rerun"), "--threads", "1", "--from", str(cell / "config.json")])
     assert read_json(tmp_path / "rerun/config.json") == read_json(cell / "config.json")
     assert without_timing(read_jsonl(tmp_path / "rerun/metrics.jsonl")) == without_timing(read_jsonl(cell / "metrics.jsonl"))
+
+
+def test_atomic_writes_leave_no_partial_file_and_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from normbench.results import write_atomic, write_json
+
+    write_json(tmp_path / "a.json", {"x": 1})
+    assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == 0o666 & ~_current_umask()
+
+    def fail(handle):
+        handle.write("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        write_atomic(tmp_path / "a.json", fail)
+    assert read_json(tmp_path / "a.json") == {"x": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def _current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
