@@ -21,7 +21,7 @@ def probe_one_step(settings: Settings, batch: int = 64) -> list[dict]:
 
 
 def gradient_profile(rows: list[dict]) -> list[float]:
-    return [row["value"] for row in sorted(rows, key=lambda r: r["depth"]) if row["quantity"] == "grad_norm"]
+    return [row["value"] for row in sorted(rows, key=lambda r: r["layer_index"]) if row["quantity"] == "grad_norm"]
 
 
 def test_deep_sigmoid_mlp_at_small_init_has_vanishing_gradients():

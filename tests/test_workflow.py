@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -48,6 +49,10 @@ def test_workflow_runs_into_a_report_and_reruns_a_cell(tmp_path, fashion_root):
     assert "http://" not in report and "https://" not in report  # self-contained
     cells_table = (tmp_path / "results/tables/cells.csv").read_text().splitlines()
     assert len(cells_table) == 1 + 4
+    curves = pd.read_csv(tmp_path / "results/tables/curves.csv")
+    assert (curves["lr"] == 0.05).all() and curves["lr_now"].lt(0.05).all()  # the setting, and the schedule's value
+    probes = pd.read_csv(tmp_path / "results/tables/probes.csv")
+    assert (probes["depth"].isna() | (probes["depth"] == 3)).all() and probes["layer_index"].max() == 3
 
     before = read_jsonl(cell / "metrics.jsonl")
     rerun = snakemake(tmp_path, str(cell.relative_to(tmp_path) / "summary.json"), "--forcerun", "train")

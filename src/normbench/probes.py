@@ -55,14 +55,14 @@ class Probe:
                 handle.remove()
 
     def rows(self, step: int) -> list[dict]:
-        """Tidy rows (step, depth, layer, quantity, value): gradient and weight norm of each weighted
+        """Tidy rows (step, layer_index, layer, quantity, value): gradient and weight norm of each weighted
         layer, then the saturated or dead fraction of each activation, each counted from the input side."""
         rows = []
-        for depth, (name, layer) in enumerate(weighted_layers(self.model)):
+        for index, (name, layer) in enumerate(weighted_layers(self.model)):
             if layer.weight.grad is not None:
-                rows.append({"step": step, "depth": depth, "layer": name, "quantity": "grad_norm",
+                rows.append({"step": step, "layer_index": index, "layer": name, "quantity": "grad_norm",
                              "value": layer.weight.grad.float().norm().item()})
-            rows.append({"step": step, "depth": depth, "layer": name, "quantity": "weight_norm",
+            rows.append({"step": step, "layer_index": index, "layer": name, "quantity": "weight_norm",
                          "value": layer.weight.detach().float().norm().item()})
-        rows += [{"step": step, "depth": depth, **activation} for depth, activation in enumerate(self.activations)]
+        rows += [{"step": step, "layer_index": index, **activation} for index, activation in enumerate(self.activations)]
         return rows

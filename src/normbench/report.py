@@ -38,7 +38,7 @@ AXIS_LABELS = {
     "batch_size": "per-worker batch size (images)", "lr": "peak learning rate", "world_size": "workers",
     "test_acc": "test accuracy", "final_test_acc": "final test accuracy", "epoch": "epoch",
     "train_samples_per_s": "training throughput (images/s)", "test_loss": "test loss", "init": "weight init",
-    "depth": "layer (from the input)", "norm_placement": "norm placement", "warmup_steps": "warm-up steps",
+    "layer_index": "layer (from the input)", "norm_placement": "norm placement", "warmup_steps": "warm-up steps",
 }
 TABLE_COLUMNS = ["cell", "final_test_acc", "best_test_acc", "final_test_loss", "diverged", "steps",
                  "skipped_steps", "train_samples_per_s", "wall_time_s"]
@@ -165,11 +165,11 @@ def throughput_figure(cells: pd.DataFrame, x: str, facets: list[str]) -> str:
 def gradient_profile_figure(probes: pd.DataFrame, model: str) -> str:
     """Per-layer gradient norm at initialization (the first step), input side on the left (C4, C5)."""
     at_init = probes[(probes["step"] == 0) & (probes["quantity"] == "grad_norm") & (probes["model"] == model)]
-    grid = sns.relplot(at_init, x="depth", y="value", kind="line", marker="o", errorbar=("ci", 95), height=2.8,
+    grid = sns.relplot(at_init, x="layer_index", y="value", kind="line", marker="o", errorbar=("ci", 95), height=2.8,
                        aspect=1.1, col="init", col_order=_order(at_init, "init"), row="activation",
                        row_order=_order(at_init, "activation"), facet_kws={"sharey": False}, **_hue(at_init))
     grid.set(yscale="log")
-    grid.set_axis_labels(_label("depth"), "gradient norm of the layer's weight")
+    grid.set_axis_labels(_label("layer_index"), "gradient norm of the layer's weight")
     return _png(grid.figure)
 
 

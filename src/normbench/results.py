@@ -78,6 +78,8 @@ def aggregate(summary_paths: Iterable[str | Path], runs_root: str | Path) -> dic
         settings = read_json(folder / CONFIG)
         env = {f"env_{key}": value for key, value in read_json(folder / ENV).items()}
         cells.append({**identity, **settings, **read_json(summary_path), **env})
-        curves += [{**identity, **settings, **row} for row in read_jsonl(folder / METRICS)]
+        # A cell's lr setting is its peak; the lr of each evaluation row is the schedule's value then.
+        curves += [{**identity, **settings, **{("lr_now" if k == "lr" else k): v for k, v in row.items()}}
+                   for row in read_jsonl(folder / METRICS)]
         probes += [{**identity, **settings, **row} for row in read_jsonl(folder / PROBES)]
     return {"cells": pd.DataFrame(cells), "curves": pd.DataFrame(curves), "probes": pd.DataFrame(probes)}
