@@ -14,8 +14,8 @@ from normbench.data import DatasetMissing, augment_batch, dataset_files, fetch, 
 
 def test_fashion_mnist_loads_normalized(fashion_root):
     train, test = load_splits("fashion_mnist", fashion_root, None, 500, torch.device("cpu"))
-    assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (500, 1, 28, 28)
-    assert abs(train.images.mean().item()) < 1e-4 and abs(train.images.std().item() - 1) < 1e-3
+    assert train.inputs.shape == (60000, 1, 28, 28) and test.inputs.shape == (500, 1, 28, 28)
+    assert abs(train.inputs.mean().item()) < 1e-4 and abs(train.inputs.std().item() - 1) < 1e-3
     assert set(train.labels.unique().tolist()) == set(range(10))
     assert all((fashion_root / path).exists() for path in dataset_files("fashion_mnist"))
 
@@ -71,11 +71,11 @@ def write_tiny_cifar(root, monkeypatch, per_batch=4):
 def test_cifar10_through_torchvision_loader(tmp_path, monkeypatch):
     folder = write_tiny_cifar(tmp_path, monkeypatch)
     train, test = load_splits("cifar10", tmp_path, None, None, torch.device("cpu"))
-    assert train.images.shape == (20, 3, 32, 32) and test.images.shape == (4, 3, 32, 32)
+    assert train.inputs.shape == (20, 3, 32, 32) and test.inputs.shape == (4, 3, 32, 32)
     batches = [pickle.loads((folder / name).read_bytes()) for name, _ in datasets.CIFAR10.train_list]
     scaled = torch.cat([torch.as_tensor(b["data"]) for b in batches]).float().view(-1, 3, 32, 32) / 255
     mean, std = scaled.mean((0, 2, 3)).view(3, 1, 1), scaled.std((0, 2, 3)).view(3, 1, 1)
-    torch.testing.assert_close(train.images * std + mean, scaled)  # planes R, G, B, in archive order
+    torch.testing.assert_close(train.inputs * std + mean, scaled)  # planes R, G, B, in archive order
     assert train.labels.tolist() == sum((b["labels"] for b in batches), [])
 
 

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import shutil
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -49,8 +50,8 @@ class DatasetMissing(FileNotFoundError):
 
 @dataclass
 class Split:
-    images: torch.Tensor  # float, (N, C, H, W), normalized
-    labels: torch.Tensor  # int64, (N,)
+    inputs: torch.Tensor  # normalized images (N, C, H, W), or token ids (N, T)
+    labels: torch.Tensor  # int64 classes (N,), or next tokens (N, T)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -91,6 +92,12 @@ def load_splits(name: str, root: str | Path, train_subset: int | None, test_subs
     return prepare(train_images, train_labels, train_subset), prepare(test_images, test_labels, test_subset)
 
 
+@cache
+def _read_text(path: str) -> str:
+    """The text of a language-model cell, read once per process (validation, model and data all need it)."""
+    return Path(path).read_text(encoding="utf-8")
+
+
 def text_vocabulary(text: str) -> list[str]:
     return sorted(set(text))
 
@@ -102,7 +109,7 @@ def load_text_splits(path: str | Path, context: int, train_subset: int | None, t
     Each split is cut into non-overlapping windows of `context` characters; a window's
     labels are the same characters shifted by one (the next character to predict).
     """
-    text = Path(path).read_text(encoding="utf-8")
+    text = _read_text(str(path))
     vocabulary = {char: index for index, char in enumerate(text_vocabulary(text))}
     ids = torch.tensor([vocabulary[char] for char in text], dtype=torch.int64)
     cut = int(len(ids) * 0.9)
@@ -121,7 +128,7 @@ def load_text_splits(path: str | Path, context: int, train_subset: int | None, t
 def model_io(settings) -> tuple[tuple[int, ...], int]:
     """The model's input shape and number of outputs (classes, or the text's vocabulary)."""
     if settings.dataset == "text":
-        return (settings.context,), len(text_vocabulary(Path(settings.text_path).read_text(encoding="utf-8")))
+        return (settings.context,), len(text_vocabulary(_read_text(settings.text_path)))
     spec = DATASETS[settings.dataset]
     return spec.input_shape, spec.num_classes
 
@@ -197,12 +204,16 @@ def prepare_fashion_mnist(root: str | Path, source: Path = DEBIAN_FASHION_MNIST)
     return raw
 
 
+def _check_loadable(name: str, root: str | Path) -> None:
+    """Raise DatasetMissing, with the fix, unless torchvision loads both splits of `name` from `root`."""
+    for train in (True, False):
+        _load_raw(name, root, train)
+
+
 def fetch(name: str, root: str | Path, download: bool) -> None:
     """Make `name` loadable from `root`: already there, from Debian's package, or (if allowed) downloaded."""
     try:
-        for train in (True, False):
-            _load_raw(name, root, train)
-        return
+        return _check_loadable(name, root)
     except DatasetMissing:
         pass
     if name == "fashion_mnist" and DEBIAN_FASHION_MNIST.exists():
@@ -213,5 +224,4 @@ def fetch(name: str, root: str | Path, download: bool) -> None:
                 DATASETS[name].torchvision_class(str(root), train=train, download=True)
         except Exception as error:  # no network, a mirror down, a bad archive: all end the same way
             raise DatasetMissing(f"downloading {name} failed ({error}); {DATASETS[name].how_to_get}") from None
-    for train in (True, False):
-        _load_raw(name, root, train)  # raises DatasetMissing with the fix when still absent
+    _check_loadable(name, root)

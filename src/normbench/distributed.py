@@ -70,8 +70,20 @@ def join_process_group(device_type: str, timeout_s: float) -> Worker:
     return worker
 
 
+def multi_process() -> bool:
+    """Whether this process is one of several workers of a cell."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over workers (a no-op in a single process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    """Sum over workers, in place (a no-op in a single process)."""
+    if multi_process():
         dist.all_reduce(tensor)
     return tensor
+
+
+def mean_over_workers(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over workers, leaving it unchanged; the tensor itself in a single process."""
+    if not multi_process():
+        return tensor
+    return all_reduce_sum(tensor.detach().clone()) / dist.get_world_size()

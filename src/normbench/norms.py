@@ -15,6 +15,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from normbench.config import settings_schema
+from normbench.distributed import multi_process
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -59,7 +60,7 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input (N, C, ...), got {x.dim()}D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and multi_process()):
             return super().forward(x)
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)

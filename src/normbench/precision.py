@@ -37,14 +37,12 @@ class Precision:
 
     def unscale(self, optimizer: torch.optim.Optimizer) -> None:
         """Bring gradients to their true scale before reading them (step() then does not unscale twice)."""
-        if self.scaler.is_enabled():
-            self.scaler.unscale_(optimizer)
+        self.scaler.unscale_(optimizer)  # a no-op when the scaler is off
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """The optimizer step; False when GradScaler skipped it for inf/NaN gradients."""
-        if not self.scaler.is_enabled():
-            optimizer.step()
-            return True
+        """The optimizer step; False when GradScaler skipped it for inf/NaN gradients.
+
+        A disabled scaler steps plainly and keeps its scale at 1, so this is never False then."""
         scale = self.scaler.get_scale()
         self.scaler.step(optimizer)
         self.scaler.update()

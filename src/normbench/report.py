@@ -89,7 +89,7 @@ def _order(cells: pd.DataFrame, axis: str) -> list:
 
 
 def _hue(cells: pd.DataFrame) -> dict:
-    norms = [norm for norm in NORM_ORDER if norm in set(cells["norm"])]
+    norms = _order(cells, "norm")
     return {"hue": "norm", "hue_order": norms, "palette": {norm: NORM_PALETTE[norm] for norm in norms}}
 
 
@@ -102,16 +102,6 @@ def _panels(cells: pd.DataFrame, facets: list[str]) -> dict:
     return panels
 
 
-def _panel_rows(grid, cells: pd.DataFrame, facets: list[str]):
-    """Each panel of a FacetGrid with the cells it shows."""
-    for key, axis in grid.axes_dict.items() if facets else [(None, grid.ax)]:
-        keys = (key,) if len(facets) == 1 else (key[::-1] if len(facets) == 2 else ())  # axes_dict keys are (row, col)
-        subset = cells
-        for facet, value in zip(facets, keys):
-            subset = subset[subset[facet] == value]
-        yield axis, subset
-
-
 def accuracy_figure(cells: pd.DataFrame, x: str, facets: list[str]) -> str:
     """Final test accuracy against the study's x axis, mean and 95% CI over seeds; diverged cells as red crosses."""
     finished = cells[~cells["diverged"].astype(bool)]
@@ -122,12 +112,14 @@ def accuracy_figure(cells: pd.DataFrame, x: str, facets: list[str]) -> str:
         grid = sns.relplot(finished, kind="line", marker="o", **common)
     else:
         grid = sns.catplot(finished, kind="point", order=_order(cells, x), **common)
-    for axis, subset in _panel_rows(grid, cells, facets):
-        diverged = subset[subset["diverged"].astype(bool)]
-        if len(diverged):
-            positions = diverged[x] if numeric else diverged[x].map(_order(cells, x).index)
-            axis.scatter(positions, [0.0] * len(diverged), marker="x", color="red", s=60, zorder=5, label="diverged")
-            axis.legend(loc="lower left", fontsize="small")
+    diverged = cells[cells["diverged"].astype(bool)]
+    # FacetGrid keys its panels by (row value, column value), or by the column value alone.
+    for key, subset in diverged.groupby(facets[::-1]) if facets else [((), diverged)]:
+        axis = grid.axes_dict[key if len(facets) == 2 else key[0]] if facets else grid.ax
+        positions = subset[x] if numeric else subset[x].map(_order(cells, x).index)
+        axis.scatter(positions, [0.0] * len(subset), marker="x", color="red", s=60, zorder=5, label="diverged")
+        axis.legend(loc="lower left", fontsize="small")
+    for axis in grid.axes.flat:
         if numeric and x in LOG_AXES:
             values = sorted(cells[x].unique())
             axis.set_xscale("log", base=LOG_AXES[x])
@@ -190,7 +182,7 @@ def step_time_ratios(cells: pd.DataFrame, keys: list[str]) -> dict | None:
     Step time is images per step over images per second, so at equal batch the ratio is
     bn's throughput over the norm's: above 1 the norm is slower than BatchNorm.
     """
-    norms = [norm for norm in NORM_ORDER if norm in set(cells["norm"])]
+    norms = _order(cells, "norm")
     if "bn" not in norms or len(norms) < 2:
         return None
     rates = cells.groupby([*keys, "norm"])["train_samples_per_s"].mean().unstack("norm")[norms]
@@ -208,7 +200,7 @@ def learning_rate_table(cells: pd.DataFrame, curves: pd.DataFrame, thresholds: d
     if target_acc is not None:
         columns += [f"steps to {target_acc:g} test acc", f"seconds to {target_acc:g}"]
     rows = []
-    for norm in [n for n in NORM_ORDER if n in set(cells["norm"])]:
+    for norm in _order(cells, "norm"):
         by_lr = cells[cells["norm"] == norm].groupby("lr").agg(
             acc=("final_test_acc", "mean"), diverged=("diverged", "any"))
         stable = by_lr[~by_lr["diverged"] & (by_lr["acc"] >= stable_acc)].index

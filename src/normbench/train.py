@@ -26,7 +26,7 @@ from tqdm import tqdm
 from normbench import results
 from normbench.config import Settings, SettingsError
 from normbench.data import Split, augment_batch, load_data, model_io
-from normbench.distributed import Worker, all_reduce_sum, join_process_group, launch, under_torchrun
+from normbench.distributed import Worker, all_reduce_sum, join_process_group, launch, mean_over_workers, under_torchrun
 from normbench.models import build_model
 from normbench.precision import Precision
 from normbench.probes import Probe
@@ -95,9 +95,13 @@ def lr_multiplier(step: int, total_steps: int, settings: Settings) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def seeded_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator for the index-th epoch or step of a run: resuming needs no RNG state."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
 def epoch_permutation(seed: int, epoch: int, n: int, device: torch.device) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator).to(device)
+    return torch.randperm(n, generator=seeded_generator(seed, epoch)).to(device)
 
 
 def batch_indices(permutation: torch.Tensor, step_in_epoch: int, settings: Settings, rank: int = 0) -> torch.Tensor:
@@ -114,7 +118,7 @@ def evaluate(model: torch.nn.Module, split: Split, memory_format: torch.memory_f
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(split), EVAL_BATCH_SIZE):
-        inputs = split.images[start:start + EVAL_BATCH_SIZE].contiguous(memory_format=memory_format)
+        inputs = split.inputs[start:start + EVAL_BATCH_SIZE].contiguous(memory_format=memory_format)
         labels = split.labels[start:start + EVAL_BATCH_SIZE]
         with precision.autocast():
             logits = model(inputs).float()
@@ -172,14 +176,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prepare_model(settings: Settings, device: torch.device, dtype: torch.dtype,
+def prepare_model(settings: Settings, device: torch.device, dtype: torch.dtype, memory_format: torch.memory_format,
                   worker: Worker) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The model and the module to call in training: itself, or its DDP wrapper when there are several workers."""
     torch.manual_seed(settings.seed)
     model = build_model(settings, *model_io(settings))
     if settings.norm == "syncbn" and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # PyTorch's own on CUDA
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     model = model.to(device, dtype, memory_format=memory_format)
     if worker.world_size == 1:
         return model, model
@@ -199,7 +202,7 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
     train_split, test_split = load_data(settings, device, precision.storage_dtype)
 
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    model, trained = prepare_model(settings, device, precision.storage_dtype, worker)
+    model, trained = prepare_model(settings, device, precision.storage_dtype, memory_format, worker)
     optimizer = make_optimizer(model, settings)
     steps_per_epoch = len(train_split) // settings.global_batch_size  # the last partial batch is dropped
     total_steps = steps_per_epoch * settings.epochs
@@ -228,17 +231,17 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
         if permutation_epoch != epoch:
             permutation, permutation_epoch = epoch_permutation(settings.seed, epoch, len(train_split), device), epoch
         index = batch_indices(permutation, step_in_epoch, settings, worker.rank)
-        images, labels = train_split.images[index], train_split.labels[index]
+        inputs, labels = train_split.inputs[index], train_split.labels[index]
         if settings.augment:
-            images = augment_batch(images, torch.Generator().manual_seed(settings.seed * 1_000_003 + step))
+            inputs = augment_batch(inputs, seeded_generator(settings.seed, step))
         # Probe the first step (the network at initialization) and the last before each evaluation.
         probe = Probe(model) if worker.is_main and (step == 0 or step + 1 in eval_steps) else None
         with precision.autocast(), probe.watching_activations() if probe else contextlib.nullcontext():
-            logits = trained(images.contiguous(memory_format=memory_format))
+            logits = trained(inputs.contiguous(memory_format=memory_format))
         loss = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten())  # per image, or per token
         # The global mean loss, one sync per step: every worker sees the same value, so all
         # stop at the same step if it diverges, and that step is exact.
-        loss_value = all_reduce_sum(loss.detach().clone()).item() / worker.world_size
+        loss_value = mean_over_workers(loss.detach()).item()
         if not math.isfinite(loss_value) or loss_value > settings.max_loss:
             diverged_reason = f"training loss {loss_value:.4g} at step {step} (bound: finite and <= {settings.max_loss:g})"
             progress.step = step
@@ -286,12 +289,12 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
     if diverged_reason is not None:  # the steps since the last evaluation still count as training time
         progress.train_time_s += time.perf_counter() - interval_started
 
-    test_accs = [row["test_acc"] for row in progress.metrics]
+    final = progress.metrics[-1] if progress.metrics and diverged_reason is None else {}  # a diverged cell has none
     summary = {
-        "final_test_acc": test_accs[-1] if test_accs and diverged_reason is None else None,
-        "best_test_acc": max(test_accs) if test_accs else None,
-        "final_test_loss": progress.metrics[-1]["test_loss"] if progress.metrics and diverged_reason is None else None,
-        "final_train_loss": progress.metrics[-1]["train_loss"] if progress.metrics and diverged_reason is None else None,
+        "final_test_acc": final.get("test_acc"),
+        "best_test_acc": max((row["test_acc"] for row in progress.metrics), default=None),
+        "final_test_loss": final.get("test_loss"),
+        "final_train_loss": final.get("train_loss"),
         "diverged": diverged_reason is not None,
         "diverged_step": progress.step if diverged_reason else None,
         "diverged_reason": diverged_reason,

@@ -40,25 +40,28 @@ def all_summaries():
     ]
 
 
-def cell_settings(wildcards):
-    """The settings given for one cell: the study's, then the cell's axis values (the rest default)."""
+def cell_values(wildcards):
+    """The settings given for one cell: the study's, then the cell's axis values."""
     return {**study_settings(wildcards.study), **SPACES[wildcards.study].instance(wildcards)}
 
 
+def cell_settings(wildcards):
+    """One cell's full Settings, defaults included (validated when the grid was expanded)."""
+    return Settings(**cell_values(wildcards))
+
+
 def cell_assignments(wildcards):
-    """The cell's settings as quoted key=value words for `normbench train --set`."""
-    return " ".join(shlex.quote(format_assignment(key, value)) for key, value in cell_settings(wildcards).items())
+    """The cell's given settings as quoted key=value words for `normbench train --set`."""
+    return " ".join(shlex.quote(format_assignment(key, value)) for key, value in cell_values(wildcards).items())
 
 
 def cell_workers(wildcards):
     """One core per data-parallel worker of the cell."""
-    return int(cell_settings(wildcards).get("world_size", Settings.world_size))
+    return int(cell_settings(wildcards).world_size)  # Paramspace values are numpy scalars
 
 
 def cell_dataset_files(wildcards):
     settings = cell_settings(wildcards)
-    dataset = settings.get("dataset", Settings.dataset)
-    if dataset == "text":
-        return [settings["text_path"]]
-    root = settings.get("data_root", Settings.data_root)
-    return [f"{root}/{path}" for path in dataset_files(dataset)]
+    if settings.dataset == "text":
+        return [settings.text_path]
+    return [f"{settings.data_root}/{path}" for path in dataset_files(settings.dataset)]
