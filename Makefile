@@ -7,7 +7,7 @@ DATA_ROOT := data
 PROFILE ?= workflow/profiles/default
 DEBIAN_FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup dataset reproduce test lint clean
+.PHONY: setup dataset browser reproduce test lint clean
 
 setup: $(VENV)/.installed dataset
 
@@ -23,11 +23,16 @@ dataset: $(VENV)/.installed
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; fi
 	$(BIN)/normbench data fashion_mnist --root $(DATA_ROOT) --download
 
+# Debian's Chromium for the report's browser test, where apt is usable as root (the test skips without it).
+browser:
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq chromium; fi
+
 reproduce: setup
 	$(BIN)/snakemake --workflow-profile $(PROFILE)
 	@echo "report: $(CURDIR)/reports/report.html"
 
-test: setup
+test: setup browser
 	$(BIN)/pytest
 
 lint: setup

@@ -90,7 +90,7 @@ def cell(fashion_root):
 
 
 def final_parameters(folder: Path) -> dict:
-    return torch.load(folder / "checkpoint.pt", weights_only=False)["model"]
+    return torch.load(folder / "model.pt")
 
 
 def max_difference(a: dict, b: dict) -> float:

@@ -15,7 +15,7 @@ def test_every_precision_trains_a_cell(fashion_root, tmp_path, precision):
                               "evals_per_epoch": 2, "lr": 0.05, "precision": precision, "device": "cpu"})
     summary = train(settings, tmp_path)
     assert not summary["diverged"] and summary["final_test_acc"] > 0.3
-    weights = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    weights = torch.load(tmp_path / "model.pt")
     expected = torch.bfloat16 if precision == "bf16-pure" else torch.float32
     assert {w.dtype for name, w in weights.items() if "num_batches" not in name} == {expected}
 

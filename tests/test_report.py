@@ -47,16 +47,43 @@ def test_learning_rate_table_finds_stable_range_and_time_to_target():
     assert rows["none"][5] == "30"
 
 
-def test_report_is_self_contained_and_escapes_config_text(tmp_path):
+def write_tables(folder):
     cells = synthetic_cells()
-    cells.to_csv(tmp_path / "cells.csv", index=False)
-    synthetic_curves(cells).to_csv(tmp_path / "curves.csv", index=False)
-    (tmp_path / "probes.csv").write_text("")
-    output_errors(shape=(4, 8, 4, 4)).to_csv(tmp_path / "numerics.csv", index=False)
+    cells.to_csv(folder / "cells.csv", index=False)
+    synthetic_curves(cells).to_csv(folder / "curves.csv", index=False)
+    (folder / "probes.csv").write_text("")
+    output_errors(shape=(4, 8, 4, 4)).to_csv(folder / "numerics.csv", index=False)
+
+
+def test_report_is_self_contained_and_escapes_config_text(tmp_path):
+    write_tables(tmp_path)
     out = tmp_path / "report.html"
-    render_report(tmp_path, {"lr": {"description": "<script>alert(1)</script>", "report": {"target_acc": 0.5}}}, out)
+    config = {"studies": {"lr": {"description": "<script>alert(1)</script>", "report": {"target_acc": 0.5},
+                                 "claims": {"C3": {"rule": "above", "threshold": 0.5}}}}}
+    render_report(tmp_path, config, out, tmp_path / "figures")
     html = out.read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>alert(1)" not in html
     assert html.count("data:image/png;base64,") == 3
+    assert sorted(p.name for p in (tmp_path / "figures/lr").iterdir()) == ["accuracy.png", "curves.png", "throughput.png"]
     assert "Learning-rate range and speed to target" in html and "Numerical error of the norm layers" in html
     assert "https://" not in html and "http://" not in html
+    # The claims table comes first: bn stable from 0.01 to 1, none only at 0.1 (two seeds agree exactly).
+    assert html.index('id="claims"') < html.index('id="study-lr"')
+    claims = pd.read_csv(tmp_path / "claims.csv").set_index("claim")
+    assert claims.loc["C3", "verdict"] == "supported" and claims.loc["C3", "estimate"] == 1.0
+    assert claims.loc["C3", "samples"] == 2 and claims.loc["C1", "verdict"] == "not run"
+
+
+def test_cells_are_marked_reused_or_trained_in_this_run(tmp_path):
+    write_tables(tmp_path)
+    (tmp_path / "invocation.json").write_text('{"started": "2026-01-01T00:00:00+00:00", "command": "snakemake -c2"}')
+    render_report(tmp_path, {"studies": {}}, tmp_path / "report.html", tmp_path / "figures",
+                  invocation=tmp_path / "invocation.json")
+    html = (tmp_path / "report.html").read_text()
+    assert "12: 12 trained in this run, 0 resumed from a checkpoint, 0 reused" in html and "snakemake -c2" in html
+    (tmp_path / "invocation.json").write_text('{"started": "2026-01-02T00:00:00+00:00", "command": "snakemake"}')
+    render_report(tmp_path, {"studies": {}}, tmp_path / "report.html", tmp_path / "figures",
+                  invocation=tmp_path / "invocation.json")
+    html = (tmp_path / "report.html").read_text()
+    assert "0 trained in this run, 0 resumed from a checkpoint, 12 reused" in html
+    assert "reused, trained 2026-01-01 00:00" in html

@@ -16,7 +16,9 @@ BIN = Path(sys.executable).parent
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    """Run the venv's snakemake as a user would without activating the venv: its bin folder is not on PATH."""
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p).resolve() != BIN.resolve())
+    env = {**os.environ, "PATH": path}
     return subprocess.run(
         [str(BIN / "snakemake"), *args, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
          "--cores", "2", "--configfile", str(workdir / "config.yaml")],
@@ -27,9 +29,11 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 def write_config(workdir: Path, fashion_root: Path, **study_changes) -> None:
     study = {"fixed": {"model": "mlp", "width": 16, "train_subset": 256, "test_subset": 200, "epochs": 2,
                        "evals_per_epoch": 1, "lr": 0.05},
-             "grid": {"norm": ["bn", "ln"], "batch_size": [8, 32]}}
+             "grid": {"norm": ["bn", "gn"], "batch_size": [8, 32], "seed": [0, 1]},
+             "claims": {"C6": {"rule": "above", "threshold": 0.0}}}
     study.update(study_changes)
-    config = {"defaults": {"data_root": str(fashion_root), "device": "cpu"}, "studies": {"tiny": study}}
+    config = {"defaults": {"data_root": str(fashion_root), "device": "cpu"}, "studies": {"tiny": study},
+              "benchmarks": {"max_time_s": 0.01, "claims": {"C12": {"rule": "above", "threshold": 1.0}}}}
     workdir.mkdir(exist_ok=True)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -42,29 +46,41 @@ def test_workflow_runs_into_a_report_and_reruns_a_cell(tmp_path, fashion_root):
     write_config(tmp_path, fashion_root)
     run = snakemake(tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    cell = tmp_path / "results/runs/tiny/norm~ln/batch_size~8"
-    assert {p.name for p in cell.iterdir()} >= {"summary.json", "metrics.jsonl", "config.json", "env.json", "checkpoint.pt"}
+    cell = tmp_path / "results/runs/tiny/norm~gn/batch_size~8/seed~1"
+    assert {p.name for p in cell.iterdir()} >= {"summary.json", "metrics.jsonl", "config.json", "env.json", "model.pt"}
     report = (tmp_path / "reports/report.html").read_text()
-    assert report.count("data:image/png;base64,") == 3 and "norm~ln/batch_size~8" in report
+    assert report.count("data:image/png;base64,") == 3 and "norm~gn/batch_size~8/seed~1" in report
     assert "http://" not in report and "https://" not in report  # self-contained
+    assert "8: 8 trained in this run" in report and "Micro-benchmarks of the norm layers" in report
+    claims = pd.read_csv(tmp_path / "reports/claims.csv").set_index("claim")
+    assert claims.loc["C6", "samples"] == 2 and claims.loc["C6", "cells"] == 4 and claims.loc["C12", "cells"] == 3
+    assert set(claims["verdict"]) <= {"supported", "refuted", "inconclusive", "not run"}
+    assert (tmp_path / "reports/figures/tiny/accuracy.png").stat().st_size > 0
     cells_table = (tmp_path / "results/tables/cells.csv").read_text().splitlines()
-    assert len(cells_table) == 1 + 4
+    assert len(cells_table) == 1 + 8
     curves = pd.read_csv(tmp_path / "results/tables/curves.csv")
     assert (curves["lr"] == 0.05).all() and curves["lr_now"].lt(0.05).all()  # the setting, and the schedule's value
     probes = pd.read_csv(tmp_path / "results/tables/probes.csv")
     assert (probes["depth"].isna() | (probes["depth"] == 3)).all() and probes["layer_index"].max() == 3
 
     before = read_jsonl(cell / "metrics.jsonl")
-    rerun = snakemake(tmp_path, str(cell.relative_to(tmp_path) / "summary.json"), "--forcerun", "train")
+    rerun = snakemake(tmp_path, "--forcerun", str(cell.relative_to(tmp_path) / "summary.json"))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "1 of 1 steps" in rerun.stderr
+    assert "4 of 4 steps" in rerun.stderr  # the cell, aggregate, report and the target all
     assert without_timing(read_jsonl(cell / "metrics.jsonl")) == without_timing(before)
+    assert "8: 1 trained in this run, 0 resumed from a checkpoint, 7 reused" in (tmp_path / "reports/report.html").read_text()
+
+    snakemake_report = snakemake(tmp_path, "--report", "reports/snakemake.html")
+    assert snakemake_report.returncode == 0, snakemake_report.stderr[-3000:]
+    page = (tmp_path / "reports/snakemake.html").read_text()
+    assert "Final test accuracy of each cell" in page and "One row per claim that normbench tests" in page
 
 
 @pytest.mark.parametrize("grid,message", [
     ({"norm": ["bn", "batchnorm"]}, "setting 'norm': 'batchnorm' is not one of"),
     ({"norm": ["bn"], "batch_size": [0, 8]}, "setting 'batch_size': 0 is less than the minimum of 1"),
     ({"norm": ["gn"], "gn_groups": [5]}, "gn_groups=5 does not divide"),
+    ({"norm": ["bn", "ln"], "batch_size": [8, 32]}, "claim C6 compares norm and needs the values bn, gn"),
 ])
 def test_bad_config_is_rejected_before_any_job(tmp_path, fashion_root, grid, message):
     write_config(tmp_path, fashion_root, grid=grid)

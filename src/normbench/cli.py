@@ -1,4 +1,4 @@
-"""`normbench train | data | aggregate | report`: every workflow step is one of these commands."""
+"""`normbench train | data | aggregate | numerics | bench | report`: every workflow step is one of these commands."""
 
 from __future__ import annotations
 
@@ -48,12 +48,20 @@ def _numerics(args: argparse.Namespace) -> None:
     print(f"norm layer errors against float64 -> {args.out}")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from normbench.bench import run
+
+    run(Path(args.out), args.max_time, args.threads, args.device)
+    print(f"norm micro-benchmarks -> {args.out}")
+
+
 def _report(args: argparse.Namespace) -> None:
     import json
 
     from normbench.report import render_report
 
-    render_report(Path(args.tables), json.loads(args.studies), Path(args.out))
+    render_report(Path(args.tables), json.loads(args.config), Path(args.out), Path(args.figures),
+                  Path(args.bench) if args.bench else None, Path(args.invocation) if args.invocation else None)
     print(f"report -> {args.out}")
 
 
@@ -87,9 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     numerics.add_argument("--out", default="results/tables/numerics.csv")
     numerics.set_defaults(run=_numerics)
 
-    report = commands.add_parser("report", help="tables -> one self-contained HTML report")
+    bench = commands.add_parser("bench", help="micro-benchmarks of the norm layers (pytest-benchmark JSON)")
+    bench.add_argument("--out", default="results/bench/norms.json")
+    bench.add_argument("--max-time", type=float, default=0.5, help="seconds of timing rounds per case (default 0.5)")
+    bench.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="where the layers run (default auto: CUDA where there is one)")
+    bench.set_defaults(run=_bench)
+
+    report = commands.add_parser("report", help="tables -> claim verdicts and one self-contained HTML report")
     report.add_argument("--tables", default="results/tables")
-    report.add_argument("--studies", default="{}", help="the config's studies as JSON (descriptions, thresholds)")
+    report.add_argument("--config", default="{}",
+                        help="the workflow config as JSON (studies with their claims and thresholds, benchmarks)")
+    report.add_argument("--bench", help="the micro-benchmarks' JSON (normbench bench)")
+    report.add_argument("--invocation", help="the workflow run's record (start time, command), where there is one")
+    report.add_argument("--figures", default="reports/figures", help="folder for the figures as PNG files")
     report.add_argument("--out", default="reports/report.html")
     report.set_defaults(run=_report)
     return parser

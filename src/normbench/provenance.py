@@ -26,6 +26,11 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's architecture."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
     return {
         "normbench": normbench.__version__,
@@ -35,7 +40,7 @@ def environment(device: torch.device) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "python": platform.python_version(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": device_name(device),
         "threads": torch.get_num_threads(),
         "git_commit": git_commit(),
         "host": socket.gethostname(),

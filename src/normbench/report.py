@@ -1,8 +1,9 @@
-"""The HTML report: figures and tables drawn from the aggregated tables alone.
+"""The HTML report: claim verdicts, figures and tables drawn from the aggregated tables alone.
 
-One self-contained page: figures are PNGs embedded as data URIs, the table
-sorts with a few lines of inline script, and nothing is fetched from the
-network. Each norm keeps one colour across every figure.
+One self-contained page: figures are PNGs embedded as data URIs (and also
+written as files, for `snakemake --report`), the tables sort with a few lines
+of inline script, and nothing is fetched from the network. Each norm keeps one
+colour across every figure.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from pathlib import Path
 
 import jinja2
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from normbench.config import SETTING_NAMES, settings_schema  # noqa: E402
-from normbench.results import write_atomic  # noqa: E402
+from normbench import claims  # noqa: E402
+from normbench.config import settings_schema  # noqa: E402
+from normbench.results import benchmark_rounds, read_json, write_atomic, write_table  # noqa: E402
 
 NORM_ORDER = settings_schema()["properties"]["norm"]["enum"]
 NORM_PALETTE = {**dict(zip(NORM_ORDER, sns.color_palette("colorblind"))), "none": (0.45, 0.45, 0.45)}
@@ -41,19 +44,32 @@ AXIS_LABELS = {
     "layer_index": "layer (from the input)", "norm_placement": "norm placement", "warmup_steps": "warm-up steps",
 }
 TABLE_COLUMNS = ["cell", "final_test_acc", "best_test_acc", "final_test_loss", "diverged", "steps",
-                 "skipped_steps", "train_samples_per_s", "wall_time_s"]
+                 "skipped_steps", "train_samples_per_s", "wall_time_s", "trained"]
+ERROR_BANDS = "Points and lines are means over seeds; bands and bars are 95% bootstrap intervals over seeds."
+# One caption per kind of figure, for this page and for `snakemake --report` alike.
+FIGURE_CAPTIONS = {
+    "accuracy": "Final test accuracy of each cell against the study's main axis, one colour per norm; diverged "
+                "cells are red crosses at zero. " + ERROR_BANDS,
+    "curves": "Test accuracy at each evaluation during training, one panel per value of the study's main axis. "
+              + ERROR_BANDS,
+    "gradient_profile": "Gradient norm of each weighted layer's weight on the first training step, at "
+                        "initialization, from the input side (left) to the output (right), on a log scale: a "
+                        "falling line toward the input is a vanishing gradient; a cell that diverged on its "
+                        "first step has none. " + ERROR_BANDS,
+    "saturation": "Share of sigmoid units within 5% of 0 or 1 (saturated) or of ReLU units that are zero for the "
+                  "whole batch (dead) on the first training step, averaged over layers. " + ERROR_BANDS,
+    "throughput": "Training throughput in images per second, measured over each cell's timed training steps "
+                  "(evaluation excluded). " + ERROR_BANDS,
+}
 
 
-def _png(figure) -> str:
+def _save(figure, path: Path) -> str:
+    """Write the figure to `path` as PNG and return it as a data URI for the self-contained page."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
+    write_atomic(path, lambda f: f.write(buffer.getvalue()), mode="wb")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def varying_settings(cells: pd.DataFrame) -> list[str]:
-    """Settings that take more than one value among a study's cells: its grid axes."""
-    return [name for name in SETTING_NAMES if name in cells and cells[name].nunique(dropna=False) > 1]
 
 
 def _linked(cells: pd.DataFrame, a: str, b: str) -> bool:
@@ -67,7 +83,7 @@ def study_axes(cells: pd.DataFrame) -> tuple[str | None, list[str]]:
     norm is always the colour and seeds are pooled into error bands; an axis linked
     to one already chosen (world_size with batch_size at a fixed global batch) adds nothing.
     """
-    axes = [a for a in varying_settings(cells) if a not in ("norm", "seed")]
+    axes = [a for a in claims.varying_settings(cells) if a not in ("norm", "seed")]
     x = next((a for a in X_AXIS_PREFERENCE if a in axes), axes[0] if axes else None)
     rank = {a: i for i, a in enumerate(FACET_PREFERENCE)}
     facets: list[str] = []
@@ -102,23 +118,32 @@ def _panels(cells: pd.DataFrame, facets: list[str]) -> dict:
     return panels
 
 
-def accuracy_figure(cells: pd.DataFrame, x: str, facets: list[str]) -> str:
+def _titled(grid, panels: dict):
+    """Name each panel by its readable axis label and value; returns the grid's figure."""
+    templates = {f"{side}_template": f"{_label(panels[side])} = {{{side}_name}}" for side in ("col", "row")
+                 if side in panels}
+    grid.set_titles(size=9, **templates)
+    return grid.figure
+
+
+def accuracy_figure(cells: pd.DataFrame, x: str, facets: list[str]):
     """Final test accuracy against the study's x axis, mean and 95% CI over seeds; diverged cells as red crosses."""
     finished = cells[~cells["diverged"].astype(bool)]
     numeric = pd.api.types.is_numeric_dtype(cells[x])
-    common = dict(x=x, y="final_test_acc", errorbar=("ci", 95), height=3.4, aspect=1.3, **_hue(cells),
-                  **_panels(cells, facets))
+    panels = _panels(cells, facets)
+    common = dict(x=x, y="final_test_acc", errorbar=("ci", 95), height=3.4, aspect=1.3, **_hue(cells), **panels)
     if numeric:
         grid = sns.relplot(finished, kind="line", marker="o", **common)
     else:
         grid = sns.catplot(finished, kind="point", order=_order(cells, x), **common)
     diverged = cells[cells["diverged"].astype(bool)]
     # FacetGrid keys its panels by (row value, column value), or by the column value alone.
-    for key, subset in diverged.groupby(facets[::-1]) if facets else [((), diverged)]:
+    by_panel = diverged.groupby(facets[::-1]) if facets else [((), diverged)] if len(diverged) else []
+    for key, subset in by_panel:
         axis = grid.axes_dict[key if len(facets) == 2 else key[0]] if facets else grid.ax
         positions = subset[x] if numeric else subset[x].map(_order(cells, x).index)
-        axis.scatter(positions, [0.0] * len(subset), marker="x", color="red", s=60, zorder=5, label="diverged")
-        axis.legend(loc="lower left", fontsize="small")
+        crosses = axis.scatter(positions, [0.0] * len(subset), marker="x", color="red", s=60, zorder=5)
+        axis.legend(handles=[crosses], labels=["diverged"], loc="lower left", fontsize="small")
     for axis in grid.axes.flat:
         if numeric and x in LOG_AXES:
             values = sorted(cells[x].unique())
@@ -126,10 +151,10 @@ def accuracy_figure(cells: pd.DataFrame, x: str, facets: list[str]) -> str:
             axis.set_xticks(values, labels=[f"{v:g}" for v in values])
         axis.grid(alpha=0.3)
     grid.set_axis_labels(_label(x), _label("final_test_acc"))
-    return _png(grid.figure)
+    return _titled(grid, panels)
 
 
-def curves_figure(curves: pd.DataFrame, x: str | None, facets: list[str]) -> str:
+def curves_figure(curves: pd.DataFrame, x: str | None, facets: list[str]):
     """Test accuracy over training, one panel per value of the study's x axis (and of its first panel axis)."""
     panels = {}
     if x is not None:
@@ -143,37 +168,41 @@ def curves_figure(curves: pd.DataFrame, x: str | None, facets: list[str]) -> str
     grid = sns.relplot(curves, x="epoch", y="test_acc", kind="line", marker="o", errorbar=("ci", 95),
                        height=2.6, aspect=1.2, **_hue(curves), **panels)
     grid.set_axis_labels(_label("epoch"), _label("test_acc"))
-    grid.set_titles(size=9)
-    return _png(grid.figure)
+    return _titled(grid, panels)
 
 
-def throughput_figure(cells: pd.DataFrame, x: str, facets: list[str]) -> str:
+def throughput_figure(cells: pd.DataFrame, x: str, facets: list[str]):
+    panels = _panels(cells, facets[:1])
     grid = sns.catplot(cells, kind="bar", x=x, y="train_samples_per_s", order=_order(cells, x), errorbar=("ci", 95),
-                       height=3.2, aspect=1.3, **_hue(cells), **_panels(cells, facets[:1]))
+                       height=3.2, aspect=1.3, **_hue(cells), **panels)
     grid.set_axis_labels(_label(x), _label("train_samples_per_s"))
-    return _png(grid.figure)
+    return _titled(grid, panels)
 
 
-def gradient_profile_figure(probes: pd.DataFrame, model: str) -> str:
+def gradient_profile_figure(probes: pd.DataFrame):
     """Per-layer gradient norm at initialization (the first step), input side on the left (C4, C5)."""
-    at_init = probes[(probes["step"] == 0) & (probes["quantity"] == "grad_norm") & (probes["model"] == model)]
+    at_init = probes[(probes["step"] == 0) & (probes["quantity"] == "grad_norm")]
+    at_init = at_init.assign(network=at_init["model"] + ", " + at_init["activation"])
     grid = sns.relplot(at_init, x="layer_index", y="value", kind="line", marker="o", errorbar=("ci", 95), height=2.8,
-                       aspect=1.1, col="init", col_order=_order(at_init, "init"), row="activation",
-                       row_order=_order(at_init, "activation"), facet_kws={"sharey": False}, **_hue(at_init))
+                       aspect=1.1, col="init", col_order=_order(at_init, "init"), row="network",
+                       row_order=sorted(at_init["network"].unique()), facet_kws={"sharey": False}, **_hue(at_init))
     grid.set(yscale="log")
-    grid.set_axis_labels(_label("layer_index"), "gradient norm of the layer's weight")
-    return _png(grid.figure)
+    grid.set_titles(template="{row_name}, init {col_name}", size=9)
+    grid.set_axis_labels(_label("layer_index"), "weight gradient norm")
+    return grid.figure
 
 
-def saturation_figure(probes: pd.DataFrame) -> str:
+def saturation_figure(probes: pd.DataFrame):
     """Share of saturated sigmoid units / dead ReLU units at initialization, averaged over layers."""
     at_init = probes[(probes["step"] == 0) & probes["quantity"].isin(["saturated_frac", "dead_frac"])]
     per_cell = at_init.groupby(["cell", "model", "activation", "init", "norm"], as_index=False)["value"].mean()
     grid = sns.catplot(per_cell, kind="bar", x="init", y="value", order=_order(per_cell, "init"),
                        col="activation", col_order=_order(per_cell, "activation"), row="model",
-                       row_order=_order(per_cell, "model"), height=2.8, aspect=1.2, **_hue(per_cell))
-    grid.set_axis_labels(_label("init"), "saturated (sigmoid) / dead (ReLU) share")
-    return _png(grid.figure)
+                       row_order=_order(per_cell, "model"), height=2.8, aspect=1.4, **_hue(per_cell))
+    grid.set_titles(template="{row_name}, {col_name}", size=9)
+    grid.tick_params(axis="x", labelrotation=20)
+    grid.set_axis_labels(_label("init"), "saturated / dead share")
+    return grid.figure
 
 
 def step_time_ratios(cells: pd.DataFrame, keys: list[str]) -> dict | None:
@@ -195,44 +224,56 @@ def step_time_ratios(cells: pd.DataFrame, keys: list[str]) -> dict | None:
 def learning_rate_table(cells: pd.DataFrame, curves: pd.DataFrame, thresholds: dict) -> dict:
     """Per norm: the stable learning-rate range (C3) and steps/seconds to the target accuracy at its best lr (C13)."""
     stable_acc, target_acc = thresholds.get("stable_acc", 0.0), thresholds.get("target_acc")
-    columns = ["norm", f"stable lr range (no divergence, final acc >= {stable_acc:g})", "decades",
+    columns = ["norm", f"stable lr range (no divergence, final acc >= {stable_acc:g} in every seed)", "decades",
                "best lr", "final acc at best lr"]
     if target_acc is not None:
         columns += [f"steps to {target_acc:g} test acc", f"seconds to {target_acc:g}"]
     rows = []
     for norm in _order(cells, "norm"):
-        by_lr = cells[cells["norm"] == norm].groupby("lr").agg(
-            acc=("final_test_acc", "mean"), diverged=("diverged", "any"))
-        stable = by_lr[~by_lr["diverged"] & (by_lr["acc"] >= stable_acc)].index
-        best_lr = by_lr["acc"].idxmax() if by_lr["acc"].notna().any() else None
-        row = [norm, f"{stable.min():g} to {stable.max():g}" if len(stable) else "none",
-               _format(math.log10(stable.max() / stable.min())) if len(stable) else "",
-               _format(best_lr) if best_lr is not None else "", _format(by_lr["acc"].max())]
+        norm_cells = cells[cells["norm"] == norm]
+        stable, lr = claims.stable_lrs(norm_cells, stable_acc), claims.best_lr(norm_cells)
+        row = [norm, f"{stable[0]:g} to {stable[-1]:g}" if stable else "none",
+               _format(math.log10(stable[-1] / stable[0])) if stable else "", _format(lr),
+               _format(claims.accuracy(norm_cells[norm_cells["lr"] == lr]).mean())]
         if target_acc is not None:
-            reached = curves[(curves["norm"] == norm) & (curves["lr"] == best_lr) & (curves["test_acc"] >= target_acc)]
-            first = reached.sort_values("step").groupby("seed").first()
-            row += [_format(first["step"].mean()) if len(first) else "not reached",
+            first = claims.first_reach(curves[(curves["norm"] == norm) & (curves["lr"] == lr)], target_acc)
+            seeds = norm_cells["seed"].nunique()
+            reached_by = "" if len(first) == seeds else f" ({len(first)} of {seeds} seeds)"
+            row += [_format(first["step"].mean()) + reached_by if len(first) else "not reached",
                     _format(first["elapsed_s"].mean()) if len(first) else ""]
         rows.append(row)
     return {"columns": columns, "rows": rows}
 
 
+def trained(cells: pd.DataFrame, started: str | None) -> pd.Series:
+    """How each cell's numbers came about: trained in this workflow run, resumed from a checkpoint, or
+    reused from an earlier run (with its date)."""
+    times = pd.to_datetime(cells["env_time"], utc=True)
+    this_run = times >= pd.Timestamp(started) if started else pd.Series(False, index=cells.index)
+    resumed = cells.get("resumed_from_step", pd.Series(index=cells.index)).fillna(0)
+    return pd.Series(np.where(this_run, "this run", "reused, trained " + times.dt.strftime("%Y-%m-%d %H:%M")),
+                     index=cells.index).where(resumed == 0, "resumed from step " + resumed.astype(int).astype(str))
+
+
 def study_section(name: str, spec: dict, cells: pd.DataFrame, curves: pd.DataFrame, probes: pd.DataFrame,
-                  report_dir: Path) -> dict:
+                  report_dir: Path, figures_dir: Path) -> dict:
     x, facets = study_axes(cells)
-    section = {"name": name, "description": spec.get("description", ""), "axes": varying_settings(cells),
-               "cells": len(cells), "figures": [], "tables": []}
+    section = {"name": name, "description": spec.get("description", ""), "axes": claims.varying_settings(cells),
+               "cells": len(cells), "seeds": cells["seed"].nunique(), "figures": [], "tables": []}
+
+    def add(kind: str, title: str, figure) -> None:
+        section["figures"].append({"title": title, "caption": FIGURE_CAPTIONS[kind],
+                                   "src": _save(figure, figures_dir / name / f"{kind}.png")})
+
     if x is not None:
-        section["figures"].append({"title": f"Final test accuracy vs {_label(x)}", "src": accuracy_figure(cells, x, facets)})
+        add("accuracy", f"Final test accuracy vs {_label(x)}", accuracy_figure(cells, x, facets))
     if len(curves):
-        section["figures"].append({"title": "Learning curves", "src": curves_figure(curves, x, facets)})
+        add("curves", "Learning curves", curves_figure(curves, x, facets))
     if "init" in section["axes"] and len(probes):
-        for model in _order(probes, "model"):
-            section["figures"].append({"title": f"Gradient norm per layer at initialization, {model}",
-                                       "src": gradient_profile_figure(probes, model)})
-        section["figures"].append({"title": "Saturated or dead units at initialization", "src": saturation_figure(probes)})
+        add("gradient_profile", "Gradient norm per layer at initialization", gradient_profile_figure(probes))
+        add("saturation", "Saturated or dead units at initialization", saturation_figure(probes))
     if x is not None:
-        section["figures"].append({"title": "Training throughput", "src": throughput_figure(cells, x, facets)})
+        add("throughput", "Training throughput", throughput_figure(cells, x, facets))
     if x == "lr":
         section["tables"].append({"title": "Learning-rate range and speed to target",
                                   **learning_rate_table(cells, curves, spec.get("report", {}))})
@@ -250,6 +291,65 @@ def _format(value) -> str:
     if isinstance(value, float):
         return "" if pd.isna(value) else f"{value:.4g}"
     return str(value)
+
+
+def claim_rows(verdicts: list[claims.Verdict]) -> list[dict]:
+    """The claims table: one row per claim, with its verdict, effect and interval, and what it rests on."""
+    rows = []
+    for verdict in verdicts:
+        estimate = verdict.estimate
+        effect = ""
+        if estimate is not None and not math.isnan(estimate.value):
+            interval = "" if math.isnan(estimate.low) else f" [{estimate.low:.3g}, {estimate.high:.3g}]"
+            effect = f"{'≥ ' if estimate.lower_bound else ''}{estimate.value:.3g}{interval}"
+        rows.append({
+            "id": verdict.claim.id, "statement": verdict.claim.statement, "anchor": verdict.claim.anchor,
+            "verdict": verdict.verdict, "effect": effect, "measures": verdict.claim.effect, "rule": verdict.rule,
+            "evidence": f"{estimate.samples} {estimate.sample_unit}, {estimate.cells} "
+                        f"{'cases' if estimate.sample_unit == 'rounds' else 'cells'}" if estimate else "",
+            "note": verdict.note, "study": verdict.study or "",
+            "anchor_id": ("benchmarks" if verdict.study == "benchmarks" else f"study-{verdict.study}")
+            if verdict.study else "",
+        })
+    return rows
+
+
+def claims_table(verdicts: list[claims.Verdict]) -> pd.DataFrame:
+    """The verdicts as a tidy table (claims.csv)."""
+    return pd.DataFrame([{
+        "claim": v.claim.id, "statement": v.claim.statement, "study": v.study, "verdict": v.verdict,
+        "effect": v.claim.effect, "rule": v.rule,
+        **({"estimate": v.estimate.value, "ci_low": v.estimate.low, "ci_high": v.estimate.high,
+            "samples": v.estimate.samples, "sample_unit": v.estimate.sample_unit, "cells": v.estimate.cells}
+           if v.estimate else {}),
+        "note": v.note,
+    } for v in verdicts])
+
+
+def benchmark_table(rounds: pd.DataFrame) -> dict | None:
+    """Median forward+backward time per norm, and its ratio to BatchNorm's with a bootstrap 95% interval,
+    per layout and dtype, all from one pytest-benchmark session."""
+    if rounds.empty:
+        return None
+
+    def ratio(norm_times, bn_times, axis=-1):
+        return np.median(norm_times, axis=axis) / np.median(bn_times, axis=axis)
+
+    rows = []
+    for (layout, dtype), case in rounds.groupby(["layout", "dtype"], sort=False):
+        bn = case.loc[case["norm"] == "bn", "time_s"].to_numpy()
+        for norm, times in case.groupby("norm", sort=False)["time_s"]:
+            if norm == "bn":
+                relative = "1 (reference)"
+            else:
+                estimate = claims.bootstrap([times.to_numpy(), bn], ratio, cells=1)
+                relative = f"{estimate.value:.2f} [{estimate.low:.2f}, {estimate.high:.2f}]"
+            rows.append([layout, case["shape"].iloc[0], dtype, norm, _format(times.median() * 1e6), relative,
+                         str(len(times))])
+    machines = rounds[["device", "threads"]].drop_duplicates()
+    measured_on = "; ".join(f"{device}, {threads} CPU threads" for device, threads in machines.itertuples(index=False))
+    return {"columns": ["layout", "shape", "dtype", "norm", "median time (µs)", "time / BN's [95% CI]", "rounds"],
+            "rows": rows, "measured_on": measured_on}
 
 
 def provenance(cells: pd.DataFrame) -> dict[str, str]:
@@ -280,20 +380,44 @@ def _read(path: Path) -> pd.DataFrame:
         return pd.DataFrame(columns=["study"])
 
 
-def render_report(tables: Path, studies: dict, out: Path) -> None:
-    """Write the report for `studies` (the workflow config's studies) from the tables in `tables`."""
+def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, bench: Path | None = None,
+                  invocation: Path | None = None) -> None:
+    """Write the report for the workflow `config` from the tables in `tables` and the micro-benchmarks in
+    `bench`: reports/report.html, its figures as files under `figures_dir`, and claims.csv beside the page.
+
+    `invocation` is the workflow run's record (its start time and command line): cells trained since
+    that start are marked as trained in this run, the others as reused.
+    """
     cells, curves, probes, numerics = (_read(tables / f"{name}.csv") for name in ("cells", "curves", "probes", "numerics"))
+    run = read_json(invocation) if invocation and invocation.exists() else {}
+    cells["trained"] = trained(cells, run.get("started"))
+    studies = config.get("studies", {})
+    rounds = benchmark_rounds(bench) if bench else pd.DataFrame()
     sns.set_theme(style="ticks", context="notebook")
+    by_study = {study: claims.Tables(study_cells, curves[curves["study"] == study], probes[probes["study"] == study])
+                for study, study_cells in cells.groupby("study", sort=False)}
+    if not rounds.empty:
+        by_study["benchmarks"] = claims.Tables(bench=rounds)
+    verdicts = claims.evaluate({**studies, "benchmarks": config.get("benchmarks", {})}, by_study)
+    write_table(claims_table(verdicts), out.parent / "claims.csv")
     sections = [
-        study_section(study, studies.get(study, {}), study_cells, curves[curves["study"] == study],
-                      probes[probes["study"] == study], out.parent.resolve())
-        for study, study_cells in cells.groupby("study", sort=False)
+        study_section(study, studies.get(study, {}), tables_.cells, tables_.curves, tables_.probes,
+                      out.parent.resolve(), figures_dir)
+        for study, tables_ in by_study.items() if study != "benchmarks"
     ]
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     template = environment.from_string(files("normbench").joinpath("templates/report.html").read_text())
-    details = {**provenance(cells), "studies config sha256": hashlib.sha256(
-        json.dumps(studies, sort_keys=True).encode()).hexdigest()[:16],
-        "reproduce with": "make reproduce (or: snakemake --workflow-profile workflow/profiles/default)"}
-    html = template.render(sections=sections, provenance=details, numerics=numerics_table(numerics),
+    how = cells["trained"].str.extract(r"^(this run|resumed|reused)")[0].value_counts()
+    details = {
+        **provenance(cells),
+        "config sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16],
+        "command of this run": run.get("command", "not recorded (report rendered outside a workflow run)"),
+        "reproduce with": "make reproduce (or: snakemake --workflow-profile workflow/profiles/default)",
+        "cells": f"{len(cells)}: {how.get('this run', 0)} trained in this run, {how.get('resumed', 0)} resumed "
+                 f"from a checkpoint, {how.get('reused', 0)} reused from earlier runs (see each cell's 'trained')",
+    }
+    html = template.render(claims=claim_rows(verdicts), sections=sections, provenance=details,
+                           numerics=numerics_table(numerics), benchmarks=benchmark_table(rounds),
+                           benchmarks_description=config.get("benchmarks", {}).get("description", ""),
                            generated=pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"))
     write_atomic(out, lambda f: f.write(html))

@@ -3,7 +3,8 @@
 A cell folder holds plain files a person can open: config.json (resolved
 settings), metrics.jsonl (one line per evaluation), summary.json (final
 numbers), probes.jsonl (per-layer measurements, see probes), env.json
-(provenance) and checkpoint.pt (for resuming).
+(provenance), model.pt (the final weights) and, while a cell is unfinished,
+checkpoint.pt (for resuming).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 
-CONFIG, METRICS, PROBES, SUMMARY, ENV, CHECKPOINT = (
-    "config.json", "metrics.jsonl", "probes.jsonl", "summary.json", "env.json", "checkpoint.pt")
+CONFIG, METRICS, PROBES, SUMMARY, ENV, CHECKPOINT, WEIGHTS = (
+    "config.json", "metrics.jsonl", "probes.jsonl", "summary.json", "env.json", "checkpoint.pt", "model.pt")
 
 
 def write_atomic(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> None:
@@ -83,3 +84,11 @@ def aggregate(summary_paths: Iterable[str | Path], runs_root: str | Path) -> dic
                    for row in read_jsonl(folder / METRICS)]
         probes += [{**identity, **settings, **row} for row in read_jsonl(folder / PROBES)]
     return {"cells": pd.DataFrame(cells), "curves": pd.DataFrame(curves), "probes": pd.DataFrame(probes)}
+
+
+def benchmark_rounds(path: str | Path) -> pd.DataFrame:
+    """pytest-benchmark's JSON (run with --benchmark-save-data) as tidy rows: one per timing round,
+    with the case's layout, norm, dtype and shape."""
+    benchmarks = read_json(path)["benchmarks"]
+    return pd.DataFrame([{**bench["extra_info"], "round": index, "time_s": seconds}
+                         for bench in benchmarks for index, seconds in enumerate(bench["stats"]["data"])])

@@ -190,7 +190,8 @@ def prepare_model(settings: Settings, device: torch.device, dtype: torch.dtype, 
 
 
 def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) -> dict:
-    """Train one cell into `out_dir` and return its summary. Resumes from out_dir/checkpoint.pt if present.
+    """Train one cell into `out_dir` and return its summary. Resumes from out_dir/checkpoint.pt, which an
+    interrupted run leaves behind.
 
     With several workers each sees its slice of every global batch, gradients are
     averaged by DDP, losses and accuracies are summed over workers, and only rank 0 writes.
@@ -311,5 +312,8 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
     if worker.is_main:
         results.write_jsonl(out_dir / results.METRICS, progress.metrics)
         results.write_jsonl(out_dir / results.PROBES, progress.probes)
+        results.write_atomic(out_dir / results.WEIGHTS, lambda f: torch.save(model.state_dict(), f), mode="wb")
         results.write_json(out_dir / results.SUMMARY, summary)
+        # A finished cell keeps its weights, not its resumable state: a forced rerun trains afresh.
+        checkpoint_path.unlink(missing_ok=True)
     return summary

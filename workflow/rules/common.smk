@@ -1,20 +1,32 @@
 # Validation and grid expansion, done while the workflow is parsed: a bad
 # config stops here, before any job runs.
+import datetime
 import json
+import os
 import shlex
+import sys
 
 import pandas as pd
 from snakemake.utils import Paramspace, validate
 
+from normbench.claims import check_claims
 from normbench.config import Settings, format_assignment, study_cells
 from normbench.data import dataset_files
+from normbench.report import FIGURE_CAPTIONS
+from normbench.results import write_json
 
 
 validate(config, schema="../schemas/config.schema.yaml")
 
+# Jobs call the normbench installed beside the Python that runs Snakemake, so that .venv/bin/snakemake works
+# without an activated venv (the prefix keeps Snakemake's default strict mode).
+shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(os.path.dirname(sys.executable))}:$PATH; ")
+
 CONDA_ENV = "../envs/normbench.yaml"
 RUNS = "results/runs"
 TABLES = "results/tables"
+BENCH = "results/bench/norms.json"
+INVOCATION = "results/logs/invocation.json"
 
 
 def study_settings(study):
@@ -30,6 +42,30 @@ SPACES = {
     )
     for study, spec in config["studies"].items()
 }
+check_claims(
+    {**config["studies"], "benchmarks": config.get("benchmarks", {})},
+    {
+        study: [{**study_settings(study), **cell} for cell in space.dataframe.to_dict("records")]
+        for study, space in SPACES.items()
+    },
+)
+
+
+onstart:
+    # The report tells the cells trained in this run from those reused, and shows this command.
+    write_json(
+        INVOCATION,
+        {
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "command": shlex.join(sys.argv),
+        },
+    )
+
+
+def report_inputs():
+    """What the report reads: the tables, and the micro-benchmarks when the config asks for them."""
+    tables = {name: f"{TABLES}/{name}.csv" for name in ("cells", "curves", "probes", "numerics")}
+    return {**tables, **({"bench": BENCH} if "benchmarks" in config else {})}
 
 
 def all_summaries():

@@ -1,17 +1,30 @@
 rule report:
     input:
-        cells=f"{TABLES}/cells.csv",
-        curves=f"{TABLES}/curves.csv",
-        probes=f"{TABLES}/probes.csv",
-        numerics=f"{TABLES}/numerics.csv",
+        unpack(lambda wildcards: report_inputs()),
     output:
-        "reports/report.html",
+        html="reports/report.html",
+        claims=report(
+            "reports/claims.csv",
+            caption="../report/claims.rst",
+            category="Claims",
+        ),
+        figures=report(
+            directory("reports/figures"),
+            patterns=["{study}/{figure}.png"],
+            caption="../report/figure.rst",
+            category="{study}",
+            labels={"study": "{study}", "figure": "{figure}"},
+        ),
     params:
         tables=lambda wildcards, input: os.path.dirname(input.cells),
-        studies=json.dumps(config["studies"]),
+        config=json.dumps(config),
+        bench=lambda wildcards, input: f"--bench {input.bench}" if "bench" in input.keys() else "",
+        invocation=INVOCATION,
+        captions=FIGURE_CAPTIONS,
     conda:
         CONDA_ENV
     log:
         "results/logs/report.log",
     shell:
-        "normbench report --tables {params.tables} --studies {params.studies:q} --out {output} > {log} 2>&1"
+        "normbench report --tables {params.tables} --config {params.config:q} {params.bench} "
+        "--invocation {params.invocation} --figures {output.figures} --out {output.html} > {log} 2>&1"

@@ -1,0 +1,74 @@
+"""Micro-benchmarks of the norm layers (pytest-benchmark): forward + backward time per norm, layout and dtype.
+
+Every case runs in one pytest session on the same inputs and device, so the
+report's ratios against BatchNorm are measured in one run. `run` calls pytest
+on this module; the timing rounds are kept in the JSON so that the report can
+put a bootstrap interval on each ratio. On CUDA each round waits for the GPU,
+so a round times the kernels, not their launch.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from normbench.norms import norm_factory
+from normbench.provenance import device_name
+from normbench.train import resolve_device, synchronize
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# A ResNet stage's conv maps, and a ViT's tokens (batch, 16 patches + class token, width).
+SHAPES = {"channels": (32, 32, 16, 16), "tokens": (32, 17, 64)}
+NORMS = {"channels": ("bn", "gn", "ln", "in", "rms"), "tokens": ("bn", "ln", "rms")}
+CASES = [(layout, norm) for layout, norms in NORMS.items() for norm in norms]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout, norm", CASES)
+def test_norm_forward_backward(benchmark, device: torch.device, layout: str, norm: str, dtype: str) -> None:
+    shape = SHAPES[layout]
+    generator = torch.Generator().manual_seed(0)
+    features = shape[1] if layout == "channels" else shape[-1]
+    layer = norm_factory(norm, layout, gn_groups=8)(features).to(device, DTYPES[dtype]).train()
+    x = torch.randn(shape, generator=generator).to(device, DTYPES[dtype]).requires_grad_()
+    upstream = torch.randn(shape, generator=generator).to(device, DTYPES[dtype])
+    benchmark.extra_info.update(layout=layout, norm=norm, dtype=dtype, shape="x".join(map(str, shape)),
+                                device=device_name(device), threads=torch.get_num_threads())
+
+    def forward_backward() -> None:
+        layer(x).backward(upstream)
+        synchronize(device)
+
+    benchmark(forward_backward)
+
+
+class _DevicePlugin:
+    """Gives the benchmarks the device that `run` was asked for, as the `device` fixture."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+
+    @pytest.fixture
+    def device(self) -> torch.device:
+        return self._device
+
+
+def run(out: Path, max_time_s: float, threads: int | None = None, device: str = "auto") -> None:
+    """Run the micro-benchmarks on `device` (auto: CUDA where there is one) into pytest-benchmark's JSON at
+    `out`, rounds included."""
+    if threads:
+        torch.set_num_threads(threads)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        ini = Path(scratch) / "pytest.ini"
+        ini.write_text("[pytest]\n")  # this module's own settings, not those of the project it runs in
+        code = pytest.main([str(Path(__file__)), "-c", str(ini), "--rootdir", scratch, "-q", "-p", "no:cacheprovider",
+                            "--benchmark-only", "--benchmark-save-data", f"--benchmark-json={out}",
+                            f"--benchmark-max-time={max_time_s}", "--benchmark-min-rounds=5",
+                            "--benchmark-warmup=on", "--benchmark-sort=name"],
+                           plugins=[_DevicePlugin(resolve_device(device))])
+    if code != 0:
+        raise RuntimeError(f"the norm micro-benchmarks failed (pytest exit code {code})")

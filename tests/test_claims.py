@@ -1,0 +1,184 @@
+"""Verdicts on synthetic results whose truth is known: a clear effect is supported, noise is
+inconclusive, the opposite effect is refuted; bad claim declarations are refused before any run."""
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from normbench.claims import CLAIMS, Estimate, Tables, check_claims, decide, evaluate
+from normbench.config import SettingsError
+
+SEEDS = range(5)
+
+
+def cells_table(axes: dict, accuracy, seeds=SEEDS, rng_seed=0, **fixed) -> pd.DataFrame:
+    """One row per grid point and seed; `accuracy(point, rng)` gives its final test accuracy."""
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for values in itertools.product(*axes.values(), seeds):
+        point = dict(zip([*axes, "seed"], values))
+        cell = "/".join(f"{k}~{v}" for k, v in point.items())
+        rows.append({"cell": cell, "diverged": False, **fixed, **point, "final_test_acc": accuracy(point, rng)})
+    return pd.DataFrame(rows)
+
+
+def verdict(study: str, claim_id: str, rule: dict, tables: Tables, **spec):
+    verdicts = evaluate({study: {"claims": {claim_id: rule}, **spec}}, {study: tables})
+    return next(v for v in verdicts if v.claim.id == claim_id)
+
+
+@pytest.mark.parametrize("gap, spread, expected", [(0.1, 0.005, "supported"), (0.0, 0.05, "inconclusive"),
+                                                   (-0.1, 0.005, "refuted")])
+def test_small_batch_gap(gap, spread, expected):
+    def accuracy(point, rng):
+        small_batch_gap = gap if point["batch_size"] == 4 and point["norm"] == "bn" else 0.0
+        return 0.8 - small_batch_gap + rng.normal(0, spread)
+
+    cells = cells_table({"norm": ["bn", "gn"], "batch_size": [4, 64]}, accuracy)
+    result = verdict("batch_size", "C6", {"rule": "above", "threshold": 0.02}, Tables(cells))
+    assert result.verdict == expected
+    assert result.estimate.samples == 5 and result.estimate.cells == 10
+    assert result.estimate.value == pytest.approx(gap, abs=0.06)
+
+
+@pytest.mark.parametrize("difference, spread, expected", [(0.0, 0.002, "supported"), (0.0, 0.05, "inconclusive"),
+                                                          (0.1, 0.002, "refuted")])
+def test_syncbn_equivalence_is_a_two_sided_rule(difference, spread, expected):
+    points = [("bn", 1, 32), ("bn", 2, 16), ("syncbn", 2, 16)]
+    rows = []
+    rng = np.random.default_rng(1)
+    for (norm, world, batch), seed in itertools.product(points, SEEDS):
+        acc = 0.8 + (difference if norm == "syncbn" else 0.0) + rng.normal(0, spread)
+        rows.append({"cell": f"{norm}/{world}/{seed}", "norm": norm, "world_size": world, "batch_size": batch,
+                     "seed": seed, "diverged": False, "final_test_acc": acc})
+    result = verdict("distributed", "C7", {"rule": "within", "threshold": 0.02}, Tables(pd.DataFrame(rows)))
+    assert result.verdict == expected
+
+
+@pytest.mark.parametrize("slowdown, spread, rounds, expected", [(2.0, 0.05, 50, "supported"),
+                                                               (1.0, 0.8, 5, "inconclusive"),
+                                                               (0.5, 0.05, 50, "refuted")])
+def test_benchmark_ratio_bootstrap(slowdown, spread, rounds, expected):
+    rng = np.random.default_rng(2)
+    rows = [{"layout": "channels", "dtype": "fp32", "device": "cpu", "norm": norm, "time_s": max(1e-4, t)}
+            for norm, scale in (("bn", 1.0), ("gn", slowdown), ("ln", slowdown))
+            for t in rng.normal(scale, spread * scale, rounds) * 1e-3]
+    result = verdict("benchmarks", "C12", {"rule": "above", "threshold": 1.1}, Tables(bench=pd.DataFrame(rows)))
+    assert result.verdict == expected
+    assert result.estimate.sample_unit == "rounds" and result.note == "measured on cpu"
+
+
+def learning_rate_tables(none_diverges_from: float) -> Tables:
+    """bn learns at every lr; none diverges from `none_diverges_from` on and learns slower (3 evals: bn is at
+    0.8 from step 10, none at 0.24, 0.48 and 0.72)."""
+    cells = cells_table({"norm": ["bn", "none"], "lr": [0.01, 0.1, 1.0, 10.0]}, lambda point, rng: 0.8)
+    cells["diverged"] = (cells["norm"] == "none") & (cells["lr"] >= none_diverges_from)
+    cells.loc[cells["diverged"], "final_test_acc"] = np.nan
+    curves = []
+    for _, cell in cells.iterrows():
+        for step in (10, 20, 30):
+            speed = 1.0 if cell["norm"] == "bn" else 0.3
+            acc = 0.1 if cell["diverged"] else min(0.8, 0.8 * speed * step / 10)
+            curves.append({"cell": cell["cell"], "norm": cell["norm"], "lr": cell["lr"], "seed": cell["seed"],
+                           "step": step, "elapsed_s": step / 10, "test_acc": acc})
+    return Tables(cells, pd.DataFrame(curves))
+
+
+def test_learning_rate_claims_measure_range_and_speed():
+    tables = learning_rate_tables(none_diverges_from=1.0)
+    report = {"report": {"target_acc": 0.7, "stable_acc": 0.5}}
+    c3 = verdict("learning_rate", "C3", {"rule": "above", "threshold": 0.5}, tables, **report)
+    assert c3.estimate.value == pytest.approx(2.0) and c3.verdict == "supported"  # 10 vs 0.1: two decades
+    c13 = verdict("learning_rate", "C13", {"rule": "above", "threshold": 1.5}, tables, **report)
+    assert c13.estimate.value == pytest.approx(3.0) and c13.verdict == "supported"  # 0.7 at step 10 vs 30
+    same = verdict("learning_rate", "C3", {"rule": "above", "threshold": 0.5},
+                   learning_rate_tables(none_diverges_from=100.0), **report)
+    assert same.estimate.value == pytest.approx(0.0) and same.verdict == "refuted"
+    slower = verdict("learning_rate", "C13", {"rule": "above", "threshold": 5.0}, tables, **report)
+    assert slower.verdict == "refuted"  # 3x fewer steps, measured: not the 5x the rule asks for
+    censored = verdict("learning_rate", "C13", {"rule": "above", "threshold": 5.0}, tables,
+                       report={"target_acc": 0.75, "stable_acc": 0.5})  # none never gets there
+    assert censored.estimate.value == pytest.approx(3.0) and censored.estimate.lower_bound
+    assert censored.verdict == "inconclusive" and "never reached" in censored.note
+
+
+def test_no_stable_lr_or_target_without_a_norm_gives_lower_bounds():
+    tables = learning_rate_tables(none_diverges_from=0.0)  # no lr is stable without a norm
+    diverged = tables.cells.loc[tables.cells["diverged"], "cell"]
+    tables = Tables(tables.cells, tables.curves[~tables.curves["cell"].isin(diverged)])  # died before an eval
+    report = {"report": {"target_acc": 0.7, "stable_acc": 0.5}}
+    c3 = verdict("learning_rate", "C3", {"rule": "above", "threshold": 0.5}, tables, **report)
+    assert c3.estimate.lower_bound and c3.estimate.value == pytest.approx(3.0)  # bn to 10, none below 0.01
+    assert c3.verdict == "supported" and "stable at no lr" in c3.note
+    c13 = verdict("learning_rate", "C13", {"rule": "above", "threshold": 2.0}, tables, **report)
+    assert c13.estimate.samples == len(SEEDS) and c13.estimate.lower_bound  # every seed counted, at the budget
+    assert c13.estimate.value == pytest.approx(3.0) and c13.verdict == "supported"  # 30 budget steps vs 10
+
+
+def test_init_claims_read_bad_inits_and_sigmoid_gradients():
+    def accuracy(point, rng):
+        cannot_learn = point["norm"] == "none" and point["init"] != "kaiming"
+        return (0.1 if cannot_learn else 0.8) + rng.normal(0, 0.01)
+
+    cells = cells_table({"activation": ["sigmoid", "relu"], "init": ["normal-0.01", "kaiming", "normal-1"],
+                         "norm": ["bn", "none"]}, accuracy)
+    probes = []
+    for _, cell in cells.iterrows():
+        for layer in range(4):  # sigmoid without a norm loses a decade per layer toward the input
+            decay = 10.0 ** -(3 - layer) if cell["norm"] == "none" and cell["activation"] == "sigmoid" else 1.0
+            probes.append({"cell": cell["cell"], "activation": cell["activation"], "step": 0, "layer_index": layer,
+                           "quantity": "grad_norm", "value": decay})
+    tables = Tables(cells, probes=pd.DataFrame(probes))
+    c4 = verdict("init", "C4", {"rule": "above", "threshold": 0.1}, tables)
+    assert c4.estimate.value == pytest.approx(0.7, abs=0.02) and c4.verdict == "supported"
+    c5 = verdict("init", "C5", {"rule": "above", "threshold": 0.5}, tables)
+    assert c5.estimate.value == pytest.approx(3.0) and c5.verdict == "supported"
+
+
+def test_diverged_transformer_counts_at_chance():
+    cells = cells_table({"norm": ["ln", "bn"], "norm_placement": ["pre", "post"]}, lambda point, rng: 0.7)
+    cells["diverged"] = cells["norm"] == "bn"
+    result = verdict("transformer", "C10", {"rule": "above", "threshold": 0.02}, Tables(cells))
+    assert result.estimate.value == pytest.approx(0.6) and result.verdict == "supported"
+
+
+def test_one_seed_gives_no_interval_and_absent_studies_are_not_run():
+    cells = cells_table({"norm": ["bn", "gn"], "batch_size": [4, 64]}, lambda point, rng: 0.8, seeds=[0])
+    verdicts = evaluate({"batch_size": {"claims": {"C6": {"rule": "above", "threshold": 0.0}}}},
+                        {"batch_size": Tables(cells)})
+    assert [v.claim.id for v in verdicts] == [claim.id for claim in CLAIMS]
+    by_id = {v.claim.id: v for v in verdicts}
+    assert by_id["C6"].verdict == "inconclusive" and "one seed" in by_id["C6"].note
+    assert {v.verdict for k, v in by_id.items() if k != "C6"} == {"not run"}
+
+
+def test_decide_follows_the_interval():
+    def interval(low, high):
+        return Estimate((low + high) / 2, low, high, 3, "seeds", 6)
+
+    assert decide(interval(0.1, 0.2), "above", 0.05) == "supported"
+    assert decide(interval(0.0, 0.2), "above", 0.05) == "inconclusive"
+    assert decide(interval(-0.2, 0.0), "above", 0.05) == "refuted"
+    assert decide(interval(-0.2, -0.1), "below", 0.0) == "supported"
+    assert decide(interval(-0.01, 0.01), "within", 0.02) == "supported"
+    assert decide(interval(0.03, 0.05), "within", 0.02) == "refuted"
+    censored = Estimate(1.0, 0.9, 1.1, 3, "seeds", 6, lower_bound=True)  # the true effect may be any larger
+    assert decide(censored, "above", 2.0) == "inconclusive" and decide(censored, "above", 0.5) == "supported"
+
+
+@pytest.mark.parametrize("studies, cells, message", [
+    ({"s": {"claims": {"C99": {}}}}, {"s": []}, "unknown claim 'C99'"),
+    ({"s": {"claims": {"C1": {}}}}, {"s": []}, "no experiment in normbench yet"),
+    ({"s": {"claims": {"C6": {}}}}, {"s": [{"norm": "bn", "batch_size": 4}, {"norm": "bn", "batch_size": 8}]},
+     "needs the values bn, gn"),
+    ({"s": {"claims": {"C6": {}}}}, {"s": [{"norm": "bn", "batch_size": 4}, {"norm": "gn", "batch_size": 4}]},
+     "batch_size and needs at least two values"),
+    ({"s": {"claims": {"C13": {}}}}, {"s": [{"norm": n, "lr": lr} for n in ("bn", "none") for lr in (0.1, 1)]},
+     "needs report: {target_acc"),
+    ({"a": {"claims": {"C12": {}}}, "b": {"claims": {"C12": {}}}}, {}, "declared by both 'a' and 'b'"),
+])
+def test_impossible_claims_are_refused(studies, cells, message):
+    with pytest.raises(SettingsError, match=message.replace("{", r"\{")):
+        check_claims(studies, cells)

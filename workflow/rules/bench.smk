@@ -1,0 +1,12 @@
+rule bench:
+    output:
+        BENCH,
+    params:
+        max_time=lambda wildcards: config.get("benchmarks", {}).get("max_time_s", 0.5),
+    threads: workflow.cores  # alone on the machine: timings untouched by training jobs
+    conda:
+        CONDA_ENV
+    log:
+        "results/logs/bench.log",
+    shell:
+        "normbench bench --out {output} --max-time {params.max_time} --threads {threads} > {log} 2>&1"
