@@ -1,6 +1,8 @@
 """The Snakemake workflow on a tiny config: validation, the full run into a report, rerunning one cell."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from normbench.config import study_cells
 from normbench.results import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +97,16 @@ def test_config_schema_rejects_unknown_study_keys(tmp_path, fashion_root):
     write_config(tmp_path, fashion_root, grdi={"norm": ["bn"]})
     run = snakemake(tmp_path)
     assert run.returncode != 0 and "grdi" in run.stderr + run.stdout
+
+
+@pytest.mark.parametrize("config, profile", [("config.yaml", "default"), ("full.yaml", "gpu")])
+def test_shipped_configs_validate_and_plan_every_cell(tmp_path, config, profile):
+    shutil.copy(REPO / "config" / config, tmp_path / "config.yaml")
+    run = snakemake(tmp_path, "--dry-run", "--workflow-profile", str(REPO / "workflow/profiles" / profile))
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
+    studies = yaml.safe_load((REPO / "config" / config).read_text())["studies"]
+    cells = sum(len(study_cells(name, spec)) for name, spec in studies.items())
+    assert re.search(rf"^train\s+{cells}$", run.stdout, re.MULTILINE), run.stdout[-3000:]
 
 
 def test_lint_is_clean():

@@ -96,6 +96,13 @@ def cell_workers(wildcards):
     return int(cell_settings(wildcards).world_size)  # Paramspace values are numpy scalars
 
 
+def cell_gpus(wildcards):
+    """One GPU per data-parallel worker, unless the cell is pinned to the CPU (a profile's `resources: gpu: N`
+    caps the GPUs in use; without one the resource is unlimited)."""
+    settings = cell_settings(wildcards)
+    return 0 if settings.device == "cpu" else int(settings.world_size)
+
+
 def cell_dataset_files(wildcards):
     settings = cell_settings(wildcards)
     if settings.dataset == "text":

@@ -3,15 +3,22 @@ wildcard_constraints:
     cell=r".+",
 
 
-rule prepare_data:
-    output:
-        [f"{{root}}/{path}" for path in dataset_files("fashion_mnist")],
-    conda:
-        CONDA_ENV
-    log:
-        "results/logs/prepare_data/{root}.log",
-    shell:
-        "normbench data fashion_mnist --root {wildcards.root} > {log} 2>&1"
+# One rule per image dataset: from Debian's package where there is one, else torchvision's download.
+for image_dataset in ("fashion_mnist", "cifar10"):
+
+    rule:
+        name:
+            f"prepare_{image_dataset}"
+        output:
+            [f"{{root}}/{path}" for path in dataset_files(image_dataset)],
+        params:
+            dataset=image_dataset,
+        conda:
+            CONDA_ENV
+        log:
+            f"results/logs/prepare_data/{image_dataset}/{{root}}.log",
+        shell:
+            "normbench data {params.dataset} --root {wildcards.root} --download > {log} 2>&1"
 
 
 rule train:
@@ -33,5 +40,7 @@ rule train:
     benchmark:
         "results/benchmarks/train/{study}/{cell}.tsv"
     threads: cell_workers
+    resources:
+        gpu=cell_gpus,
     shell:
         "normbench train --out {params.folder} --threads {threads} --set {params.assignments} > {log} 2>&1"
