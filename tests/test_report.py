@@ -3,7 +3,7 @@
 import pandas as pd
 
 from normbench.numerics import output_errors
-from normbench.report import learning_rate_table, render_report, study_axes
+from normbench.report import learning_rate_table, render_report, step_time_ratios, study_axes
 
 
 def synthetic_cells() -> pd.DataFrame:
@@ -87,3 +87,12 @@ def test_cells_are_marked_reused_or_trained_in_this_run(tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert "0 trained in this run, 0 resumed from a checkpoint, 12 reused" in html
     assert "reused, trained 2026-01-01 00:00" in html
+
+
+def test_step_time_ratios_leave_out_diverged_cells():
+    cells = synthetic_cells()
+    cells.loc[cells["diverged"], "train_samples_per_s"] = 0.0  # stopped on its first step
+    ratios = step_time_ratios(cells, ["lr"])
+    by_lr = {row["key"][0]: row["values"] for row in ratios["rows"]}
+    assert ratios["columns"] == ["bn", "none"]
+    assert by_lr["0.1"] == ["1", "0.8"] and by_lr["1"] == ["1", ""]  # none is faster; at lr 1 every seed diverged

@@ -209,12 +209,14 @@ def step_time_ratios(cells: pd.DataFrame, keys: list[str]) -> dict | None:
     """Training step time of each norm relative to BatchNorm in the same cell otherwise (mean over seeds).
 
     Step time is images per step over images per second, so at equal batch the ratio is
-    bn's throughput over the norm's: above 1 the norm is slower than BatchNorm.
+    bn's throughput over the norm's: above 1 the norm is slower than BatchNorm. Diverged cells
+    stopped early and are left out (a setting where every seed diverged has no ratio).
     """
     norms = _order(cells, "norm")
     if "bn" not in norms or len(norms) < 2:
         return None
-    rates = cells.groupby([*keys, "norm"])["train_samples_per_s"].mean().unstack("norm")[norms]
+    finished = cells[~cells["diverged"].astype(bool)]
+    rates = finished.groupby([*keys, "norm"])["train_samples_per_s"].mean().unstack("norm").reindex(columns=norms)
     ratios = rates.rdiv(rates["bn"], axis=0)
     return {"index": [_label(k) for k in keys], "columns": norms,
             "rows": [{"key": [_format(k) for k in (key if isinstance(key, tuple) else (key,))],

@@ -3,7 +3,7 @@ rule bench:
         BENCH,
     params:
         max_time=lambda wildcards: config.get("benchmarks", {}).get("max_time_s", 0.5),
-    threads: workflow.cores  # alone on the machine: timings untouched by training jobs
+    threads: os.cpu_count()  # alone on the machine (Snakemake caps it at --cores): timings untouched by training
     conda:
         CONDA_ENV
     log:
