@@ -12,7 +12,6 @@ computed from runs: `supported` when the whole interval satisfies the rule,
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -55,6 +54,7 @@ class Estimate:
     cells: int
     note: str = ""
     lower_bound: bool = False  # some samples were censored upward: the effect is at least this
+    cell_unit: str = "cells"  # what `cells` counts: training runs, or benchmark cases
 
 
 @dataclass(frozen=True)
@@ -134,13 +134,21 @@ def over_seeds(effects: pd.Series, cells: int, note: str = "", lower_bound: bool
     return Estimate(mean, float(low), float(high), n, "seeds", cells, note, lower_bound)
 
 
-def bootstrap(samples: list[np.ndarray], statistic: Callable, cells: int, seed: int = 0) -> Estimate:
-    """A statistic of independent samples (timing rounds) with a percentile-bootstrap 95% interval."""
+def bootstrap(samples: list[np.ndarray], statistic: Callable, note: str = "", seed: int = 0) -> Estimate:
+    """A statistic of independent samples (the timing rounds of benchmark cases) with a percentile-bootstrap
+    95% interval."""
     value = float(statistic(*samples, axis=-1))
     result = stats.bootstrap(samples, statistic, paired=False, confidence_level=CONFIDENCE, method="percentile",
                              n_resamples=2000, rng=np.random.default_rng(seed))
     low, high = result.confidence_interval
-    return Estimate(value, float(low), float(high), min(map(len, samples)), "rounds", cells)
+    return Estimate(value, float(low), float(high), min(map(len, samples)), "rounds", len(samples), note,
+                    cell_unit="cases")
+
+
+def median_ratio(times: np.ndarray, reference_times: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Median time over the reference's median time: medians are robust to a round that another process
+    interrupted."""
+    return np.median(times, axis=axis) / np.median(reference_times, axis=axis)
 
 
 def decide(estimate: Estimate, rule: str, threshold: float) -> str:
@@ -231,11 +239,10 @@ def _gn_ln_slower_than_bn(tables: Tables, spec: dict) -> Estimate:
     rounds = bench[(bench["layout"] == "channels") & (bench["dtype"] == "fp32")]
     times = [rounds.loc[rounds["norm"] == norm, "time_s"].to_numpy() for norm in ("gn", "ln", "bn")]
 
-    def ratio(gn, ln, bn, axis=-1):  # medians: robust to a round that another process interrupted
-        return (np.median(gn, axis=axis) + np.median(ln, axis=axis)) / (2 * np.median(bn, axis=axis))
+    def ratio(gn, ln, bn, axis=-1):
+        return (median_ratio(gn, bn, axis) + median_ratio(ln, bn, axis)) / 2
 
-    devices = ", ".join(sorted(set(rounds["device"])))
-    return dataclasses.replace(bootstrap(times, ratio, cells=3), note=f"measured on {devices}")
+    return bootstrap(times, ratio, note=f"measured on {', '.join(sorted(set(rounds['device'])))}")
 
 
 CLAIMS: tuple[Claim, ...] = (
@@ -280,6 +287,12 @@ CLAIMS: tuple[Claim, ...] = (
           _gn_ln_slower_than_bn),
 )
 CLAIMS_BY_ID = {claim.id: claim for claim in CLAIMS}
+
+
+def claim_sections(config: dict) -> dict[str, dict]:
+    """The parts of a workflow config that may declare claims, by name: each study, and the micro-benchmarks
+    as `benchmarks`."""
+    return {**config.get("studies", {}), "benchmarks": config.get("benchmarks", {})}
 
 
 def check_claims(studies: dict[str, dict], cells_by_study: dict[str, list[dict]]) -> None:

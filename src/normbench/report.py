@@ -247,14 +247,21 @@ def learning_rate_table(cells: pd.DataFrame, curves: pd.DataFrame, thresholds: d
     return {"columns": columns, "rows": rows}
 
 
-def trained(cells: pd.DataFrame, started: str | None) -> pd.Series:
-    """How each cell's numbers came about: trained in this workflow run, resumed from a checkpoint, or
-    reused from an earlier run (with its date)."""
-    times = pd.to_datetime(cells["env_time"], utc=True)
-    this_run = times >= pd.Timestamp(started) if started else pd.Series(False, index=cells.index)
-    resumed = cells.get("resumed_from_step", pd.Series(index=cells.index)).fillna(0)
-    return pd.Series(np.where(this_run, "this run", "reused, trained " + times.dt.strftime("%Y-%m-%d %H:%M")),
-                     index=cells.index).where(resumed == 0, "resumed from step " + resumed.astype(int).astype(str))
+def origins(cells: pd.DataFrame, started: str | None) -> pd.Series:
+    """How each cell's numbers came about: `resumed` from a checkpoint, trained in `this run` of the workflow
+    (which started at `started`), or `reused` from an earlier run."""
+    this_run = pd.to_datetime(cells["env_time"], utc=True) >= pd.Timestamp(started) if started else False
+    resumed = cells.get("resumed_from_step", pd.Series(index=cells.index)).fillna(0) > 0
+    return pd.Series(np.select([resumed, this_run], ["resumed", "this run"], "reused"), index=cells.index)
+
+
+def trained(cells: pd.DataFrame, origin: pd.Series) -> pd.Series:
+    """The cells table's account of each origin: the step a resumed cell resumed from, a reused cell's date."""
+    resumed_from = "resumed from step " + cells.get("resumed_from_step", pd.Series(0, index=cells.index)) \
+        .fillna(0).astype(int).astype(str)
+    reused = "reused, trained " + pd.to_datetime(cells["env_time"], utc=True).dt.strftime("%Y-%m-%d %H:%M")
+    return pd.Series(np.select([origin == "resumed", origin == "reused"], [resumed_from, reused], "this run"),
+                     index=cells.index)
 
 
 def study_section(name: str, spec: dict, cells: pd.DataFrame, curves: pd.DataFrame, probes: pd.DataFrame,
@@ -307,8 +314,8 @@ def claim_rows(verdicts: list[claims.Verdict]) -> list[dict]:
         rows.append({
             "id": verdict.claim.id, "statement": verdict.claim.statement, "anchor": verdict.claim.anchor,
             "verdict": verdict.verdict, "effect": effect, "measures": verdict.claim.effect, "rule": verdict.rule,
-            "evidence": f"{estimate.samples} {estimate.sample_unit}, {estimate.cells} "
-                        f"{'cases' if estimate.sample_unit == 'rounds' else 'cells'}" if estimate else "",
+            "evidence": f"{estimate.samples} {estimate.sample_unit}, {estimate.cells} {estimate.cell_unit}"
+            if estimate else "",
             "note": verdict.note, "study": verdict.study or "",
             "anchor_id": ("benchmarks" if verdict.study == "benchmarks" else f"study-{verdict.study}")
             if verdict.study else "",
@@ -333,10 +340,6 @@ def benchmark_table(rounds: pd.DataFrame) -> dict | None:
     per layout and dtype, all from one pytest-benchmark session."""
     if rounds.empty:
         return None
-
-    def ratio(norm_times, bn_times, axis=-1):
-        return np.median(norm_times, axis=axis) / np.median(bn_times, axis=axis)
-
     rows = []
     for (layout, dtype), case in rounds.groupby(["layout", "dtype"], sort=False):
         bn = case.loc[case["norm"] == "bn", "time_s"].to_numpy()
@@ -344,7 +347,7 @@ def benchmark_table(rounds: pd.DataFrame) -> dict | None:
             if norm == "bn":
                 relative = "1 (reference)"
             else:
-                estimate = claims.bootstrap([times.to_numpy(), bn], ratio, cells=1)
+                estimate = claims.bootstrap([times.to_numpy(), bn], claims.median_ratio)
                 relative = f"{estimate.value:.2f} [{estimate.low:.2f}, {estimate.high:.2f}]"
             rows.append([layout, case["shape"].iloc[0], dtype, norm, _format(times.median() * 1e6), relative,
                          str(len(times))])
@@ -392,7 +395,8 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
     """
     cells, curves, probes, numerics = (_read(tables / f"{name}.csv") for name in ("cells", "curves", "probes", "numerics"))
     run = read_json(invocation) if invocation and invocation.exists() else {}
-    cells["trained"] = trained(cells, run.get("started"))
+    origin = origins(cells, run.get("started"))
+    cells["trained"] = trained(cells, origin)
     studies = config.get("studies", {})
     rounds = benchmark_rounds(bench) if bench else pd.DataFrame()
     sns.set_theme(style="ticks", context="notebook")
@@ -400,7 +404,7 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
                 for study, study_cells in cells.groupby("study", sort=False)}
     if not rounds.empty:
         by_study["benchmarks"] = claims.Tables(bench=rounds)
-    verdicts = claims.evaluate({**studies, "benchmarks": config.get("benchmarks", {})}, by_study)
+    verdicts = claims.evaluate(claims.claim_sections(config), by_study)
     write_table(claims_table(verdicts), out.parent / "claims.csv")
     sections = [
         study_section(study, studies.get(study, {}), tables_.cells, tables_.curves, tables_.probes,
@@ -409,7 +413,7 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
     ]
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     template = environment.from_string(files("normbench").joinpath("templates/report.html").read_text())
-    how = cells["trained"].str.extract(r"^(this run|resumed|reused)")[0].value_counts()
+    how = origin.value_counts()
     details = {
         **provenance(cells),
         "config sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16],

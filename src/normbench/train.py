@@ -276,6 +276,7 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
             if worker.is_main:
                 bar.write(f"step {progress.step}/{total_steps} epoch {progress.step / steps_per_epoch:.2f} "
                           f"train_loss {train_loss:.4f} test_acc {test_acc:.4f}")
+            if worker.is_main and progress.step < total_steps:  # the last one: the finished cell's files follow
                 results.write_jsonl(out_dir / results.METRICS, progress.metrics)
                 results.write_jsonl(out_dir / results.PROBES, progress.probes)
                 elapsed = time.perf_counter() - started  # the checkpoint counts this session's time too

@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 from snakemake.utils import Paramspace, validate
 
-from normbench.claims import check_claims
+from normbench.claims import check_claims, claim_sections
 from normbench.config import Settings, format_assignment, study_cells
 from normbench.data import dataset_files
 from normbench.report import FIGURE_CAPTIONS
@@ -43,7 +43,7 @@ SPACES = {
     for study, spec in config["studies"].items()
 }
 check_claims(
-    {**config["studies"], "benchmarks": config.get("benchmarks", {})},
+    claim_sections(config),
     {
         study: [{**study_settings(study), **cell} for cell in space.dataframe.to_dict("records")]
         for study, space in SPACES.items()
