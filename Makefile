@@ -4,7 +4,6 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 DATA_ROOT := data
-PROFILE ?= workflow/profiles/default
 DEBIAN_FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: setup dataset browser reproduce test lint clean
@@ -28,8 +27,9 @@ browser:
 	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && apt-get install -y -qq chromium; fi
 
+# A bare snakemake: the default config with the default profile (profiles/ -> workflow/profiles/).
 reproduce: setup
-	$(BIN)/snakemake --workflow-profile $(PROFILE)
+	$(BIN)/snakemake
 	@echo "report: $(CURDIR)/reports/report.html"
 
 test: setup browser

@@ -98,3 +98,8 @@ def test_augmentation_is_a_crop_of_the_padded_image_maybe_flipped():
         if flip[i]:
             expected = padded[i].flip(-1)[:, dy[i]:dy[i] + 5, 4 - dx[i]:9 - dx[i]]
         torch.testing.assert_close(out[i], expected)
+
+
+def test_the_workflow_names_the_files_torchvision_reads():
+    assert dataset_files("cifar10") == [f"{datasets.CIFAR10.base_folder}/{name}"
+                                        for name, _ in datasets.CIFAR10.train_list + datasets.CIFAR10.test_list]

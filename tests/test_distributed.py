@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from normbench.config import format_assignment, make_settings
+from normbench.cells import make_settings
+from normbench.config import format_assignment
 from normbench.distributed import WorkerFailed
 from normbench.norms import CrossProcessBatchNorm, norm_factory
 from normbench.train import run_cell, train
@@ -122,7 +123,7 @@ def test_syncbn_on_two_workers_trains_the_model_of_bn_on_one(cell, tmp_path):
 
 def test_a_failing_worker_fails_the_cell_with_its_rank(cell, tmp_path):
     broken = cell(norm="bn", world_size=2, batch_size=8, data_root=str(tmp_path / "no-data"))
-    with pytest.raises(WorkerFailed, match=r"worker rank \d of this 2-process cell failed first: DatasetMissing: fashion_mnist not found"):
+    with pytest.raises(WorkerFailed, match=r"worker rank \d of this 2-process cell failed first: DatasetMissing: the data folder .*no-data. does not exist"):
         run_cell(broken, tmp_path / "cell", threads=2, timeout_s=60)
     assert not (tmp_path / "cell" / "summary.json").exists()
 

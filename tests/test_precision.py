@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from normbench.config import make_settings
+from normbench.cells import make_settings
 from normbench.precision import Precision
 from normbench.train import train
 

@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from normbench.config import Settings, make_settings
+from normbench.cells import make_settings
+from normbench.config import Settings
 from normbench.models import build_model
 from normbench.probes import Probe
 from normbench.results import read_jsonl

@@ -6,7 +6,8 @@ import pytest
 
 from normbench import train as train_module
 from normbench.cli import main
-from normbench.config import format_assignment, make_settings
+from normbench.cells import make_settings
+from normbench.config import format_assignment
 from normbench.results import read_json, read_jsonl
 from normbench.train import train
 
@@ -130,3 +131,83 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_device_side_divergence_check_stops_at_the_step_of_a_per_step_check(tiny, tmp_path, monkeypatch):
+    # An MLP without a norm whose lr ramps up until the loss breaks the bound, just after the first evaluation.
+    settings = tiny(model="mlp", width=32, norm="none", lr=2.0, warmup_steps=64, max_loss=10.0)
+    monkeypatch.setattr(train_module, "SYNC_EVERY_STEPS", 1)  # a host read of the loss every step
+    every_step = train(settings, tmp_path / "every")
+    monkeypatch.setattr(train_module, "SYNC_EVERY_STEPS", 1000)  # only at evaluations
+    at_evaluations = train(settings, tmp_path / "evals")
+    assert every_step["diverged"] and every_step["diverged_step"] % 16  # between two evaluations
+    for key in ("diverged_step", "diverged_reason", "steps", "skipped_steps"):
+        assert at_evaluations[key] == every_step[key], key
+    assert read_jsonl(tmp_path / "evals/probes.jsonl") == read_jsonl(tmp_path / "every/probes.jsonl")
+    assert without_timing(read_jsonl(tmp_path / "evals/metrics.jsonl")) == \
+        without_timing(read_jsonl(tmp_path / "every/metrics.jsonl"))
+
+
+def test_a_cell_past_its_time_limit_is_recorded_as_timed_out_and_resumes(tiny, tmp_path):
+    settings = tiny()
+    whole = train(settings, tmp_path / "whole")
+    summary = train(settings, tmp_path / "cut", time_limit_s=0.0)  # out of time at the first sync point
+    assert summary["timed_out"] and not summary["diverged"] and summary["steps"] == 16
+    assert "time limit of 0 s reached after step 16 of 64" in summary["timed_out_reason"]
+    assert summary["final_test_acc"] == read_jsonl(tmp_path / "cut/metrics.jsonl")[-1]["test_acc"]
+    assert (tmp_path / "cut/checkpoint.pt").exists()
+    resumed = train(settings, tmp_path / "cut")
+    assert not resumed["timed_out"] and resumed["resumed_from_step"] == 16
+    assert without_timing([resumed]) == without_timing([{**whole, "timed_out": False}])
+
+
+def test_a_killed_cell_resumes_to_the_numbers_of_an_uninterrupted_one(tiny, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings = tiny(evals_per_epoch=8)
+    words = [format_assignment(k, v) for k, v in settings.to_dict().items()]
+    command = [sys.executable, "-m", "normbench.cli", "train", "--threads", "1", "--out", str(tmp_path / "cut"),
+               "--set", *words]
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    while not (tmp_path / "cut/checkpoint.pt").exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "cut/summary.json").exists(), "the cell finished before it could be killed"
+    subprocess.run(command, check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    resumed = read_json(tmp_path / "cut/summary.json")
+    whole = train(settings, tmp_path / "whole")
+    assert resumed["resumed_from_step"] > 0
+    assert without_timing([resumed]) == without_timing([whole])
+    assert without_timing(read_jsonl(tmp_path / "cut/metrics.jsonl")) == without_timing(read_jsonl(tmp_path / "whole/metrics.jsonl"))
+
+
+def test_checkpoints_load_without_running_code(tmp_path):
+    import pickle
+
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    with open(tmp_path / "checkpoint.pt", "wb") as handle:
+        pickle.dump({"settings": Payload()}, handle)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        train_module.load_checkpoint(tmp_path / "checkpoint.pt", *([None] * 4), None)
+    assert torch.load  # the loader is torch's, with weights_only=True
+
+
+def test_atomic_write_killed_midway_keeps_the_old_file(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "table.csv").write_text("old\n")
+    code = ("import os, signal; from normbench.results import write_atomic\n"
+            "def write(f):\n    f.write('half'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"write_atomic({str(tmp_path / 'table.csv')!r}, write)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    assert (tmp_path / "table.csv").read_text() == "old\n"

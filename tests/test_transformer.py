@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from normbench.config import Settings, make_settings
+from normbench.cells import make_settings
+from normbench.config import Settings
 from normbench.models import build_model
 from normbench.norms import norm_factory
 from normbench.train import train

@@ -3,30 +3,38 @@
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from normbench.config import study_cells
+from normbench.cells import study_cells
 from normbench.results import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def snakemake(workdir: Path, *args: str, cores: str | None = "2") -> subprocess.CompletedProcess:
-    """Run the venv's snakemake as a user would without activating the venv: its bin folder is not on PATH."""
+def without_venv() -> dict:
+    """The environment of a user who did not activate the venv: its bin folder is not on PATH."""
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p).resolve() != BIN.resolve())
-    env = {**os.environ, "PATH": path}
-    return subprocess.run(
-        [str(BIN / "snakemake"), *args, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-         *(["--cores", cores] if cores else []), "--configfile", str(workdir / "config.yaml")],
-        capture_output=True, text=True, env=env,
-    )
+    return {**os.environ, "PATH": path}
+
+
+def snakemake_command(workdir: Path, *args: str, cores: str | None = "2") -> list[str]:
+    return [str(BIN / "snakemake"), *args, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+            *(["--cores", cores] if cores else []), "--configfile", str(workdir / "config.yaml")]
+
+
+def snakemake(workdir: Path, *args: str, cores: str | None = "2") -> subprocess.CompletedProcess:
+    """Run the venv's snakemake as a user would without activating the venv."""
+    return subprocess.run(snakemake_command(workdir, *args, cores=cores), capture_output=True, text=True,
+                          env=without_venv())
 
 
 def write_config(workdir: Path, fashion_root: Path, **study_changes) -> None:
@@ -73,6 +81,21 @@ def test_workflow_runs_into_a_report_and_reruns_a_cell(tmp_path, fashion_root):
     assert without_timing(read_jsonl(cell / "metrics.jsonl")) == without_timing(before)
     assert "8: 1 trained in this run, 0 resumed from a checkpoint, 7 reused" in (tmp_path / "reports/report.html").read_text()
 
+    # SIGKILL the workflow while the report renders: no report is left, and the next run builds a whole one.
+    killed = subprocess.Popen(snakemake_command(tmp_path, "--forcerun", "report"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=without_venv(), start_new_session=True)
+    log = tmp_path / "results/logs/report.log"
+    while not (log.exists() and log.stat().st_size == 0) and killed.poll() is None:  # the job truncates its log
+        time.sleep(0.01)
+    time.sleep(1.0)  # inside the report: imports and figures take several seconds
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "reports/report.html").exists()
+    assert snakemake(tmp_path, "--unlock").returncode == 0  # a killed Snakemake leaves its lock, as always
+    again = snakemake(tmp_path, "--rerun-incomplete")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "report" in again.stderr and "</html>" in (tmp_path / "reports/report.html").read_text()
+
     # Without --cores, as the README has it.
     snakemake_report = snakemake(tmp_path, "--report", "reports/snakemake.html", cores=None)
     assert snakemake_report.returncode == 0, snakemake_report.stderr[-3000:]
@@ -114,3 +137,38 @@ def test_lint_is_clean():
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run([str(BIN / "snakemake"), "--lint"], cwd=REPO, capture_output=True, text=True, env=env)
     assert run.returncode == 0 and "Congratulations" in run.stdout + run.stderr, run.stdout + run.stderr
+
+
+def test_bare_snakemake_uses_the_default_profile_and_config():
+    run = subprocess.run([str(BIN / "snakemake"), "--dry-run"], cwd=REPO, capture_output=True, text=True,
+                         env=without_venv())
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Using workflow specific profile profiles/default" in run.stdout + run.stderr
+    studies = yaml.safe_load((REPO / "config/config.yaml").read_text())["studies"]
+    cells = sum(len(study_cells(name, spec)) for name, spec in studies.items())
+    assert re.search(rf"^train\s+{cells}$", run.stdout, re.MULTILINE), run.stdout[-3000:]
+
+
+def test_a_users_config_runs_alone_and_reads_exponents_as_numbers(tmp_path, fashion_root):
+    write_config(tmp_path, fashion_root, grid={"norm": ["bn", "gn"]}, claims={})
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["studies"]["tiny"]["fixed"]["lr"] = "1e-3"  # what PyYAML makes of `lr: 1e-3`
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = snakemake(tmp_path, "--dry-run", "--printshellcmds", "--workflow-profile",
+                    str(REPO / "workflow/profiles/default"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"^train\s+2$", run.stdout, re.MULTILINE), run.stdout[-3000:]
+    assert run.stdout.count(" lr=0.001 ") == 2
+
+
+def test_a_cell_over_its_time_limit_is_recorded_as_timed_out(tmp_path, fashion_root):
+    write_config(tmp_path, fashion_root, grid={"norm": ["bn", "gn"]}, claims={}, resources={"time_limit_min": 1e-6})
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del config["benchmarks"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = snakemake(tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    cells = pd.read_csv(tmp_path / "results/tables/cells.csv")
+    assert cells["timed_out"].all() and (cells["steps"] < cells["total_steps"]).all()
+    assert (cells["device"] == "cpu").all() and (cells["device_setting"] == "cpu").all()
+    assert "<th>timed_out</th>" in (tmp_path / "reports/report.html").read_text()

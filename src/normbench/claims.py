@@ -250,10 +250,6 @@ CLAIMS: tuple[Claim, ...] = (
           "Ioffe & Szegedy 2015, Fig. 1", "bn_fig1", "drift of a layer's input percentiles over training"),
     Claim("C2", "BN's benefit does not come from less ICS; it smooths the loss landscape",
           "Santurkar et al. 2018", "ics", "ICS (L2, cosine) and loss-landscape smoothness"),
-    Claim("C13", "BN speeds up training: the same accuracy in far fewer steps", "Ioffe & Szegedy 2015",
-          "learning_rate", "steps to the target accuracy without a norm over those with BN, each at its best "
-          "learning rate (x; a run that never reaches it counts all its steps)",
-          _fewer_steps_with_bn, {"norm": ("bn", "none"), "lr": ()}, ("target_acc",)),
     Claim("C3", "BN allows much larger learning rates", "Ioffe & Szegedy 2015; Bjorck et al. 2018",
           "learning_rate", "largest stable learning rate with BN over that without a norm (decades)",
           _larger_stable_lr_with_bn, {"norm": ("bn", "none"), "lr": ()}),
@@ -285,6 +281,10 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("C12", "Normalization costs compute: GN/LN are slower than BN", "Wu & He 2018; Zhang & Sennrich 2019",
           "benchmarks", "median forward+backward time of GN and LN over BN's, fp32 conv maps (x)",
           _gn_ln_slower_than_bn),
+    Claim("C13", "BN speeds up training: the same accuracy in far fewer steps", "Ioffe & Szegedy 2015",
+          "learning_rate", "steps to the target accuracy without a norm over those with BN, each at its best "
+          "learning rate (x; a run that never reaches it counts all its steps)",
+          _fewer_steps_with_bn, {"norm": ("bn", "none"), "lr": ()}, ("target_acc",)),
 )
 CLAIMS_BY_ID = {claim.id: claim for claim in CLAIMS}
 

@@ -1,4 +1,5 @@
-"""`normbench train | data | aggregate | numerics | bench | report`: every workflow step is one of these commands."""
+"""`normbench train | settings | studies | data | aggregate | numerics | bench | report`: every workflow step is one
+of these commands."""
 
 from __future__ import annotations
 
@@ -7,21 +8,43 @@ import os
 import sys
 from pathlib import Path
 
-from normbench.distributed import under_torchrun
+import normbench
 
 
 def _train(args: argparse.Namespace) -> None:
-    from normbench.config import load_settings_file, make_settings, parse_assignments
+    from normbench.cells import make_settings
+    from normbench.config import load_settings_file, parse_assignments
+    from normbench.distributed import under_torchrun
     from normbench.train import run_cell
 
     values = load_settings_file(args.from_file) if args.from_file else {}
     values.update(parse_assignments(args.set))
     settings = make_settings(values)
-    summary = run_cell(settings, args.out, args.threads, args.timeout)
+    summary = run_cell(settings, args.out, args.threads, args.timeout, args.time_limit, args.force)
     if under_torchrun() and int(os.environ["RANK"]) != 0:
         return
-    state = "diverged: " + summary["diverged_reason"] if summary["diverged"] else f"final test acc {summary['final_test_acc']:.4f}"
+    if summary["diverged"]:
+        state = "diverged: " + summary["diverged_reason"]
+    else:
+        state = f"final test acc {summary['final_test_acc']:.4f}"
+        state += f" (timed out: {summary['timed_out_reason']})" if summary["timed_out"] else ""
     print(f"{args.out}: {state}, {summary['train_samples_per_s']:.0f} samples/s")
+
+
+def _settings(args: argparse.Namespace) -> None:
+    from normbench.config import settings_help
+
+    rows = settings_help()
+    width = max(len(name) for name, _, _ in rows)
+    for name, default, description in rows:
+        print(f"{name:<{width}}  default {default}" + (f"\n{'':<{width}}  {description}" if description else ""))
+
+
+def _studies(args: argparse.Namespace) -> None:
+    from normbench.cells import studies_table
+    from normbench.config import load_settings_file
+
+    print(studies_table(load_settings_file(args.config)), end="")
 
 
 def _data(args: argparse.Namespace) -> None:
@@ -58,26 +81,54 @@ def _bench(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     import json
 
+    from normbench.config import SettingsError, load_settings_file
     from normbench.report import render_report
 
-    render_report(Path(args.tables), json.loads(args.config), Path(args.out), Path(args.figures),
+    if args.config.lstrip().startswith("{"):
+        try:
+            config = json.loads(args.config)
+        except json.JSONDecodeError as error:
+            raise SettingsError(f"--config: not valid JSON ({error.msg} at character {error.pos}); "
+                                f"give the workflow config as JSON text or as a file path") from None
+    else:
+        config = load_settings_file(args.config)
+    render_report(Path(args.tables), config, Path(args.out), Path(args.figures),
                   Path(args.bench) if args.bench else None, Path(args.invocation) if args.invocation else None)
     print(f"report -> {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normbench", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"normbench {normbench.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train one cell into a folder (resumes if interrupted)")
+    train = commands.add_parser(
+        "train", help="train one cell into a folder (resumes if interrupted)",
+        description="Train one cell into a folder; an interrupted cell resumes from its checkpoint. "
+                    "`normbench settings` lists every setting with its default and meaning.")
     train.add_argument("--out", required=True, help="the cell folder")
     train.add_argument("--from", dest="from_file", help="start from a settings file, e.g. a cell's config.json")
-    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings, e.g. norm=gn batch_size=4")
+    train.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="settings, e.g. norm=gn batch_size=4 (repeatable; each setting at most once; "
+                            "they override --from)")
+    train.add_argument("--force", action="store_true",
+                       help="replace a cell of other settings that --out already holds")
     train.add_argument("--threads", type=int, help="CPU threads for the whole cell, shared by its workers "
                        "(an execution setting: not recorded in config.json)")
     train.add_argument("--timeout", type=float, default=300.0,
                        help="seconds any collective may wait before a hung worker fails the cell (default 300)")
+    train.add_argument("--time-limit", type=float, metavar="S",
+                       help="seconds after which the cell stops, evaluates and is recorded as timed out "
+                            "(resumable with a longer limit)")
     train.set_defaults(run=_train)
+
+    settings = commands.add_parser("settings", help="list every setting of a cell with its default and meaning")
+    settings.set_defaults(run=_settings)
+
+    studies = commands.add_parser("studies", help="the table of a workflow config's studies (Markdown), "
+                                  "as the README shows it")
+    studies.add_argument("config", nargs="?", default="config/config.yaml")
+    studies.set_defaults(run=_studies)
 
     data = commands.add_parser("data", help="make a dataset loadable under the data root")
     data.add_argument("dataset", choices=["fashion_mnist", "cifar10"])
@@ -106,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="tables -> claim verdicts and one self-contained HTML report")
     report.add_argument("--tables", default="results/tables")
     report.add_argument("--config", default="{}",
-                        help="the workflow config as JSON (studies with their claims and thresholds, benchmarks)")
+                        help="the workflow config (studies with their claims, benchmarks): JSON text, or the path "
+                             "of a YAML or JSON file")
     report.add_argument("--bench", help="the micro-benchmarks' JSON (normbench bench)")
     report.add_argument("--invocation", help="the workflow run's record (start time, command), where there is one")
     report.add_argument("--figures", default="reports/figures", help="folder for the figures as PNG files")
@@ -116,15 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)  # before the imports below, which load torch: --help stays quick
+
     from normbench.config import SettingsError
     from normbench.data import DatasetMissing
     from normbench.distributed import WorkerFailed
 
-    args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except (SettingsError, DatasetMissing, WorkerFailed) as error:
         sys.exit(f"normbench: error: {error}")
+    except FileNotFoundError as error:  # a path given on the command line that is not there
+        sys.exit(f"normbench: error: {error.filename}: no such file; check the path")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,16 @@
-"""Cell settings, their validation, and the expansion of a study into cells.
+"""Cell settings: their defaults, their schema, and reading them from the command line and from files.
 
-A study in the workflow config is `fixed` settings plus a `grid` of axes; each
-point of the grid is one cell. Settings are checked against
-settings.schema.yaml (the same file the workflow's config schema refers to)
-and then against the model they build, so an impossible cell fails before
-any training starts.
+Settings are checked here against settings.schema.yaml (the same file the
+workflow's config schema refers to); normbench.cells checks them against each
+other and against the model they build.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import difflib
 import json
+import re
 from dataclasses import dataclass, fields
 from functools import cache
 from importlib.resources import files
@@ -89,66 +88,42 @@ def settings_schema() -> dict:
     return yaml.safe_load(files("normbench").joinpath("settings.schema.yaml").read_text())
 
 
-def _check_against_schema(values: dict[str, Any]) -> None:
-    unknown = sorted(set(values) - set(SETTING_NAMES))
-    if unknown:
-        raise SettingsError(f"unknown setting(s) {', '.join(map(repr, unknown))}; known settings: {', '.join(SETTING_NAMES)}")
+def settings_help() -> list[tuple[str, str, str]]:
+    """(name, default, description) of every setting, in the order of Settings, for `normbench settings`."""
+    properties = settings_schema()["properties"]
+    return [(f.name, json.dumps(f.default), properties[f.name].get("description", "")) for f in fields(Settings)]
+
+
+def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The settings that differ between two cells, e.g. "norm: 'bn' there, 'gn' here"."""
+    keys = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
+    return "; ".join(f"{key}: {old.get(key)!r} there, {new.get(key)!r} here" for key in keys)
+
+
+def check_against_schema(values: dict[str, Any]) -> None:
+    """Raise SettingsError for an unknown name (suggesting the closest known one) or a value the schema refuses."""
+    for key in sorted(set(values) - set(SETTING_NAMES)):
+        close = difflib.get_close_matches(key, SETTING_NAMES, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "`normbench settings` lists them"
+        raise SettingsError(f"unknown setting {key!r}; {hint}")
     validator = jsonschema.Draft202012Validator(settings_schema())
     for error in sorted(validator.iter_errors(values), key=lambda e: list(e.path)):
         key = error.path[0] if error.path else "?"
         raise SettingsError(f"setting {key!r}: {error.message}")
 
 
-def _check_consistency(settings: Settings) -> None:
-    """Checks that involve several settings or the model itself."""
-    from normbench.data import model_io  # lazy: keeps `import normbench.config` light for the Snakefile
-    from normbench.models import build_model
-
-    if settings.model not in ("mlp", "cnn") and settings.activation != "relu":
-        raise SettingsError(f"setting 'activation': {settings.activation!r} applies to models mlp and cnn; ResNets use relu")
-    if settings.model in ("resnet20", "resnet32", "resnet56") and settings.depth is not None:
-        raise SettingsError(f"setting 'depth': model {settings.model!r} fixes its depth; use model 'resnet' with depth=6n+2")
-    transformer = settings.model in ("vit", "gpt")
-    if (settings.dataset == "text") != (settings.model == "gpt"):
-        raise SettingsError(f"setting 'model': {settings.model!r} with dataset {settings.dataset!r}; "
-                            "the text dataset goes with model gpt, and gpt needs dataset text")
-    if settings.dataset == "text" and not (settings.text_path and Path(settings.text_path).is_file()):
-        raise SettingsError(f"setting 'text_path': {settings.text_path!r} is no readable file; point it to a UTF-8 text")
-    if transformer and settings.width % settings.heads:
-        raise SettingsError(f"setting 'heads': {settings.heads} heads do not divide width {settings.width}")
-    if settings.dataset == "text" and (settings.augment or settings.channels_last):
-        raise SettingsError("settings 'augment' and 'channels_last' apply to images, not to text")
-    if settings.train_subset is not None and settings.train_subset < settings.global_batch_size:
-        raise SettingsError(
-            f"setting 'train_subset': {settings.train_subset} images make no full batch of "
-            f"{settings.global_batch_size}; raise train_subset or lower batch_size"
-        )
-    import torch
-
-    input_shape, num_classes = model_io(settings)
-    try:
-        with torch.device("meta"):  # shapes and norm groups checked without allocating weights
-            build_model(settings, input_shape, num_classes)
-    except ValueError as error:
-        raise SettingsError(f"model {settings.model!r} with norm {settings.norm!r}: {error}") from None
-
-
-def make_settings(values: dict[str, Any]) -> Settings:
-    """Validate raw values (defaults filled in) and return the Settings, or raise SettingsError."""
-    _check_against_schema(values)
-    settings = Settings(**values)
-    _check_consistency(settings)
-    return settings
-
-
 def parse_assignments(assignments: list[str]) -> dict[str, Any]:
-    """Turn `key=value` strings from the command line into typed values (YAML scalars)."""
+    """Turn `key=value` strings from the command line into typed values (YAML scalars); a key given twice
+    is an error, since only one of its values could be trained."""
     values = {}
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
         if not sep or not key:
             raise SettingsError(f"cannot read {assignment!r}: write settings as key=value, e.g. norm=gn")
-        values[key] = _parse_scalar(raw)
+        if key in values:
+            raise SettingsError(f"setting {key!r} is given twice ({format_assignment(key, values[key])} and "
+                                f"{assignment}); give each setting once")
+        values[key] = numbers_as_yaml12(yaml.safe_load(raw) if raw else "")
     return values
 
 
@@ -157,45 +132,38 @@ def format_assignment(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value.item() if hasattr(value, 'item') else value)}"
 
 
-def _parse_scalar(raw: str) -> Any:
-    value = yaml.safe_load(raw) if raw else ""
-    if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-        try:
-            return float(value)
-        except ValueError:
-            return value
+# PyYAML (and so Snakemake's config loading) follows YAML 1.1, which reads 1e-3 as a string: it wants a dot
+# (1.0e-3). YAML 1.2 and JSON read it as a number, as every user expects.
+_EXPONENT_NUMBER = re.compile(r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
+
+
+def numbers_as_yaml12(value: Any) -> Any:
+    """`value` (a scalar, or nested lists and mappings) with every string such as '1e-3' read as a float."""
+    if isinstance(value, dict):
+        return {key: numbers_as_yaml12(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [numbers_as_yaml12(item) for item in value]
+    if isinstance(value, str) and _EXPONENT_NUMBER.match(value):
+        return float(value)
     return value
 
 
 def load_settings_file(path: str | Path) -> dict[str, Any]:
-    """Read a cell's config.json (or any JSON/YAML mapping of settings)."""
-    text = Path(path).read_text()
-    values = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
+    """Read a cell's config.json (or any JSON/YAML mapping of settings); a missing or malformed file is a
+    SettingsError that names the file (and the line)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise SettingsError(f"cannot read settings file {str(path)!r}: {error.strerror}") from None
+    try:
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as error:
+        raise SettingsError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark else ""
+        raise SettingsError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
     if not isinstance(values, dict):
-        raise SettingsError(f"{path}: expected a mapping of settings")
-    return values
-
-
-def study_cells(study_name: str, study: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every cell of a study as a dict of its axis values, each validated with the fixed settings.
-
-    `grid` axes combine as a product; `linked` axes vary together (their i-th values form
-    one point), e.g. world_size [1, 2] with batch_size [32, 16] for a fixed global batch.
-    """
-    fixed, grid, linked = study.get("fixed", {}), study.get("grid", {}), study.get("linked", {})
-    for first, second in ((fixed, grid), (fixed, linked), (grid, linked)):
-        overlap = sorted(set(first) & set(second))
-        if overlap:
-            raise SettingsError(f"study {study_name!r}: {', '.join(overlap)} appears twice among fixed, grid and linked; keep one")
-    lengths = {len(values) for values in linked.values()}
-    if len(lengths) > 1:
-        raise SettingsError(f"study {study_name!r}: linked axes {', '.join(linked)} must list the same number of values")
-    linked_points = [dict(zip(linked, values)) for values in zip(*linked.values())] or [{}]
-    grid_points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    cells = [{**point, **link} for point in grid_points for link in linked_points]
-    for cell in cells:
-        try:
-            make_settings({**fixed, **cell})
-        except SettingsError as error:
-            raise SettingsError(f"study {study_name!r}, cell {json.dumps(cell)}: {error}") from None
-    return cells
+        raise SettingsError(f"{path}: expected a mapping of settings (key: value lines)")
+    return numbers_as_yaml12(values)

@@ -16,14 +16,13 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from torchvision import datasets
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    torchvision_class: type
+    torchvision_class: str  # the class's name in torchvision.datasets, imported only to read files
     input_shape: tuple[int, int, int]
     num_classes: int
     how_to_get: str
@@ -31,13 +30,13 @@ class DatasetSpec:
 
 DATASETS = {
     "fashion_mnist": DatasetSpec(
-        datasets.FashionMNIST, (1, 28, 28), 10,
+        "FashionMNIST", (1, 28, 28), 10,
         "install Debian's package dataset-fashion-mnist (as root: apt-get install -y "
         "dataset-fashion-mnist; `make setup` does this) and run `normbench data fashion_mnist`, "
         "or run `normbench data fashion_mnist --download` where the internet is reachable",
     ),
     "cifar10": DatasetSpec(
-        datasets.CIFAR10, (3, 32, 32), 10,
+        "CIFAR10", (3, 32, 32), 10,
         "run `normbench data cifar10 --download` where the internet is reachable, or put "
         "cifar-10-batches-py/ (the python version of CIFAR-10) under the data root",
     ),
@@ -57,11 +56,23 @@ class Split:
         return len(self.labels)
 
 
+def torchvision_dataset(name: str) -> type:
+    """torchvision's dataset class for `name`, imported on first use: `import torchvision` costs a second or two
+    (its models pull in torch._dynamo), which planning and commands that read no images should not pay."""
+    from torchvision import datasets
+
+    return getattr(datasets, DATASETS[name].torchvision_class)
+
+
 def _load_raw(name: str, root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, C, H, W) and int64 labels from torchvision's dataset class."""
     spec = DATASETS[name]
+    if not Path(root).is_dir():
+        raise DatasetMissing(f"the data folder {str(root)!r} does not exist (relative paths count from the current "
+                             f"directory, {Path.cwd()}); run from the folder that holds it, or point to it with "
+                             f"--set data_root=/absolute/path (setting 'data_root')")
     try:
-        dataset = spec.torchvision_class(str(root), train=train, download=False)
+        dataset = torchvision_dataset(name)(str(root), train=train, download=False)
     except RuntimeError as error:  # torchvision: "Dataset not found or corrupted..."
         raise DatasetMissing(f"{name} not found under {Path(root).resolve()} ({error}); {spec.how_to_get}") from None
     images = torch.as_tensor(dataset.data)
@@ -159,8 +170,12 @@ def dataset_files(name: str) -> list[str]:
     """The files, relative to the data root, that torchvision's loader reads for `name`."""
     if name == "fashion_mnist":
         return [f"FashionMNIST/raw/{file}" for file in FASHION_MNIST_MD5]
-    cifar = datasets.CIFAR10
-    return [f"{cifar.base_folder}/{file}" for file, _ in cifar.train_list + cifar.test_list]
+    return [f"cifar-10-batches-py/{file}" for file in CIFAR10_FILES]
+
+
+# What torchvision's CIFAR10 reads (its base_folder, train_list and test_list; a test checks they agree), named here
+# so that planning the workflow needs no torchvision import.
+CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
 
 
 def _md5(path: Path) -> str:
@@ -221,7 +236,7 @@ def fetch(name: str, root: str | Path, download: bool) -> None:
     elif download:
         try:
             for train in (True, False):
-                DATASETS[name].torchvision_class(str(root), train=train, download=True)
+                torchvision_dataset(name)(str(root), train=train, download=True)
         except Exception as error:  # no network, a mirror down, a bad archive: all end the same way
             raise DatasetMissing(f"downloading {name} failed ({error}); {DATASETS[name].how_to_get}") from None
     _check_loadable(name, root)

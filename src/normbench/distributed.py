@@ -87,3 +87,10 @@ def mean_over_workers(tensor: torch.Tensor) -> torch.Tensor:
     if not multi_process():
         return tensor
     return all_reduce_sum(tensor.detach().clone()) / dist.get_world_size()
+
+
+def any_worker(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on any worker; every worker must ask at the same point of its loop."""
+    if not multi_process():
+        return flag
+    return bool(all_reduce_sum(torch.tensor(float(flag), device=device)).item() > 0)

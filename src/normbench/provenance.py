@@ -8,8 +8,9 @@ import socket
 import subprocess
 from pathlib import Path
 
+from importlib.metadata import version
+
 import torch
-import torchvision
 
 import normbench
 
@@ -26,19 +27,35 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's architecture."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    """The GPU's name, or the CPU's model."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def environment(device: torch.device) -> dict:
+    """Provenance of a cell. CUDA and cuDNN versions are those torch was built with; on a CPU cell nothing used
+    them, so their keys say `_build`."""
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    suffix = "" if device.type == "cuda" else "_build"
     return {
         "normbench": normbench.__version__,
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "torchvision": version("torchvision"),
+        f"cuda{suffix}": torch.version.cuda,
+        f"cudnn{suffix}": cudnn,
         "python": platform.python_version(),
+        "cpu": cpu_model(),
         "device": str(device),
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),

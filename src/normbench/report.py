@@ -43,7 +43,7 @@ AXIS_LABELS = {
     "train_samples_per_s": "training throughput (images/s)", "test_loss": "test loss", "init": "weight init",
     "layer_index": "layer (from the input)", "norm_placement": "norm placement", "warmup_steps": "warm-up steps",
 }
-TABLE_COLUMNS = ["cell", "final_test_acc", "best_test_acc", "final_test_loss", "diverged", "steps",
+TABLE_COLUMNS = ["cell", "final_test_acc", "best_test_acc", "final_test_loss", "diverged", "timed_out", "steps",
                  "skipped_steps", "train_samples_per_s", "wall_time_s", "trained"]
 ERROR_BANDS = "Points and lines are means over seeds; bands and bars are 95% bootstrap intervals over seeds."
 # One caption per kind of figure, for this page and for `snakemake --report` alike.
@@ -216,9 +216,11 @@ def step_time_ratios(cells: pd.DataFrame, keys: list[str]) -> dict | None:
     if "bn" not in norms or len(norms) < 2:
         return None
     finished = cells[~cells["diverged"].astype(bool)]
-    rates = finished.groupby([*keys, "norm"])["train_samples_per_s"].mean().unstack("norm").reindex(columns=norms)
+    rates = finished.groupby([*keys, "norm"])["train_samples_per_s"].mean()
+    # With norm as the only axis there is one setting: a one-row table.
+    rates = (rates.unstack("norm") if keys else rates.to_frame("every cell").T).reindex(columns=norms)
     ratios = rates.rdiv(rates["bn"], axis=0)
-    return {"index": [_label(k) for k in keys], "columns": norms,
+    return {"index": [_label(k) for k in keys] or ["setting"], "columns": norms,
             "rows": [{"key": [_format(k) for k in (key if isinstance(key, tuple) else (key,))],
                       "values": [_format(v) for v in row]} for key, row in ratios.iterrows()]}
 
@@ -289,6 +291,7 @@ def study_section(name: str, spec: dict, cells: pd.DataFrame, curves: pd.DataFra
     section["step_time"] = step_time_ratios(cells, [a for a in [x, *facets] if a is not None])
     shown = ["cell", *section["axes"], *TABLE_COLUMNS[1:]]
     section["columns"] = [c for c in dict.fromkeys(shown) if c in cells]
+    section["runs_dir"] = os.path.commonpath([os.path.abspath(folder) for folder in cells["cell_dir"]])
     section["rows"] = [
         {"values": [_format(row[c]) for c in section["columns"]], "folder": os.path.relpath(row["cell_dir"], report_dir)}
         for _, row in cells.sort_values("cell").iterrows()
@@ -418,7 +421,7 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
         **provenance(cells),
         "config sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16],
         "command of this run": run.get("command", "not recorded (report rendered outside a workflow run)"),
-        "reproduce with": "make reproduce (or: snakemake --workflow-profile workflow/profiles/default)",
+        "reproduce with": "make reproduce (or a bare snakemake in the checkout, after make setup)",
         "cells": f"{len(cells)}: {how.get('this run', 0)} trained in this run, {how.get('resumed', 0)} resumed "
                  f"from a checkpoint, {how.get('reused', 0)} reused from earlier runs (see each cell's 'trained')",
     }

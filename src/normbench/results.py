@@ -78,7 +78,9 @@ def aggregate(summary_paths: Iterable[str | Path], runs_root: str | Path) -> dic
         identity = {"study": study, "cell": "/".join(cell_parts), "cell_dir": str(folder)}
         settings = read_json(folder / CONFIG)
         env = {f"env_{key}": value for key, value in read_json(folder / ENV).items()}
-        cells.append({**identity, **settings, **read_json(summary_path), **env})
+        # `device` is what the cell ran on (cpu, cuda:0), not the setting's `auto`, which stays as device_setting.
+        used = {"device_setting": settings["device"], "device": env["env_device"].split(":")[0]}
+        cells.append({**identity, **settings, **read_json(summary_path), **env, **used})
         # A cell's lr setting is its peak; the lr of each evaluation row is the schedule's value then.
         curves += [{**identity, **settings, **{("lr_now" if k == "lr" else k): v for k, v in row.items()}}
                    for row in read_jsonl(folder / METRICS)]

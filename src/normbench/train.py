@@ -24,15 +24,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from normbench import results
-from normbench.config import Settings, SettingsError
+from normbench.config import Settings, SettingsError, describe_differences
 from normbench.data import Split, augment_batch, load_data, model_io
-from normbench.distributed import Worker, all_reduce_sum, join_process_group, launch, mean_over_workers, under_torchrun
+from normbench.distributed import (Worker, all_reduce_sum, any_worker, join_process_group, launch, mean_over_workers,
+                                   under_torchrun)
 from normbench.models import build_model
 from normbench.precision import Precision
 from normbench.probes import Probe
 from normbench.provenance import environment
 
 EVAL_BATCH_SIZE = 1000
+SYNC_EVERY_STEPS = 32  # steps between host reads of the divergence flag (and the time limit), besides evaluations
 
 
 def resolve_device(name: str, worker: Worker = Worker()) -> torch.device:
@@ -43,25 +45,43 @@ def resolve_device(name: str, worker: Worker = Worker()) -> torch.device:
     return torch.device("cuda", worker.local_rank) if name == "cuda" else torch.device("cpu")
 
 
-def run_cell(settings: Settings, out_dir: str | Path, threads: int | None = None, timeout_s: float = 300.0) -> dict:
+def check_cell_folder(settings: Settings, out_dir: Path, force: bool) -> None:
+    """Refuse to train into a folder that holds a cell of other settings (finished or not), unless forced."""
+    existing = out_dir / results.CONFIG
+    if not existing.exists():
+        return
+    differences = describe_differences(results.read_json(existing), settings.to_dict())
+    if differences and force:  # the old cell's results go; its checkpoint is ignored (other settings)
+        (out_dir / results.SUMMARY).unlink(missing_ok=True)
+    elif differences:
+        state = "a finished cell" if (out_dir / results.SUMMARY).exists() else "an unfinished cell"
+        raise SettingsError(f"{out_dir} holds {state} of other settings ({differences}); train into a new folder, "
+                            f"or pass --force to replace it")
+
+
+def run_cell(settings: Settings, out_dir: str | Path, threads: int | None = None, timeout_s: float = 300.0,
+             time_limit_s: float | None = None, force: bool = False) -> dict:
     """Train a cell in this process, in world_size launched workers, or as a worker of an outer torchrun.
 
-    `threads` is the CPU thread budget of the whole cell, shared among its local workers.
+    `threads` is the CPU thread budget of the whole cell, shared among its local workers. After
+    `time_limit_s` seconds the cell stops at its next sync point and is recorded as timed out.
     """
+    check_cell_folder(settings, Path(out_dir), force)
     if under_torchrun():
-        return _worker(settings.to_dict(), str(out_dir), threads, timeout_s)
+        return _worker(settings.to_dict(), str(out_dir), threads, timeout_s, time_limit_s)
     if settings.world_size == 1:
         if threads:
             torch.set_num_threads(threads)
-        return train(settings, out_dir)
+        return train(settings, out_dir, time_limit_s=time_limit_s)
     if resolve_device(settings.device).type == "cuda" and torch.cuda.device_count() < settings.world_size:
         raise SettingsError(f"setting 'world_size': {settings.world_size} workers need as many GPUs on this node, "
                             f"torch sees {torch.cuda.device_count()}; lower world_size or use device=cpu")
-    launch(settings.world_size, _worker, settings.to_dict(), str(out_dir), threads, timeout_s)
+    launch(settings.world_size, _worker, settings.to_dict(), str(out_dir), threads, timeout_s, time_limit_s)
     return results.read_json(Path(out_dir) / results.SUMMARY)
 
 
-def _worker(settings_values: dict, out_dir: str, threads: int | None, timeout_s: float) -> dict:
+def _worker(settings_values: dict, out_dir: str, threads: int | None, timeout_s: float,
+            time_limit_s: float | None) -> dict:
     """One data-parallel worker (module level, so the launcher can start it in a fresh process)."""
     settings = Settings(**settings_values)
     worker = join_process_group(resolve_device(settings.device).type, timeout_s)
@@ -70,7 +90,7 @@ def _worker(settings_values: dict, out_dir: str, threads: int | None, timeout_s:
             raise SettingsError(f"setting 'world_size': {settings.world_size}, but torchrun started {worker.world_size} workers")
         if threads:
             torch.set_num_threads(max(1, threads // int(os.environ.get("LOCAL_WORLD_SIZE", worker.world_size))))
-        return train(settings, out_dir, worker)
+        return train(settings, out_dir, worker, time_limit_s)
     finally:
         dist.destroy_process_group()
 
@@ -155,7 +175,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, settings: S
     """Restore a checkpoint of the same settings; a checkpoint of other settings is ignored."""
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers and plain containers only
     if state["settings"] != settings.to_dict():
         print(f"normbench: {path} holds other settings; starting afresh", file=sys.stderr)
         return None
@@ -189,9 +209,9 @@ def prepare_model(settings: Settings, device: torch.device, dtype: torch.dtype, 
     return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) -> dict:
+def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), time_limit_s: float | None = None) -> dict:
     """Train one cell into `out_dir` and return its summary. Resumes from out_dir/checkpoint.pt, which an
-    interrupted run leaves behind.
+    interrupted or timed-out run leaves behind.
 
     With several workers each sees its slice of every global batch, gradients are
     averaged by DDP, losses and accuracies are summed over workers, and only rank 0 writes.
@@ -218,7 +238,12 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
         results.write_json(out_dir / results.ENV, {**environment(device), "world_size": worker.world_size,
                                                    "tf32": precision.tf32()})
 
-    diverged_reason = None
+    diverged_reason = timed_out_reason = None
+    # Divergence is checked on the device every step and read on the host only at sync points (each evaluation and
+    # every SYNC_EVERY_STEPS steps): no host-device sync per step, and the first diverged step is still exact.
+    diverged_at = torch.full((), -1, dtype=torch.int64, device=device)
+    diverged_loss = torch.zeros((), device=device)
+    skipped_at: list[int] = []  # steps GradScaler skipped since the last sync point (fp16)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
@@ -240,20 +265,18 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
         with precision.autocast(), probe.watching_activations() if probe else contextlib.nullcontext():
             logits = trained(inputs.contiguous(memory_format=memory_format))
         loss = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten())  # per image, or per token
-        # The global mean loss, one sync per step: every worker sees the same value, so all
-        # stop at the same step if it diverges, and that step is exact.
-        loss_value = mean_over_workers(loss.detach()).item()
-        if not math.isfinite(loss_value) or loss_value > settings.max_loss:
-            diverged_reason = f"training loss {loss_value:.4g} at step {step} (bound: finite and <= {settings.max_loss:g})"
-            progress.step = step
-            break
+        # The global mean loss: every worker sees the same value, so all find the same diverged step.
+        global_loss = mean_over_workers(loss.detach())
+        broke = (~torch.isfinite(global_loss) | (global_loss > settings.max_loss)) & (diverged_at < 0)
+        diverged_at = torch.where(broke, step, diverged_at)
+        diverged_loss = torch.where(broke, global_loss, diverged_loss)
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
         if probe:
             precision.unscale(optimizer)
             progress.probes += probe.rows(step)
         if not precision.step(optimizer):
-            progress.skipped_steps += 1
+            skipped_at.append(step)
         scheduler.step()
         loss_sum += loss.detach() * labels.numel()
         correct += (logits.argmax(-1) == labels).sum()
@@ -261,7 +284,24 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
         bar.update()
         progress.step = step + 1
 
-        if progress.step in eval_steps:
+        evaluating = progress.step in eval_steps
+        if not (evaluating or progress.step % SYNC_EVERY_STEPS == 0):
+            continue
+        first_diverged = int(diverged_at)  # the sync point: one read of the device
+        if first_diverged >= 0:
+            diverged_reason = (f"training loss {float(diverged_loss):.4g} at step {first_diverged} "
+                               f"(bound: finite and <= {settings.max_loss:g})")
+            progress.step = first_diverged
+            progress.probes = [row for row in progress.probes if row["step"] < first_diverged]
+            progress.skipped_steps += sum(s < first_diverged for s in skipped_at)
+            break
+        progress.skipped_steps += len(skipped_at)
+        skipped_at.clear()
+        out_of_time = time_limit_s is not None and time.perf_counter() - started > time_limit_s
+        if any_worker(out_of_time, device) and progress.step < total_steps:  # every worker stops at the same step
+            timed_out_reason = f"time limit of {time_limit_s:g} s reached after step {progress.step} of {total_steps}"
+            evaluating = True
+        if evaluating:
             synchronize(device)
             progress.train_time_s += time.perf_counter() - interval_started
             test_loss, test_acc = evaluate(model, test_split, memory_format, precision)
@@ -286,6 +326,8 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
             correct.zero_()
             seen = 0
             interval_started = time.perf_counter()
+        if timed_out_reason:
+            break
     bar.close()
     synchronize(device)
     if diverged_reason is not None:  # the steps since the last evaluation still count as training time
@@ -300,6 +342,8 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
         "diverged": diverged_reason is not None,
         "diverged_step": progress.step if diverged_reason else None,
         "diverged_reason": diverged_reason,
+        "timed_out": timed_out_reason is not None,
+        "timed_out_reason": timed_out_reason,
         "steps": progress.step,
         "skipped_steps": progress.skipped_steps,
         "total_steps": total_steps,
@@ -315,6 +359,8 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker()) ->
         results.write_jsonl(out_dir / results.PROBES, progress.probes)
         results.write_atomic(out_dir / results.WEIGHTS, lambda f: torch.save(model.state_dict(), f), mode="wb")
         results.write_json(out_dir / results.SUMMARY, summary)
-        # A finished cell keeps its weights, not its resumable state: a forced rerun trains afresh.
-        checkpoint_path.unlink(missing_ok=True)
+        # A finished cell keeps its weights, not its resumable state: a forced rerun trains afresh. A timed-out
+        # cell keeps its checkpoint, so that a rerun with a longer limit goes on from where it stopped.
+        if timed_out_reason is None:
+            checkpoint_path.unlink(missing_ok=True)
     return summary

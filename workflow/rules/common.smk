@@ -9,13 +9,15 @@ import sys
 import pandas as pd
 from snakemake.utils import Paramspace, validate
 
+from normbench.cells import study_cells
 from normbench.claims import check_claims, claim_sections
-from normbench.config import Settings, format_assignment, study_cells
+from normbench.config import Settings, format_assignment, numbers_as_yaml12
 from normbench.data import dataset_files
 from normbench.report import FIGURE_CAPTIONS
 from normbench.results import write_json
 
 
+config.update(numbers_as_yaml12(config))  # lr: 1e-3 is a number, as in YAML 1.2 (PyYAML's 1.1 reads a string)
 validate(config, schema="../schemas/config.schema.yaml")
 
 # Jobs call the normbench installed beside the Python that runs Snakemake, so that .venv/bin/snakemake works
@@ -27,6 +29,15 @@ RUNS = "results/runs"
 TABLES = "results/tables"
 BENCH = "results/bench/norms.json"
 INVOCATION = "results/logs/invocation.json"
+
+
+# What a cell may use, unless the config's `resources` (top level, then the study's) say otherwise.
+DEFAULT_RESOURCES = {"time_limit_min": 120, "mem_mb": 4096, "threads_per_worker": 1}
+RUNTIME_MARGIN_MIN = 5  # start-up, data loading, the last evaluation and the writes, beyond the training time limit
+
+
+def study_resources(study):
+    return {**DEFAULT_RESOURCES, **config.get("resources", {}), **config["studies"][study].get("resources", {})}
 
 
 def study_settings(study):
@@ -91,9 +102,23 @@ def cell_assignments(wildcards):
     return " ".join(shlex.quote(format_assignment(key, value)) for key, value in cell_values(wildcards).items())
 
 
-def cell_workers(wildcards):
-    """One core per data-parallel worker of the cell."""
-    return int(cell_settings(wildcards).world_size)  # Paramspace values are numpy scalars
+def cell_threads(wildcards):
+    """The cell's cores: its data-parallel workers times the study's threads per worker (SLURM: --cpus-per-task)."""
+    workers = int(cell_settings(wildcards).world_size)  # Paramspace values are numpy scalars
+    return workers * study_resources(wildcards.study)["threads_per_worker"]
+
+
+def cell_time_limit_s(wildcards):
+    return round(study_resources(wildcards.study)["time_limit_min"] * 60)
+
+
+def cell_runtime_min(wildcards):
+    """What a scheduler grants the job: the cell's training time limit plus a margin (SLURM: --time)."""
+    return round(study_resources(wildcards.study)["time_limit_min"]) + RUNTIME_MARGIN_MIN
+
+
+def cell_mem_mb(wildcards):
+    return study_resources(wildcards.study)["mem_mb"]
 
 
 def cell_gpus(wildcards):

@@ -39,8 +39,13 @@ rule train:
         "results/logs/train/{study}/{cell}.log",
     benchmark:
         "results/benchmarks/train/{study}/{cell}.tsv"
-    threads: cell_workers
+    threads: cell_threads
     resources:
         gpu=cell_gpus,
+        mem_mb=cell_mem_mb,
+        runtime=cell_runtime_min,
+        time_limit_s=cell_time_limit_s,
+    # --force: Snakemake decides when a cell is out of date; a checkpoint of the same settings still resumes.
     shell:
-        "normbench train --out {params.folder} --threads {threads} --set {params.assignments} > {log} 2>&1"
+        "normbench train --out {params.folder} --force --threads {threads} --time-limit {resources.time_limit_s} "
+        "--set {params.assignments} > {log} 2>&1"

@@ -1,0 +1,129 @@
+"""A cell's settings checked against each other and against the model they build, and a study's grid
+expanded into cells.
+
+A study in the workflow config is `fixed` settings plus a `grid` of axes; each
+point of the grid is one cell. Every cell is checked before any training
+starts, so an impossible cell stops the workflow while it is planned. This
+module sits above config, data and models (imports flow one way).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from normbench.config import Settings, SettingsError, check_against_schema
+from normbench.data import model_io
+
+# The settings that decide a model's shapes and layers; cells alike in these share one trial build.
+ARCHITECTURE = ("dataset", "text_path", "context", "model", "depth", "width", "activation", "heads", "patch_size",
+                "norm_placement", "norm", "gn_groups")
+
+
+def make_settings(values: dict[str, Any]) -> Settings:
+    """Validate raw values (defaults filled in) and return the Settings, or raise SettingsError."""
+    check_against_schema(values)
+    settings = Settings(**values)
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    """Checks that involve several settings or the model itself."""
+    if settings.model not in ("mlp", "cnn") and settings.activation != "relu":
+        raise SettingsError(f"setting 'activation': {settings.activation!r} applies to models mlp and cnn; ResNets use relu")
+    if settings.model in ("resnet20", "resnet32", "resnet56") and settings.depth is not None:
+        raise SettingsError(f"setting 'depth': model {settings.model!r} fixes its depth; use model 'resnet' with depth=6n+2")
+    transformer = settings.model in ("vit", "gpt")
+    if (settings.dataset == "text") != (settings.model == "gpt"):
+        raise SettingsError(f"setting 'model': {settings.model!r} with dataset {settings.dataset!r}; "
+                            "the text dataset goes with model gpt, and gpt needs dataset text")
+    if settings.dataset == "text" and not (settings.text_path and Path(settings.text_path).is_file()):
+        raise SettingsError(f"setting 'text_path': {settings.text_path!r} is no readable file; point it to a UTF-8 text")
+    if transformer and settings.width % settings.heads:
+        raise SettingsError(f"setting 'heads': {settings.heads} heads do not divide width {settings.width}")
+    if settings.dataset == "text" and (settings.augment or settings.channels_last):
+        raise SettingsError("settings 'augment' and 'channels_last' apply to images, not to text")
+    if settings.train_subset is not None and settings.train_subset < settings.global_batch_size:
+        raise SettingsError(
+            f"setting 'train_subset': {settings.train_subset} images make no full batch of "
+            f"{settings.global_batch_size}; raise train_subset or lower batch_size"
+        )
+    error = _trial_build(tuple(getattr(settings, name) for name in ARCHITECTURE))
+    if error:
+        raise SettingsError(f"model {settings.model!r} with norm {settings.norm!r}: {error}")
+
+
+@cache
+def _trial_build(architecture: tuple) -> str | None:
+    """Build the model on the meta device (shapes and norm groups checked, no weights allocated); the error, if any.
+
+    Cached by architecture: a 1,000-cell grid over seeds and learning rates builds each model once.
+    """
+    import torch
+
+    from normbench.models import build_model
+
+    settings = Settings(**dict(zip(ARCHITECTURE, architecture)))
+    try:
+        with torch.device("meta"):
+            build_model(settings, *model_io(settings))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def study_cells(study_name: str, study: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every cell of a study as a dict of its axis values, each validated with the fixed settings.
+
+    `grid` axes combine as a product; `linked` axes vary together (their i-th values form
+    one point), e.g. world_size [1, 2] with batch_size [32, 16] for a fixed global batch.
+    """
+    fixed, grid, linked = study.get("fixed", {}), study.get("grid", {}), study.get("linked", {})
+    for first, second in ((fixed, grid), (fixed, linked), (grid, linked)):
+        overlap = sorted(set(first) & set(second))
+        if overlap:
+            raise SettingsError(f"study {study_name!r}: {', '.join(overlap)} appears twice among fixed, grid and linked; keep one")
+    lengths = {len(values) for values in linked.values()}
+    if len(lengths) > 1:
+        raise SettingsError(f"study {study_name!r}: linked axes {', '.join(linked)} must list the same number of values")
+    linked_points = [dict(zip(linked, values)) for values in zip(*linked.values())] or [{}]
+    grid_points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    cells = [{**point, **link} for point in grid_points for link in linked_points]
+    for cell in cells:
+        try:
+            make_settings({**fixed, **cell})
+        except SettingsError as error:
+            raise SettingsError(f"study {study_name!r}, cell {json.dumps(cell)}: {error}") from None
+    return cells
+
+
+def _values(values: list) -> str:
+    return "{" + ", ".join(map(str, values)) + "}"
+
+
+def studies_table(config: dict[str, Any]) -> str:
+    """The Markdown table of a workflow config's studies: claims, cell count and grid, generated so that the
+    README cannot drift from the config (a test compares them)."""
+    defaults = config.get("defaults", {})
+    lines = ["| study | claims | cells | model: grid (each combination is one cell) |", "|---|---|---|---|"]
+    for name, study in config["studies"].items():
+        fixed = {**defaults, **study.get("fixed", {})}
+        axes = [f"{axis} {_values(values)}" for axis, values in study["grid"].items()]
+        linked = study.get("linked", {})
+        if linked:
+            points = ", ".join("(" + ", ".join(map(str, point)) + ")" for point in zip(*linked.values()))
+            axes.append(f"({', '.join(linked)}) ∈ {{{points}}}")
+        cells = len(study_cells(name, {**study, "fixed": fixed}))
+        model = Settings(**{k: v for k, v in fixed.items() if k in ("model", "width", "depth")})
+        depth = f", depth {model.depth}" if model.depth else ""
+        claims = ", ".join(study.get("claims", {})) or "none (descriptive)"
+        lines.append(f"| `{name}` | {claims} | {cells} | {model.model}, width {model.width}{depth}: {' × '.join(axes)} |")
+    if "benchmarks" in config:
+        claims = ", ".join(config["benchmarks"].get("claims", {})) or "none"
+        lines.append(f"| micro-benchmarks | {claims} | | forward + backward of each norm layer on conv maps and "
+                     f"tokens, fp32 and bf16 (`normbench bench`) |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,105 @@
+"""The command line gives exactly the settings typed, refuses what it cannot do with a message that names the fix,
+and documents itself."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from normbench.cells import studies_table
+from normbench.cli import main
+from normbench.config import SETTING_NAMES
+from normbench.results import read_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def mlp_words(fashion_root):
+    """A cell that trains in about a second, as --set words."""
+    return [f"data_root={fashion_root}", "model=mlp", "width=16", "train_subset=256", "test_subset=200",
+            "batch_size=64", "epochs=1", "device=cpu"]
+
+
+def test_repeated_set_groups_accumulate(tmp_path, mlp_words):
+    main(["train", "--out", str(tmp_path), "--threads", "1", "--set", *mlp_words, "--set", "norm=gn",
+          "--set", "lr=0.05"])
+    settings = read_json(tmp_path / "config.json")
+    assert settings["norm"] == "gn" and settings["lr"] == 0.05 and settings["width"] == 16
+
+
+def test_a_setting_given_twice_is_an_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"setting 'norm' is given twice \(norm=\"gn\" and norm=bn\)"):
+        main(["train", "--out", str(tmp_path / "cell"), "--set", "norm=gn", "--set", "norm=bn"])
+    assert not (tmp_path / "cell").exists()
+
+
+def test_a_finished_cell_of_other_settings_is_not_overwritten(tmp_path, mlp_words):
+    main(["train", "--out", str(tmp_path), "--threads", "1", "--set", *mlp_words])
+    before = (tmp_path / "summary.json").read_text()
+    with pytest.raises(SystemExit, match=r"holds a finished cell of other settings \(norm: 'bn' there, 'gn' here\); "
+                                         r"train into a new folder, or pass --force"):
+        main(["train", "--out", str(tmp_path), "--set", *mlp_words, "norm=gn"])
+    assert (tmp_path / "summary.json").read_text() == before
+    main(["train", "--out", str(tmp_path), "--threads", "1", "--force", "--set", *mlp_words, "norm=gn"])
+    assert read_json(tmp_path / "config.json")["norm"] == "gn" and read_json(tmp_path / "summary.json")["steps"] == 4
+
+
+@pytest.mark.parametrize("words, message", [
+    (["--set", "nrom=gn"], r"unknown setting 'nrom'; did you mean 'norm'\?"),
+    (["--set", "batchsize=4"], r"unknown setting 'batchsize'; did you mean 'batch_size'\?"),
+    (["--from", "missing.json"], r"cannot read settings file 'missing.json': No such file or directory"),
+])
+def test_bad_input_gets_a_message_not_a_traceback(tmp_path, monkeypatch, words, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=message):
+        main(["train", "--out", "cell", *words])
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path):
+    (tmp_path / "cell.yaml").write_text("norm: gn\nlr: [0.1\nwidth: 8\n")
+    with pytest.raises(SystemExit, match=r"cell.yaml, line 3: not valid YAML"):
+        main(["train", "--out", str(tmp_path / "cell"), "--from", str(tmp_path / "cell.yaml")])
+
+
+def test_exponent_numbers_in_yaml_are_numbers(tmp_path, mlp_words):
+    (tmp_path / "cell.yaml").write_text("lr: 1e-3\nweight_decay: 5E-4\n")
+    main(["train", "--out", str(tmp_path / "cell"), "--threads", "1", "--from", str(tmp_path / "cell.yaml"),
+          "--set", *mlp_words])
+    settings = read_json(tmp_path / "cell/config.json")
+    assert settings["lr"] == 0.001 and settings["weight_decay"] == 0.0005
+
+
+def test_a_relative_data_root_from_elsewhere_says_where_it_looked(tmp_path, monkeypatch, mlp_words):
+    main(["train", "--out", str(tmp_path / "cell"), "--threads", "1", "--set", *mlp_words])
+    relative = {**read_json(tmp_path / "cell/config.json"), "data_root": "data"}
+    (tmp_path / "relative.json").write_text(json.dumps(relative))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=rf"the data folder 'data' does not exist \(relative paths count from the "
+                                         rf"current directory, {re.escape(str(tmp_path))}\).*--set data_root="):
+        main(["train", "--out", "again", "--from", "relative.json"])
+
+
+def test_settings_command_lists_every_setting_with_default_and_meaning(capsys):
+    main(["settings"])
+    out = capsys.readouterr().out
+    for name in SETTING_NAMES:
+        assert re.search(rf"^{name} +default \S+\n +\S", out, re.MULTILINE), name
+
+
+def test_version_and_quick_help():
+    version = subprocess.run([sys.executable, "-m", "normbench.cli", "--version"], capture_output=True, text=True)
+    assert re.fullmatch(r"normbench \d+\.\d+\.\d+\n", version.stdout)
+    # --help loads no torch: the imports that need it come after argument parsing.
+    probe = "import sys; from normbench.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout == "False\n"
+
+
+def test_readme_table_of_studies_is_the_default_config():
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    assert studies_table(config) in (REPO / "README.md").read_text(), \
+        "regenerate the README's table with `normbench studies config/config.yaml`"
