@@ -6,7 +6,7 @@ export PATH := $(BIN):$(PATH)
 DATA_ROOT := data
 DEBIAN_FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup dataset browser reproduce test lint clean
+.PHONY: setup dataset browser reproduce test bench lint clean
 
 setup: $(VENV)/.installed dataset
 
@@ -34,6 +34,11 @@ reproduce: setup
 
 test: setup browser
 	$(BIN)/pytest
+
+# normbench's own speed against its baselines; prints one ratio per line at the end.
+bench: setup
+	$(BIN)/pytest tests/benchmarks --benchmark-enable --benchmark-only -p no:cacheprovider \
+		--benchmark-json=results/bench/speed.json -q
 
 lint: setup
 	$(BIN)/snakemake --lint

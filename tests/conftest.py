@@ -1,13 +1,13 @@
 import pytest
 
-from normbench.data import DEBIAN_FASHION_MNIST, prepare_fashion_mnist
+from normbench.data import DEBIAN_FASHION_MNIST, fetch
 
 
 @pytest.fixture(scope="session")
 def fashion_root(tmp_path_factory):
-    """A data root holding Fashion-MNIST, prepared from Debian's package as `make setup` does."""
+    """A data root holding Fashion-MNIST and its tensor cache, prepared from Debian's package as `make setup` does."""
     if not DEBIAN_FASHION_MNIST.exists():
         pytest.fail("Debian's dataset-fashion-mnist is not installed; `make test` installs it (as root)")
     root = tmp_path_factory.mktemp("data")
-    prepare_fashion_mnist(root)
+    fetch("fashion_mnist", root, download=False)
     return root

@@ -3,13 +3,15 @@
 import gzip
 import hashlib
 import pickle
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from torchvision import datasets
 
-from normbench.data import DatasetMissing, augment_batch, dataset_files, fetch, load_splits, prepare_fashion_mnist
+from normbench.data import (DatasetMissing, _decode, augment_batch, dataset_files, fetch, load_splits,
+                            prepare_fashion_mnist, tensor_cache)
 
 
 def test_fashion_mnist_loads_normalized(fashion_root):
@@ -29,7 +31,7 @@ def test_subsets_are_fixed_across_calls(fashion_root):
 def test_corrupted_archive_is_refused(tmp_path, fashion_root):
     source = tmp_path / "debian"
     source.mkdir()
-    for path in dataset_files("fashion_mnist"):
+    for path in dataset_files("fashion_mnist")[:-1]:  # the idx files, not the tensor cache
         data = (fashion_root / path).read_bytes()
         if "train-labels" in path:
             data = data[:-1] + bytes([data[-1] ^ 1])  # one flipped bit
@@ -101,5 +103,17 @@ def test_augmentation_is_a_crop_of_the_padded_image_maybe_flipped():
 
 
 def test_the_workflow_names_the_files_torchvision_reads():
-    assert dataset_files("cifar10") == [f"{datasets.CIFAR10.base_folder}/{name}"
-                                        for name, _ in datasets.CIFAR10.train_list + datasets.CIFAR10.test_list]
+    assert dataset_files("cifar10") == [*(f"{datasets.CIFAR10.base_folder}/{name}"
+                                          for name, _ in datasets.CIFAR10.train_list + datasets.CIFAR10.test_list),
+                                        "normbench/cifar10.pt"]
+
+
+def test_the_tensor_cache_holds_what_torchvision_decodes(fashion_root, tmp_path):
+    cached = torch.load(tensor_cache("fashion_mnist", fashion_root), weights_only=True)
+    decoded = _decode("fashion_mnist", fashion_root)
+    assert cached.keys() == decoded.keys() and all(torch.equal(cached[k], decoded[k]) for k in decoded)
+    shutil.copytree(fashion_root / "FashionMNIST", tmp_path / "FashionMNIST")  # the files alone, no cache
+    from_files = load_splits("fashion_mnist", tmp_path, 300, 50, torch.device("cpu"))
+    from_cache = load_splits("fashion_mnist", fashion_root, 300, 50, torch.device("cpu"))
+    assert all(torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+               for a, b in zip(from_files, from_cache))

@@ -133,4 +133,5 @@ def test_low_precision_error_table():
     for norm in NORMS:
         assert by[norm, "fp32", 0.0] < 1e-5
         assert by[norm, "bf16", 0.0] > 100 * by[norm, "fp32", 0.0]  # 8 mantissa bits against 24
-    assert by["rms", "fp16", 1000.0] > 0.5  # x**2 = 1e6 overflows float16 (max 65504): the output collapses
+    # x**2 = 1e6 would overflow float16 (max 65504); the fused rms_norm accumulates in float32, so it survives.
+    assert by["rms", "fp16", 1000.0] < 0.01

@@ -63,6 +63,7 @@ def test_workflow_runs_into_a_report_and_reruns_a_cell(tmp_path, fashion_root):
     assert report.count("data:image/png;base64,") == 3 and "norm~gn/batch_size~8/seed~1" in report
     assert "http://" not in report and "https://" not in report  # self-contained
     assert "8: 8 trained in this run" in report and "Micro-benchmarks of the norm layers" in report
+    assert re.search(r"\d+% of the train jobs&#39; time \(\d+ s over 8 cells", report)
     claims = pd.read_csv(tmp_path / "reports/claims.csv").set_index("claim")
     assert claims.loc["C6", "samples"] == 2 and claims.loc["C6", "cells"] == 4 and claims.loc["C12", "cells"] == 3
     assert set(claims["verdict"]) <= {"supported", "refuted", "inconclusive", "not run"}
@@ -123,7 +124,8 @@ def test_config_schema_rejects_unknown_study_keys(tmp_path, fashion_root):
     assert run.returncode != 0 and "grdi" in run.stderr + run.stdout
 
 
-@pytest.mark.parametrize("config, profile", [("config.yaml", "default"), ("full.yaml", "gpu")])
+@pytest.mark.parametrize("config, profile", [("config.yaml", "default"), ("full.yaml", "gpu"),
+                                             ("gpu-smoke.yaml", "gpu")])
 def test_shipped_configs_validate_and_plan_every_cell(tmp_path, config, profile):
     shutil.copy(REPO / "config" / config, tmp_path / "config.yaml")
     run = snakemake(tmp_path, "--dry-run", "--workflow-profile", str(REPO / "workflow/profiles" / profile))

@@ -18,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from normbench.config import SETTING_NAMES, SettingsError
 
@@ -129,6 +128,8 @@ def over_seeds(effects: pd.Series, cells: int, note: str = "", lower_bound: bool
     mean = float(effects.mean())
     if n == 1:
         return Estimate(mean, math.nan, math.nan, 1, "seeds", cells, note or "one seed: no interval", lower_bound)
+    from scipy import stats  # here, not at the top: the workflow imports this module while it plans
+
     sem = float(stats.sem(effects))
     low, high = (mean, mean) if sem == 0 else stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=sem)
     return Estimate(mean, float(low), float(high), n, "seeds", cells, note, lower_bound)
@@ -138,6 +139,8 @@ def bootstrap(samples: list[np.ndarray], statistic: Callable, note: str = "", se
     """A statistic of independent samples (the timing rounds of benchmark cases) with a percentile-bootstrap
     95% interval."""
     value = float(statistic(*samples, axis=-1))
+    from scipy import stats
+
     result = stats.bootstrap(samples, statistic, paired=False, confidence_level=CONFIDENCE, method="percentile",
                              n_resamples=2000, rng=np.random.default_rng(seed))
     low, high = result.confidence_interval

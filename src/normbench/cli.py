@@ -57,7 +57,7 @@ def _data(args: argparse.Namespace) -> None:
 def _aggregate(args: argparse.Namespace) -> None:
     from normbench.results import aggregate, write_table
 
-    tables = aggregate(args.summaries, args.runs_root)
+    tables = aggregate(args.summaries, args.runs_root, args.job_benchmarks)
     for name, table in tables.items():
         write_table(table, Path(args.out) / f"{name}.csv")
     print(", ".join(f"{len(table)} rows in {name}.csv" for name, table in tables.items()), "->", args.out)
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     agg = commands.add_parser("aggregate", help="cell folders -> tidy tables cells.csv, curves.csv, probes.csv")
     agg.add_argument("summaries", nargs="+", help="the cells' summary.json files")
     agg.add_argument("--runs-root", default="results/runs", help="the folder holding <study>/<cell>/")
+    agg.add_argument("--job-benchmarks", help="Snakemake's benchmark records of the train jobs "
+                     "(<study>/<cell>.tsv), for each cell's whole job time")
     agg.add_argument("--out", default="results/tables")
     agg.set_defaults(run=_aggregate)
 

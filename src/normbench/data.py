@@ -1,9 +1,12 @@
 """Datasets as tensors on the training device, through torchvision's own loaders.
 
 Fashion-MNIST and CIFAR-10 fit in memory many times over, so each split is
-decoded once by torchvision, normalized with the training split's statistics
+decoded by torchvision, normalized with the training split's statistics
 and kept as one tensor on the device: batches are index lookups, with no
 DataLoader workers to become the bottleneck (airbench's discipline).
+`normbench data` keeps torchvision's decoded tensors in a cache beside the
+files (<root>/normbench/<name>.pt): a cell then loads them in milliseconds and
+never imports torchvision, whose import alone costs more than a second.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from functools import cache
 from pathlib import Path
 
 import torch
+
+from normbench.results import write_atomic
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -80,6 +85,26 @@ def _load_raw(name: str, root: str | Path, train: bool) -> tuple[torch.Tensor, t
     return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.int64)
 
 
+def tensor_cache(name: str, root: str | Path) -> Path:
+    return Path(root) / "normbench" / f"{name}.pt"
+
+
+def _decode(name: str, root: str | Path) -> dict[str, torch.Tensor]:
+    """Both splits of `name` as torchvision's loader reads them from `root`."""
+    train_images, train_labels = _load_raw(name, root, train=True)
+    test_images, test_labels = _load_raw(name, root, train=False)
+    return {"train_images": train_images, "train_labels": train_labels,
+            "test_images": test_images, "test_labels": test_labels}
+
+
+def _decoded(name: str, root: str | Path) -> dict[str, torch.Tensor]:
+    """Both splits from the tensor cache that `normbench data` writes, or else decoded by torchvision."""
+    cached = tensor_cache(name, root)
+    if cached.exists():
+        return torch.load(cached, weights_only=True)
+    return _decode(name, root)
+
+
 def load_splits(name: str, root: str | Path, train_subset: int | None, test_subset: int | None,
                 device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[Split, Split]:
     """Train and test splits on `device`, normalized per channel by the full training split's statistics.
@@ -87,8 +112,9 @@ def load_splits(name: str, root: str | Path, train_subset: int | None, test_subs
     Subsets are the first images of a fixed permutation (seed 0), so every cell of a
     study, whatever its training seed, sees the same images.
     """
-    train_images, train_labels = _load_raw(name, root, train=True)
-    test_images, test_labels = _load_raw(name, root, train=False)
+    decoded = _decoded(name, root)
+    train_images, train_labels = decoded["train_images"], decoded["train_labels"]
+    test_images, test_labels = decoded["test_images"], decoded["test_labels"]
     scaled = train_images.float().div_(255)
     mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
     std = scaled.std(dim=(0, 2, 3), keepdim=True)
@@ -167,10 +193,12 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = 2
 
 
 def dataset_files(name: str) -> list[str]:
-    """The files, relative to the data root, that torchvision's loader reads for `name`."""
+    """The files, relative to the data root, that `normbench data` makes: those torchvision's loader reads for
+    `name`, and the tensor cache."""
+    cache_file = str(tensor_cache(name, "."))
     if name == "fashion_mnist":
-        return [f"FashionMNIST/raw/{file}" for file in FASHION_MNIST_MD5]
-    return [f"cifar-10-batches-py/{file}" for file in CIFAR10_FILES]
+        return [*(f"FashionMNIST/raw/{file}" for file in FASHION_MNIST_MD5), cache_file]
+    return [*(f"cifar-10-batches-py/{file}" for file in CIFAR10_FILES), cache_file]
 
 
 # What torchvision's CIFAR10 reads (its base_folder, train_list and test_list; a test checks they agree), named here
@@ -219,24 +247,20 @@ def prepare_fashion_mnist(root: str | Path, source: Path = DEBIAN_FASHION_MNIST)
     return raw
 
 
-def _check_loadable(name: str, root: str | Path) -> None:
-    """Raise DatasetMissing, with the fix, unless torchvision loads both splits of `name` from `root`."""
-    for train in (True, False):
-        _load_raw(name, root, train)
-
-
 def fetch(name: str, root: str | Path, download: bool) -> None:
-    """Make `name` loadable from `root`: already there, from Debian's package, or (if allowed) downloaded."""
+    """Make `name` loadable from `root` (already there, from Debian's package, or, if allowed, downloaded), then
+    write the tensor cache of what torchvision's loader reads."""
+    Path(root).mkdir(parents=True, exist_ok=True)
     try:
-        return _check_loadable(name, root)
+        decoded = _decode(name, root)
     except DatasetMissing:
-        pass
-    if name == "fashion_mnist" and DEBIAN_FASHION_MNIST.exists():
-        prepare_fashion_mnist(root)
-    elif download:
-        try:
-            for train in (True, False):
-                torchvision_dataset(name)(str(root), train=train, download=True)
-        except Exception as error:  # no network, a mirror down, a bad archive: all end the same way
-            raise DatasetMissing(f"downloading {name} failed ({error}); {DATASETS[name].how_to_get}") from None
-    _check_loadable(name, root)
+        if name == "fashion_mnist" and DEBIAN_FASHION_MNIST.exists():
+            prepare_fashion_mnist(root)
+        elif download:
+            try:
+                for train in (True, False):
+                    torchvision_dataset(name)(str(root), train=train, download=True)
+            except Exception as error:  # no network, a mirror down, a bad archive: all end the same way
+                raise DatasetMissing(f"downloading {name} failed ({error}); {DATASETS[name].how_to_get}") from None
+        decoded = _decode(name, root)
+    write_atomic(tensor_cache(name, root), lambda f: torch.save(decoded, f), mode="wb")

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 from torch import nn
 
 from normbench.config import settings_schema
@@ -39,8 +40,8 @@ class ChannelRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rms = x.pow(2).mean(dim=(1, 2, 3), keepdim=True).add(self.eps).rsqrt()
-        return x * rms * self.weight.view(1, -1, 1, 1)
+        # PyTorch's fused rms_norm over (C, H, W) without its per-element gain, then the per-channel gain.
+        return F.rms_norm(x, x.shape[1:], eps=self.eps) * self.weight.view(1, -1, 1, 1)
 
 
 class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import socket
 import subprocess
@@ -59,6 +60,8 @@ def environment(device: torch.device) -> dict:
         "device": str(device),
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],  # what else ran on the machine as the cell started
         "git_commit": git_commit(),
         "host": socket.gethostname(),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

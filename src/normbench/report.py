@@ -27,6 +27,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from normbench import claims  # noqa: E402
+from normbench.captions import FIGURE_CAPTIONS  # noqa: E402
 from normbench.config import settings_schema  # noqa: E402
 from normbench.results import benchmark_rounds, read_json, write_atomic, write_table  # noqa: E402
 
@@ -44,23 +45,7 @@ AXIS_LABELS = {
     "layer_index": "layer (from the input)", "norm_placement": "norm placement", "warmup_steps": "warm-up steps",
 }
 TABLE_COLUMNS = ["cell", "final_test_acc", "best_test_acc", "final_test_loss", "diverged", "timed_out", "steps",
-                 "skipped_steps", "train_samples_per_s", "wall_time_s", "trained"]
-ERROR_BANDS = "Points and lines are means over seeds; bands and bars are 95% bootstrap intervals over seeds."
-# One caption per kind of figure, for this page and for `snakemake --report` alike.
-FIGURE_CAPTIONS = {
-    "accuracy": "Final test accuracy of each cell against the study's main axis, one colour per norm; diverged "
-                "cells are red crosses at zero. " + ERROR_BANDS,
-    "curves": "Test accuracy at each evaluation during training, one panel per value of the study's main axis. "
-              + ERROR_BANDS,
-    "gradient_profile": "Gradient norm of each weighted layer's weight on the first training step, at "
-                        "initialization, from the input side (left) to the output (right), on a log scale: a "
-                        "falling line toward the input is a vanishing gradient; a cell that diverged on its "
-                        "first step has none. " + ERROR_BANDS,
-    "saturation": "Share of sigmoid units within 5% of 0 or 1 (saturated) or of ReLU units that are zero for the "
-                  "whole batch (dead) on the first training step, averaged over layers. " + ERROR_BANDS,
-    "throughput": "Training throughput in images per second, measured over each cell's timed training steps "
-                  "(evaluation excluded). " + ERROR_BANDS,
-}
+                 "skipped_steps", "train_samples_per_s", "wall_time_s", "peak_memory_mb", "trained"]
 
 
 def _save(figure, path: Path) -> str:
@@ -360,6 +345,17 @@ def benchmark_table(rounds: pd.DataFrame) -> dict | None:
             "rows": rows, "measured_on": measured_on}
 
 
+def harness_efficiency(cells: pd.DataFrame) -> str:
+    """The share of the train jobs' time spent in training steps: the rest is start-up, data loading,
+    evaluation and writing."""
+    timed = cells.dropna(subset=["job_s"]) if "job_s" in cells else cells.iloc[:0]
+    if timed.empty:
+        return "not measured (no Snakemake benchmark records of the train jobs)"
+    share = timed["train_time_s"].sum() / timed["job_s"].sum()
+    return (f"{share:.0%} of the train jobs' time ({timed['job_s'].sum():.0f} s over {len(timed)} cells, start-up "
+            f"included) was spent in training steps")
+
+
 def provenance(cells: pd.DataFrame) -> dict[str, str]:
     """Each provenance field with every distinct value the cells report."""
     fields = [c for c in cells.columns if c.startswith("env_") and c not in ("env_time", "env_host")]
@@ -422,6 +418,7 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
         "config sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16],
         "command of this run": run.get("command", "not recorded (report rendered outside a workflow run)"),
         "reproduce with": "make reproduce (or a bare snakemake in the checkout, after make setup)",
+        "harness efficiency": harness_efficiency(cells),
         "cells": f"{len(cells)}: {how.get('this run', 0)} trained in this run, {how.get('resumed', 0)} resumed "
                  f"from a checkpoint, {how.get('reused', 0)} reused from earlier runs (see each cell's 'trained')",
     }

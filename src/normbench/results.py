@@ -62,13 +62,22 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> None:
     write_atomic(path, lambda f: frame.to_csv(f, index=False))
 
 
-def aggregate(summary_paths: Iterable[str | Path], runs_root: str | Path) -> dict[str, pd.DataFrame]:
+def job_seconds(benchmark_file: Path) -> float | None:
+    """The wall time of a cell's whole train job (start-up included), from Snakemake's benchmark record."""
+    if not benchmark_file.exists():
+        return None
+    return float(pd.read_csv(benchmark_file, sep="\t")["s"].iloc[0])
+
+
+def aggregate(summary_paths: Iterable[str | Path], runs_root: str | Path,
+              job_benchmarks: str | Path | None = None) -> dict[str, pd.DataFrame]:
     """Tidy tables from cell folders: `cells` (one row per cell), `curves` (one per evaluation)
     and `probes` (one per measured quantity of a layer at a probed step).
 
     `study` and `cell` come from the folder's place under `runs_root`
     (`<runs_root>/<study>/<cell path>/summary.json`); settings and summary
-    numbers become columns, so figures can be drawn from the tables alone.
+    numbers become columns, so figures can be drawn from the tables alone. With `job_benchmarks` (the folder of
+    Snakemake's `<study>/<cell>.tsv` records of the train jobs), `job_s` is each cell's whole job time.
     """
     runs_root = Path(runs_root)
     cells, curves, probes = [], [], []
@@ -80,7 +89,8 @@ def aggregate(summary_paths: Iterable[str | Path], runs_root: str | Path) -> dic
         env = {f"env_{key}": value for key, value in read_json(folder / ENV).items()}
         # `device` is what the cell ran on (cpu, cuda:0), not the setting's `auto`, which stays as device_setting.
         used = {"device_setting": settings["device"], "device": env["env_device"].split(":")[0]}
-        cells.append({**identity, **settings, **read_json(summary_path), **env, **used})
+        job = {"job_s": job_seconds(Path(job_benchmarks) / study / f"{identity['cell']}.tsv")} if job_benchmarks else {}
+        cells.append({**identity, **settings, **read_json(summary_path), **env, **used, **job})
         # A cell's lr setting is its peak; the lr of each evaluation row is the schedule's value then.
         curves += [{**identity, **settings, **{("lr_now" if k == "lr" else k): v for k, v in row.items()}}
                    for row in read_jsonl(folder / METRICS)]

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -191,6 +192,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, settings: S
     return progress
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """The most memory this cell held: CUDA's peak allocation on a GPU, the process's peak RSS on the CPU
+    (which includes the Python runtime and torch itself, about 1 GB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -352,6 +361,7 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
         "train_time_s": progress.train_time_s,
         "wall_time_s": progress.wall_time_s + time.perf_counter() - started,
         "num_params": sum(p.numel() for p in model.parameters()),
+        "peak_memory_mb": peak_memory_mb(device),
         "resumed_from_step": progress.resumed_from_step,
     }
     if worker.is_main:

@@ -7,13 +7,15 @@ rule aggregate:
         probes=f"{TABLES}/probes.csv",
     params:
         runs=lambda wildcards: RUNS,
+        job_benchmarks=lambda wildcards: TRAIN_BENCHMARKS,
         tables=lambda wildcards, output: os.path.dirname(output.cells),
     conda:
         CONDA_ENV
     log:
         "results/logs/aggregate.log",
     shell:
-        "normbench aggregate {input} --runs-root {params.runs} --out {params.tables} > {log} 2>&1"
+        "normbench aggregate {input} --runs-root {params.runs} --job-benchmarks {params.job_benchmarks} "
+        "--out {params.tables} > {log} 2>&1"
 
 
 rule numerics:

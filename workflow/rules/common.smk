@@ -13,7 +13,7 @@ from normbench.cells import study_cells
 from normbench.claims import check_claims, claim_sections
 from normbench.config import Settings, format_assignment, numbers_as_yaml12
 from normbench.data import dataset_files
-from normbench.report import FIGURE_CAPTIONS
+from normbench.captions import FIGURE_CAPTIONS
 from normbench.results import write_json
 
 
@@ -27,6 +27,7 @@ shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(os.path.dirname(sys.e
 CONDA_ENV = "../envs/normbench.yaml"
 RUNS = "results/runs"
 TABLES = "results/tables"
+TRAIN_BENCHMARKS = "results/benchmarks/train"  # Snakemake's time and memory record of each train job
 BENCH = "results/bench/norms.json"
 INVOCATION = "results/logs/invocation.json"
 
@@ -46,18 +47,16 @@ def study_settings(study):
 
 
 # One Paramspace per study; a cell's folder spells its grid values (norm~gn/batch_size~4/...).
-SPACES = {
-    study: Paramspace(
-        pd.DataFrame(study_cells(study, {**spec, "fixed": study_settings(study)})),
-        single_wildcard="cell",
-    )
-    for study, spec in config["studies"].items()
-}
+GRIDS = {study: study_cells(study, {**spec, "fixed": study_settings(study)}) for study, spec in config["studies"].items()}
+SPACES = {study: Paramspace(pd.DataFrame(cells), single_wildcard="cell") for study, cells in GRIDS.items()}
+# Each cell's axis values by its folder pattern, as the config gave them: a 1,000-cell plan reads them by lookup
+# (Paramspace.instance would parse every folder name back, once per job attribute).
+CELL_AXES = {study: dict(zip(SPACES[study].instance_patterns, cells)) for study, cells in GRIDS.items()}
 check_claims(
     claim_sections(config),
     {
-        study: [{**study_settings(study), **cell} for cell in space.dataframe.to_dict("records")]
-        for study, space in SPACES.items()
+        study: [{**study_settings(study), **cell} for cell in cells]
+        for study, cells in GRIDS.items()
     },
 )
 
@@ -89,7 +88,7 @@ def all_summaries():
 
 def cell_values(wildcards):
     """The settings given for one cell: the study's, then the cell's axis values."""
-    return {**study_settings(wildcards.study), **SPACES[wildcards.study].instance(wildcards)}
+    return {**study_settings(wildcards.study), **CELL_AXES[wildcards.study][wildcards.cell]}
 
 
 def cell_settings(wildcards):
@@ -104,7 +103,7 @@ def cell_assignments(wildcards):
 
 def cell_threads(wildcards):
     """The cell's cores: its data-parallel workers times the study's threads per worker (SLURM: --cpus-per-task)."""
-    workers = int(cell_settings(wildcards).world_size)  # Paramspace values are numpy scalars
+    workers = cell_settings(wildcards).world_size
     return workers * study_resources(wildcards.study)["threads_per_worker"]
 
 
@@ -125,7 +124,7 @@ def cell_gpus(wildcards):
     """One GPU per data-parallel worker, unless the cell is pinned to the CPU (a profile's `resources: gpu: N`
     caps the GPUs in use; without one the resource is unlimited)."""
     settings = cell_settings(wildcards)
-    return 0 if settings.device == "cpu" else int(settings.world_size)
+    return 0 if settings.device == "cpu" else settings.world_size
 
 
 def cell_dataset_files(wildcards):

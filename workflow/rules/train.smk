@@ -38,7 +38,7 @@ rule train:
     log:
         "results/logs/train/{study}/{cell}.log",
     benchmark:
-        "results/benchmarks/train/{study}/{cell}.tsv"
+        f"{TRAIN_BENCHMARKS}/{{study}}/{{cell}}.tsv"
     threads: cell_threads
     resources:
         gpu=cell_gpus,

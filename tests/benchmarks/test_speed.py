@@ -1,0 +1,92 @@
+"""normbench's speed against its baselines, measured in one run on this machine (`make bench`).
+
+- training: normbench's training steps against a minimal hand-written loop on the same model, batch and data;
+- start-up: `normbench --help` against `python -c "import torch"`;
+- planning: a dry run of a 1,000-cell config.
+"""
+
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from normbench.cells import make_settings
+from normbench.data import load_data, model_io
+from normbench.models import build_model
+from normbench.train import epoch_permutation, train
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+ROUNDS = 3
+
+
+def minimal_loop_samples_per_s(settings) -> float:
+    """The same model, optimizer, batches and data as a normbench cell, trained by the shortest loop there is."""
+    device = torch.device("cpu")
+    train_split, _ = load_data(settings, device, torch.float32)
+    torch.manual_seed(settings.seed)
+    model = build_model(settings, *model_io(settings)).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
+    permutation = epoch_permutation(settings.seed, 0, len(train_split), device)
+    steps = len(train_split) // settings.batch_size
+    started = time.perf_counter()
+    for step in range(steps):
+        index = permutation[step * settings.batch_size:(step + 1) * settings.batch_size]
+        loss = F.cross_entropy(model(train_split.inputs[index]), train_split.labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps * settings.batch_size / (time.perf_counter() - started)
+
+
+def test_training_steps_against_a_minimal_loop(benchmark, record_ratio, fashion_root, tmp_path):
+    settings = make_settings({"data_root": str(fashion_root), "model": "resnet20", "width": 16, "batch_size": 128,
+                              "train_subset": 128 * 24, "test_subset": 100, "epochs": 1, "device": "cpu"})
+    torch.set_num_threads(1)
+    runs = iter(range(1000))
+    ours, minimal = [], []
+
+    def both() -> None:  # alternated, so that a slow moment of the machine hits both alike
+        ours.append(train(settings, tmp_path / str(next(runs)))["train_samples_per_s"])
+        minimal.append(minimal_loop_samples_per_s(settings))
+
+    benchmark.pedantic(both, rounds=ROUNDS, warmup_rounds=1)
+    benchmark.extra_info.update(normbench_samples_per_s=ours, minimal_samples_per_s=minimal)
+    record_ratio("overhead ratio (normbench samples/s / minimal loop samples/s)",
+                 statistics.median(ours) / statistics.median(minimal))
+
+
+def _seconds(command: list[str], **kwargs) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+    return time.perf_counter() - started
+
+
+def test_start_up_against_import_torch(benchmark, record_ratio):
+    times = {"help": [], "torch": []}
+
+    def both() -> None:
+        times["help"].append(_seconds([str(BIN / "normbench"), "--help"]))
+        times["torch"].append(_seconds([sys.executable, "-c", "import torch"]))
+
+    benchmark.pedantic(both, rounds=ROUNDS)
+    record_ratio("start-up ratio (normbench --help / import torch)",
+                 statistics.median(times["help"]) / statistics.median(times["torch"]))
+
+
+def test_planning_a_thousand_cells(benchmark, record_ratio, fashion_root, tmp_path):
+    grid = {"norm": ["bn", "gn", "ln", "none", "rms"], "lr": [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0],
+            "batch_size": [8, 16, 32, 64], "seed": [0, 1, 2, 3, 4]}
+    config = {"defaults": {"data_root": str(fashion_root), "device": "cpu"},
+              "studies": {"big": {"fixed": {"model": "resnet20", "width": 8}, "grid": grid}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    command = [str(BIN / "snakemake"), "--dry-run", "--snakefile", str(REPO / "Snakefile"), "--directory",
+               str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "--cores", "2"]
+    seconds = []
+    benchmark.pedantic(lambda: seconds.append(_seconds(command)), rounds=ROUNDS)
+    record_ratio("planning 1,000 cells (s, median dry run)", statistics.median(seconds))
