@@ -11,7 +11,8 @@ from normbench.config import format_assignment
 from normbench.results import read_json, read_jsonl
 from normbench.train import train
 
-TIMING = {"elapsed_s", "train_time_s", "wall_time_s", "train_samples_per_s", "resumed_from_step"}
+TIMING = {"elapsed_s", "train_time_s", "wall_time_s", "train_samples_per_s", "resumed_from_step", "forward_s", "backward_s",
+          "optimizer_s", "compile_time_s", "peak_memory_mb"}
 
 
 @pytest.fixture
@@ -211,3 +212,21 @@ def test_atomic_write_killed_midway_keeps_the_old_file(tmp_path):
             f"write_atomic({str(tmp_path / 'table.csv')!r}, write)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == -9
     assert (tmp_path / "table.csv").read_text() == "old\n"
+
+
+def test_step_phases_are_timed_apart(tiny, tmp_path):
+    summary = train(tiny(), tmp_path)
+    phases = [summary[f"{name}_s"] for name in ("forward", "backward", "optimizer")]
+    assert all(0 < seconds for seconds in phases)
+    assert sum(phases) * summary["steps"] < 1.5 * summary["train_time_s"]  # parts of the measured steps
+    assert summary["compile_time_s"] is None and summary["peak_memory_mb"] > 100
+
+
+@pytest.mark.slow
+def test_a_compiled_cell_trains_like_the_eager_one_and_times_its_compilation(tiny, tmp_path):
+    settings = dict(model="mlp", width=32, epochs=1)
+    eager = train(tiny(**settings), tmp_path / "eager")
+    compiled = train(tiny(**settings, compile=True), tmp_path / "compiled")
+    assert compiled["compile_time_s"] > 0 and not compiled["diverged"]
+    assert compiled["final_train_loss"] == pytest.approx(eager["final_train_loss"], rel=1e-3)
+    assert compiled["final_test_acc"] == pytest.approx(eager["final_test_acc"], abs=0.01)

@@ -63,6 +63,7 @@ class Settings:
     seed: int = 0
     max_loss: float = 1e3
     channels_last: bool = False
+    compile: bool = False
     device: str = "auto"
 
     @property

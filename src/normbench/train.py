@@ -200,6 +200,27 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
+class DeviceClock:
+    """Marks in the device's timeline: CUDA events on a GPU (recorded in the stream, read later without a sync per
+    step), perf_counter on the CPU, whose kernels run in order on the host."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1000  # milliseconds
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -213,9 +234,11 @@ def prepare_model(settings: Settings, device: torch.device, dtype: torch.dtype, 
     if settings.norm == "syncbn" and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # PyTorch's own on CUDA
     model = model.to(device, dtype, memory_format=memory_format)
-    if worker.world_size == 1:
-        return model, model
-    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    trained = model
+    if worker.world_size > 1:
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # torch.compile wraps only what trains; evaluation runs the eager model (the same parameters).
+    return model, torch.compile(trained) if settings.compile else trained
 
 
 def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), time_limit_s: float | None = None) -> dict:
@@ -257,7 +280,10 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
     permutation, permutation_epoch = None, None
-    interval_started = time.perf_counter()
+    clock = DeviceClock(device)
+    interval_started = clock.mark()
+    phase_marks: list[tuple] = []  # (before forward, after loss, after backward, after the optimizer) of timed steps
+    compile_time_s = None
     bar = tqdm(total=total_steps, initial=progress.step, desc=str(out_dir), unit="step", file=sys.stderr,
                disable=None if worker.is_main else True, leave=False)
     model.train()
@@ -271,9 +297,15 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
             inputs = augment_batch(inputs, seeded_generator(settings.seed, step))
         # Probe the first step (the network at initialization) and the last before each evaluation.
         probe = Probe(model) if worker.is_main and (step == 0 or step + 1 in eval_steps) else None
-        with precision.autocast(), probe.watching_activations() if probe else contextlib.nullcontext():
+        # A compiled model keeps its graph: no activation hooks, only the gradient and weight norms.
+        watching = probe.watching_activations() if probe and not settings.compile else contextlib.nullcontext()
+        # The phases of one step in SYNC_EVERY_STEPS (not a probed one) are timed apart, as timm's benchmark --detail.
+        timed = step % SYNC_EVERY_STEPS == SYNC_EVERY_STEPS // 2 and probe is None
+        marks = [clock.mark()] if timed else []
+        with precision.autocast(), watching:
             logits = trained(inputs.contiguous(memory_format=memory_format))
         loss = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten())  # per image, or per token
+        marks += [clock.mark()] if timed else []
         # The global mean loss: every worker sees the same value, so all find the same diverged step.
         global_loss = mean_over_workers(loss.detach())
         broke = (~torch.isfinite(global_loss) | (global_loss > settings.max_loss)) & (diverged_at < 0)
@@ -281,12 +313,18 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
         diverged_loss = torch.where(broke, global_loss, diverged_loss)
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
+        marks += [clock.mark()] if timed else []
         if probe:
             precision.unscale(optimizer)
             progress.probes += probe.rows(step)
         if not precision.step(optimizer):
             skipped_at.append(step)
         scheduler.step()
+        if timed:
+            phase_marks.append((*marks, clock.mark()))
+        if settings.compile and compile_time_s is None:  # the first step compiles: timed apart from training
+            compile_time_s = clock.seconds(interval_started, clock.mark())
+            interval_started = clock.mark()
         loss_sum += loss.detach() * labels.numel()
         correct += (logits.argmax(-1) == labels).sum()
         seen += labels.numel()
@@ -311,8 +349,7 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
             timed_out_reason = f"time limit of {time_limit_s:g} s reached after step {progress.step} of {total_steps}"
             evaluating = True
         if evaluating:
-            synchronize(device)
-            progress.train_time_s += time.perf_counter() - interval_started
+            progress.train_time_s += clock.seconds(interval_started, clock.mark())
             test_loss, test_acc = evaluate(model, test_split, memory_format, precision)
             totals = all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(seen)]))
             train_loss, train_acc = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
@@ -334,13 +371,15 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
             loss_sum.zero_()
             correct.zero_()
             seen = 0
-            interval_started = time.perf_counter()
+            interval_started = clock.mark()
         if timed_out_reason:
             break
     bar.close()
     synchronize(device)
     if diverged_reason is not None:  # the steps since the last evaluation still count as training time
-        progress.train_time_s += time.perf_counter() - interval_started
+        progress.train_time_s += clock.seconds(interval_started, clock.mark())
+    phases = {name: [clock.seconds(marks[i], marks[i + 1]) for marks in phase_marks]
+              for i, name in enumerate(("forward", "backward", "optimizer"))}
 
     final = progress.metrics[-1] if progress.metrics and diverged_reason is None else {}  # a diverged cell has none
     summary = {
@@ -362,6 +401,9 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
         "wall_time_s": progress.wall_time_s + time.perf_counter() - started,
         "num_params": sum(p.numel() for p in model.parameters()),
         "peak_memory_mb": peak_memory_mb(device),
+        # Mean seconds per step of each phase, over one timed step in SYNC_EVERY_STEPS of this session.
+        **{f"{name}_s": sum(times) / len(times) if times else None for name, times in phases.items()},
+        "compile_time_s": compile_time_s,
         "resumed_from_step": progress.resumed_from_step,
     }
     if worker.is_main:
