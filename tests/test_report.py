@@ -96,3 +96,22 @@ def test_step_time_ratios_leave_out_diverged_cells():
     by_lr = {row["key"][0]: row["values"] for row in ratios["rows"]}
     assert ratios["columns"] == ["bn", "none"]
     assert by_lr["0.1"] == ["1", "0.8"] and by_lr["1"] == ["1", ""]  # none is faster; at lr 1 every seed diverged
+
+
+def test_report_command_takes_the_config_as_a_file_and_claims_sort_naturally(tmp_path):
+    import yaml
+
+    from normbench.cli import main
+
+    write_tables(tmp_path)
+    config = {"studies": {"lr": {"report": {"target_acc": 0.5}, "claims": {"C3": {"rule": "above", "threshold": 0.5},
+                                                                            "C13": {"rule": "above", "threshold": 2}}}}}
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(config))
+    main(["report", "--tables", str(tmp_path), "--config", str(tmp_path / "my.yaml"), "--figures",
+          str(tmp_path / "figures"), "--out", str(tmp_path / "report.html")])
+    claims = pd.read_csv(tmp_path / "claims.csv")
+    assert list(claims["claim"]) == [f"C{i}" for i in range(1, 14)]  # C2 before C13
+    assert claims.set_index("claim").loc["C3", "verdict"] == "supported"
+    html = (tmp_path / "report.html").read_text()
+    assert html.index("<strong>C2</strong>") < html.index("<strong>C3</strong>") < html.index("<strong>C13</strong>")
+    assert "The folders are under" in html  # where the cell links point

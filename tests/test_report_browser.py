@@ -5,6 +5,7 @@ under reports/test-screenshots/."""
 import base64
 import itertools
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -72,6 +73,12 @@ def page():
             browser.wait()
 
 
+def natural_key(text: str) -> list:
+    """The page's natural order: the numbers inside a text compare as numbers."""
+    return [(0, float(piece), "") if piece[0].isdigit() else (1, 0.0, piece)
+            for piece in re.findall(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?|\D+", text, re.IGNORECASE)]
+
+
 def test_report_renders_in_chromium_with_every_image_and_no_errors(page, tmp_path):
     write_tables(tmp_path)
     out = tmp_path / "report.html"
@@ -96,7 +103,8 @@ def test_report_renders_in_chromium_with_every_image_and_no_errors(page, tmp_pat
     order = ("(() => { const t = document.querySelector('#study-lr table.sortable'); t.tHead.rows[0].cells[0].click();"
              " t.tHead.rows[0].cells[0].click(); return [...t.tBodies[0].rows].map(r => r.cells[0].textContent); })()")
     cells = evaluate(order)
-    assert cells == sorted(cells, reverse=True) and len(cells) == 12
+    assert cells == sorted(cells, key=natural_key, reverse=True) and len(cells) == 12
+    assert cells.index("norm~none/lr~0.1/seed~1") < cells.index("norm~none/lr~0.01/seed~1")  # 0.1 > 0.01
 
     errors = [e for e in page.events if e.get("method") == "Runtime.exceptionThrown"
               or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))

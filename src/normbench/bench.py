@@ -1,14 +1,18 @@
 """Micro-benchmarks of the norm layers (pytest-benchmark): forward + backward time per norm, layout and dtype.
 
-Every case runs in one pytest session on the same inputs and device, so the
-report's ratios against BatchNorm are measured in one run. `run` calls pytest
-on this module; the timing rounds are kept in the JSON so that the report can
-put a bootstrap interval on each ratio. On CUDA each round waits for the GPU,
-so a round times the kernels, not their launch.
+Every case runs in one pytest session on the same inputs and device, so each
+ratio against BatchNorm is measured in one run. `run` repeats that session in
+separate processes: rounds within a session share their process, allocator
+and clock state, so their spread is timer noise; the spread between sessions
+is what a rerun would see, and the report's intervals are taken over those
+repeats. On CUDA each round waits for the GPU, so a round times the kernels,
+not their launch.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +21,7 @@ import torch
 
 from normbench.norms import norm_factory
 from normbench.provenance import device_name
+from normbench.results import read_json, write_json
 from normbench.train import resolve_device, synchronize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -56,9 +61,28 @@ class _DevicePlugin:
         return self._device
 
 
-def run(out: Path, max_time_s: float, threads: int | None = None, device: str = "auto") -> None:
-    """Run the micro-benchmarks on `device` (auto: CUDA where there is one) into pytest-benchmark's JSON at
-    `out`, rounds included."""
+def run(out: Path, max_time_s: float, threads: int | None = None, device: str = "auto", repeats: int = 1) -> None:
+    """Run the micro-benchmarks on `device` (auto: CUDA where there is one) `repeats` times, each session in a
+    process of its own, into one pytest-benchmark JSON at `out`: rounds included, each case's `repeat` in its
+    extra_info."""
+    with tempfile.TemporaryDirectory() as scratch:
+        sessions = []
+        for repeat in range(repeats):
+            part = Path(scratch) / f"repeat{repeat}.json"
+            code = "import sys; from normbench.bench import session; session(*sys.argv[1:])"
+            subprocess.run([sys.executable, "-c", code, str(part), str(max_time_s), str(threads or 0), device],
+                           check=True, stdout=subprocess.DEVNULL)
+            sessions.append(read_json(part))
+    for repeat, result in enumerate(sessions):
+        for case in result["benchmarks"]:
+            case["extra_info"]["repeat"] = repeat
+    merged = {**sessions[0], "benchmarks": [case for result in sessions for case in result["benchmarks"]]}
+    write_json(out, merged)
+
+
+def session(out: str, max_time_s: str, threads: str, device: str) -> None:
+    """One pytest-benchmark session of every case, in this process, into `out`."""
+    out, max_time_s, threads = Path(out), float(max_time_s), int(threads)
     if threads:
         torch.set_num_threads(threads)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 Each claim that normbench can test names the study kind it reads and a
 measure: a function from that study's tables to one effect per seed (or, for
 the micro-benchmarks, per timing round). The effect's 95% confidence interval
-(a t-interval over seeds, a bootstrap over rounds) is compared with the rule
+(a t-interval over seeds, or over repeated benchmark sessions) is compared with the rule
 and threshold that the config declares next to the study, so every verdict is
 computed from runs: `supported` when the whole interval satisfies the rule,
 `refuted` when none of it does, `inconclusive` when it straddles the threshold
@@ -119,39 +119,31 @@ def _paired(cells: pd.DataFrame, value: pd.Series, axis: str, a, b) -> pd.Series
 # -- intervals ---------------------------------------------------------------------------------------------
 
 
-def over_seeds(effects: pd.Series, cells: int, note: str = "", lower_bound: bool = False) -> Estimate:
-    """Mean effect over seeds with a Student t 95% interval (none from fewer than two seeds)."""
+def over_seeds(effects: pd.Series, cells: int, note: str = "", lower_bound: bool = False, unit: str = "seeds",
+               cell_unit: str = "cells") -> Estimate:
+    """Mean effect over independent samples (seeds, or benchmark repeats) with a Student t 95% interval (none
+    from fewer than two)."""
     effects = effects.dropna()
     n = len(effects)
     if n == 0:
-        return Estimate(math.nan, math.nan, math.nan, 0, "seeds", cells, note or "no seed gave a value")
+        return Estimate(math.nan, math.nan, math.nan, 0, unit, cells, note or f"no {unit[:-1]} gave a value",
+                        cell_unit=cell_unit)
     mean = float(effects.mean())
     if n == 1:
-        return Estimate(mean, math.nan, math.nan, 1, "seeds", cells, note or "one seed: no interval", lower_bound)
+        return Estimate(mean, math.nan, math.nan, 1, unit, cells, note or f"one {unit[:-1]}: no interval",
+                        lower_bound, cell_unit)
     from scipy import stats  # here, not at the top: the workflow imports this module while it plans
 
     sem = float(stats.sem(effects))
     low, high = (mean, mean) if sem == 0 else stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=sem)
-    return Estimate(mean, float(low), float(high), n, "seeds", cells, note, lower_bound)
+    return Estimate(mean, float(low), float(high), n, unit, cells, note, lower_bound, cell_unit)
 
 
-def bootstrap(samples: list[np.ndarray], statistic: Callable, note: str = "", seed: int = 0) -> Estimate:
-    """A statistic of independent samples (the timing rounds of benchmark cases) with a percentile-bootstrap
-    95% interval."""
-    value = float(statistic(*samples, axis=-1))
-    from scipy import stats
-
-    result = stats.bootstrap(samples, statistic, paired=False, confidence_level=CONFIDENCE, method="percentile",
-                             n_resamples=2000, rng=np.random.default_rng(seed))
-    low, high = result.confidence_interval
-    return Estimate(value, float(low), float(high), min(map(len, samples)), "rounds", len(samples), note,
-                    cell_unit="cases")
-
-
-def median_ratio(times: np.ndarray, reference_times: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Median time over the reference's median time: medians are robust to a round that another process
-    interrupted."""
-    return np.median(times, axis=axis) / np.median(reference_times, axis=axis)
+def time_ratio(rounds: pd.DataFrame, norm: str, reference: str) -> pd.Series:
+    """Per benchmark repeat (one process each), the norm's median time over the reference's: medians are robust
+    to a round that another process interrupted, and repeats are independent where rounds are not."""
+    medians = rounds.groupby(["repeat", "norm"])["time_s"].median().unstack("norm")
+    return medians[norm] / medians[reference]
 
 
 def decide(estimate: Estimate, rule: str, threshold: float) -> str:
@@ -240,12 +232,11 @@ def _ln_beats_bn_in_transformers(tables: Tables, spec: dict) -> Estimate:
 def _gn_ln_slower_than_bn(tables: Tables, spec: dict) -> Estimate:
     bench = tables.bench
     rounds = bench[(bench["layout"] == "channels") & (bench["dtype"] == "fp32")]
-    times = [rounds.loc[rounds["norm"] == norm, "time_s"].to_numpy() for norm in ("gn", "ln", "bn")]
-
-    def ratio(gn, ln, bn, axis=-1):
-        return (median_ratio(gn, bn, axis) + median_ratio(ln, bn, axis)) / 2
-
-    return bootstrap(times, ratio, note=f"measured on {', '.join(sorted(set(rounds['device'])))}")
+    effects = (time_ratio(rounds, "gn", "bn") + time_ratio(rounds, "ln", "bn")) / 2
+    rms = over_seeds(time_ratio(rounds, "rms", "ln"), 2, unit="repeats") if "rms" in set(rounds["norm"]) else None
+    notes = [f"measured on {', '.join(sorted(set(rounds['device'])))}",
+             f"RMSNorm over LN's time: {rms.value:.2f} [{rms.low:.2f}, {rms.high:.2f}]" if rms else ""]
+    return over_seeds(effects, 3, "; ".join(filter(None, notes)), unit="repeats", cell_unit="cases")
 
 
 CLAIMS: tuple[Claim, ...] = (

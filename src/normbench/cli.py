@@ -74,7 +74,7 @@ def _numerics(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from normbench.bench import run
 
-    run(Path(args.out), args.max_time, args.threads, args.device)
+    run(Path(args.out), args.max_time, args.threads, args.device, args.repeats)
     print(f"norm micro-benchmarks -> {args.out}")
 
 
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="results/bench/norms.json")
     bench.add_argument("--max-time", type=float, default=0.5, help="seconds of timing rounds per case (default 0.5)")
     bench.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    bench.add_argument("--repeats", type=int, default=1,
+                       help="sessions, each in a process of its own; intervals are taken over them (default 1)")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                        help="where the layers run (default auto: CUDA where there is one)")
     bench.set_defaults(run=_bench)

@@ -324,24 +324,25 @@ def claims_table(verdicts: list[claims.Verdict]) -> pd.DataFrame:
 
 
 def benchmark_table(rounds: pd.DataFrame) -> dict | None:
-    """Median forward+backward time per norm, and its ratio to BatchNorm's with a bootstrap 95% interval,
-    per layout and dtype, all from one pytest-benchmark session."""
+    """Median forward+backward time per norm, and its ratio to BatchNorm's with a 95% interval over the
+    benchmark's repeats (separate processes), per layout and dtype."""
     if rounds.empty:
         return None
     rows = []
     for (layout, dtype), case in rounds.groupby(["layout", "dtype"], sort=False):
-        bn = case.loc[case["norm"] == "bn", "time_s"].to_numpy()
         for norm, times in case.groupby("norm", sort=False)["time_s"]:
             if norm == "bn":
                 relative = "1 (reference)"
             else:
-                estimate = claims.bootstrap([times.to_numpy(), bn], claims.median_ratio)
-                relative = f"{estimate.value:.2f} [{estimate.low:.2f}, {estimate.high:.2f}]"
+                estimate = claims.over_seeds(claims.time_ratio(case, norm, "bn"), 2, unit="repeats")
+                interval = "" if math.isnan(estimate.low) else f" [{estimate.low:.2f}, {estimate.high:.2f}]"
+                relative = f"{estimate.value:.2f}{interval}"
             rows.append([layout, case["shape"].iloc[0], dtype, norm, _format(times.median() * 1e6), relative,
                          str(len(times))])
     machines = rounds[["device", "threads"]].drop_duplicates()
     measured_on = "; ".join(f"{device}, {threads} CPU threads" for device, threads in machines.itertuples(index=False))
-    return {"columns": ["layout", "shape", "dtype", "norm", "median time (µs)", "time / BN's [95% CI]", "rounds"],
+    return {"columns": ["layout", "shape", "dtype", "norm", "median time (µs)", "time / BN's [95% CI]",
+                        "rounds (all repeats)"],
             "rows": rows, "measured_on": measured_on}
 
 

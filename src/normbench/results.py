@@ -100,7 +100,7 @@ def aggregate(summary_paths: Iterable[str | Path], runs_root: str | Path,
 
 def benchmark_rounds(path: str | Path) -> pd.DataFrame:
     """pytest-benchmark's JSON (run with --benchmark-save-data) as tidy rows: one per timing round,
-    with the case's extra_info (layout, norm, dtype, shape, device, threads)."""
+    with the case's extra_info (layout, norm, dtype, shape, device, threads, and the repeat: its session)."""
     benchmarks = read_json(path)["benchmarks"]
-    return pd.DataFrame([{**bench["extra_info"], "round": index, "time_s": seconds}
+    return pd.DataFrame([{"repeat": 0, **bench["extra_info"], "round": index, "time_s": seconds}
                          for bench in benchmarks for index, seconds in enumerate(bench["stats"]["data"])])

@@ -2,11 +2,13 @@ rule bench:
     output:
         BENCH,
     params:
-        max_time=lambda wildcards: config.get("benchmarks", {}).get("max_time_s", 0.5),
+        max_time=lambda wildcards: config.get("benchmarks", {}).get("max_time_s", 0.2),
+        repeats=lambda wildcards: config.get("benchmarks", {}).get("repeats", 5),
     threads: os.cpu_count()  # alone on the machine (Snakemake caps it at --cores): timings untouched by training
     conda:
         CONDA_ENV
     log:
         "results/logs/bench.log",
     shell:
-        "normbench bench --out {output} --max-time {params.max_time} --threads {threads} > {log} 2>&1"
+        "normbench bench --out {output} --max-time {params.max_time} --repeats {params.repeats} --threads {threads} "
+        "> {log} 2>&1"
