@@ -37,6 +37,7 @@ test: setup browser
 
 # normbench's own speed against its baselines; prints one ratio per line at the end.
 bench: setup
+	mkdir -p results/bench
 	$(BIN)/pytest tests/benchmarks --benchmark-enable --benchmark-only -p no:cacheprovider \
 		--benchmark-json=results/bench/speed.json -q
 

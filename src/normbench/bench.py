@@ -11,8 +11,7 @@ not their launch.
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import multiprocessing
 import tempfile
 from pathlib import Path
 
@@ -65,13 +64,16 @@ def run(out: Path, max_time_s: float, threads: int | None = None, device: str = 
     """Run the micro-benchmarks on `device` (auto: CUDA where there is one) `repeats` times, each session in a
     process of its own, into one pytest-benchmark JSON at `out`: rounds included, each case's `repeat` in its
     extra_info."""
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter each time, not a copy of this one
     with tempfile.TemporaryDirectory() as scratch:
         sessions = []
         for repeat in range(repeats):
             part = Path(scratch) / f"repeat{repeat}.json"
-            code = "import sys; from normbench.bench import session; session(*sys.argv[1:])"
-            subprocess.run([sys.executable, "-c", code, str(part), str(max_time_s), str(threads or 0), device],
-                           check=True, stdout=subprocess.DEVNULL)
+            process = spawn.Process(target=session, args=(part, max_time_s, threads, device))
+            process.start()
+            process.join()
+            if process.exitcode != 0:
+                raise RuntimeError(f"the norm micro-benchmarks failed in repeat {repeat} (exit code {process.exitcode})")
             sessions.append(read_json(part))
     for repeat, result in enumerate(sessions):
         for case in result["benchmarks"]:
@@ -80,9 +82,8 @@ def run(out: Path, max_time_s: float, threads: int | None = None, device: str = 
     write_json(out, merged)
 
 
-def session(out: str, max_time_s: str, threads: str, device: str) -> None:
+def session(out: Path, max_time_s: float, threads: int | None, device: str) -> None:
     """One pytest-benchmark session of every case, in this process, into `out`."""
-    out, max_time_s, threads = Path(out), float(max_time_s), int(threads)
     if threads:
         torch.set_num_threads(threads)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -119,8 +119,8 @@ def _paired(cells: pd.DataFrame, value: pd.Series, axis: str, a, b) -> pd.Series
 # -- intervals ---------------------------------------------------------------------------------------------
 
 
-def over_seeds(effects: pd.Series, cells: int, note: str = "", lower_bound: bool = False, unit: str = "seeds",
-               cell_unit: str = "cells") -> Estimate:
+def mean_interval(effects: pd.Series, cells: int, note: str = "", lower_bound: bool = False, unit: str = "seeds",
+                  cell_unit: str = "cells") -> Estimate:
     """Mean effect over independent samples (seeds, or benchmark repeats) with a Student t 95% interval (none
     from fewer than two)."""
     effects = effects.dropna()
@@ -177,7 +177,7 @@ def _fewer_steps_with_bn(tables: Tables, spec: dict) -> Estimate:
     censored = steps["none"].isna() & steps["bn"].notna()
     ratio = steps["none"].fillna(curves["step"].max()) / steps["bn"]
     note = f"lower bound: {censored.sum()} seed(s) without a norm never reached {target:g}" if censored.any() else ""
-    return over_seeds(ratio, len(cells), note, lower_bound=bool(censored.any()))
+    return mean_interval(ratio, len(cells), note, lower_bound=bool(censored.any()))
 
 
 def _larger_stable_lr_with_bn(tables: Tables, spec: dict) -> Estimate:
@@ -191,12 +191,12 @@ def _larger_stable_lr_with_bn(tables: Tables, spec: dict) -> Estimate:
     effects = np.log10(largest["bn"] / largest["none"].fillna(cells["lr"].min()))
     notes = [f"lower bound: {censored.sum()} seed(s) stable at no lr without a norm" if censored.any() else "",
              "a seed with no stable lr with BN is left out" if effects.isna().any() else ""]
-    return over_seeds(effects, len(cells), "; ".join(filter(None, notes)), lower_bound=bool(censored.any()))
+    return mean_interval(effects, len(cells), "; ".join(filter(None, notes)), lower_bound=bool(censored.any()))
 
 
 def _init_robustness_with_bn(tables: Tables, spec: dict) -> Estimate:
     cells = tables.cells[tables.cells["init"].isin(BADLY_SCALED_INITS)]
-    return over_seeds(_paired(cells, accuracy(cells), "norm", "bn", "none"), len(cells))
+    return mean_interval(_paired(cells, accuracy(cells), "norm", "bn", "none"), len(cells))
 
 
 def _balanced_gradients_with_bn(tables: Tables, spec: dict) -> Estimate:
@@ -206,12 +206,12 @@ def _balanced_gradients_with_bn(tables: Tables, spec: dict) -> Estimate:
     distance = np.log10(ends["first"] / ends["last"]).abs().rename("decades")  # 0: first and last layer alike
     cells = tables.cells[tables.cells["activation"] == "sigmoid"].set_index("cell")
     cells = cells.join(distance, how="inner").reset_index()
-    return over_seeds(_paired(cells, cells["decades"], "norm", "none", "bn"), len(cells))
+    return mean_interval(_paired(cells, cells["decades"], "norm", "none", "bn"), len(cells))
 
 
 def _bn_gap_at_small_batch(tables: Tables, spec: dict) -> Estimate:
     cells = tables.cells[tables.cells["batch_size"] == tables.cells["batch_size"].min()]
-    return over_seeds(_paired(cells, accuracy(cells), "norm", "gn", "bn"), len(cells))
+    return mean_interval(_paired(cells, accuracy(cells), "norm", "gn", "bn"), len(cells))
 
 
 def _syncbn_matches_global_bn(tables: Tables, spec: dict) -> Estimate:
@@ -221,22 +221,22 @@ def _syncbn_matches_global_bn(tables: Tables, spec: dict) -> Estimate:
     joined = sync.assign(acc=accuracy(sync)).merge(single.assign(acc=accuracy(single)), on=["global_batch", "seed"],
                                                    suffixes=("_sync", "_single"))
     effects = (joined["acc_sync"] - joined["acc_single"]).groupby(joined["seed"]).mean()
-    return over_seeds(effects, len(sync) + len(single))
+    return mean_interval(effects, len(sync) + len(single))
 
 
 def _ln_beats_bn_in_transformers(tables: Tables, spec: dict) -> Estimate:
     cells = tables.cells[tables.cells["norm"].isin(["ln", "bn"])]
-    return over_seeds(_paired(cells, accuracy(cells), "norm", "ln", "bn"), len(cells))
+    return mean_interval(_paired(cells, accuracy(cells), "norm", "ln", "bn"), len(cells))
 
 
 def _gn_ln_slower_than_bn(tables: Tables, spec: dict) -> Estimate:
     bench = tables.bench
     rounds = bench[(bench["layout"] == "channels") & (bench["dtype"] == "fp32")]
     effects = (time_ratio(rounds, "gn", "bn") + time_ratio(rounds, "ln", "bn")) / 2
-    rms = over_seeds(time_ratio(rounds, "rms", "ln"), 2, unit="repeats") if "rms" in set(rounds["norm"]) else None
+    rms = mean_interval(time_ratio(rounds, "rms", "ln"), 2, unit="repeats") if "rms" in set(rounds["norm"]) else None
     notes = [f"measured on {', '.join(sorted(set(rounds['device'])))}",
              f"RMSNorm over LN's time: {rms.value:.2f} [{rms.low:.2f}, {rms.high:.2f}]" if rms else ""]
-    return over_seeds(effects, 3, "; ".join(filter(None, notes)), unit="repeats", cell_unit="cases")
+    return mean_interval(effects, 3, "; ".join(filter(None, notes)), unit="repeats", cell_unit="cases")
 
 
 CLAIMS: tuple[Claim, ...] = (

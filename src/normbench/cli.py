@@ -150,10 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="micro-benchmarks of the norm layers (pytest-benchmark JSON)")
     bench.add_argument("--out", default="results/bench/norms.json")
-    bench.add_argument("--max-time", type=float, default=0.5, help="seconds of timing rounds per case (default 0.5)")
+    bench.add_argument("--max-time", type=float, default=0.2,
+                       help="seconds of timing rounds per case and repeat (default 0.2)")
     bench.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    bench.add_argument("--repeats", type=int, default=1,
-                       help="sessions, each in a process of its own; intervals are taken over them (default 1)")
+    bench.add_argument("--repeats", type=int, default=5,
+                       help="sessions, each in a process of its own; intervals are taken over them (default 5)")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                        help="where the layers run (default auto: CUDA where there is one)")
     bench.set_defaults(run=_bench)

@@ -90,11 +90,15 @@ def tensor_cache(name: str, root: str | Path) -> Path:
 
 
 def _decode(name: str, root: str | Path) -> dict[str, torch.Tensor]:
-    """Both splits of `name` as torchvision's loader reads them from `root`."""
+    """Both splits of `name` as torchvision's loader reads them from `root`, with the per-channel mean and std of
+    the full training split (computed here once, not in every cell)."""
     train_images, train_labels = _load_raw(name, root, train=True)
     test_images, test_labels = _load_raw(name, root, train=False)
+    scaled = train_images.double().div_(255)  # float64 sums: the same float32 statistics at any thread count
     return {"train_images": train_images, "train_labels": train_labels,
-            "test_images": test_images, "test_labels": test_labels}
+            "test_images": test_images, "test_labels": test_labels,
+            "mean": scaled.mean(dim=(0, 2, 3), keepdim=True).float(),
+            "std": scaled.std(dim=(0, 2, 3), keepdim=True).float()}
 
 
 def _decoded(name: str, root: str | Path) -> dict[str, torch.Tensor]:
@@ -113,11 +117,7 @@ def load_splits(name: str, root: str | Path, train_subset: int | None, test_subs
     study, whatever its training seed, sees the same images.
     """
     decoded = _decoded(name, root)
-    train_images, train_labels = decoded["train_images"], decoded["train_labels"]
-    test_images, test_labels = decoded["test_images"], decoded["test_labels"]
-    scaled = train_images.float().div_(255)
-    mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
-    std = scaled.std(dim=(0, 2, 3), keepdim=True)
+    mean, std = decoded["mean"], decoded["std"]
 
     def prepare(images: torch.Tensor, labels: torch.Tensor, subset: int | None) -> Split:
         if subset is not None:
@@ -126,7 +126,8 @@ def load_splits(name: str, root: str | Path, train_subset: int | None, test_subs
         normalized = (images.float().div_(255) - mean) / std
         return Split(normalized.to(device, dtype), labels.to(device))
 
-    return prepare(train_images, train_labels, train_subset), prepare(test_images, test_labels, test_subset)
+    return (prepare(decoded["train_images"], decoded["train_labels"], train_subset),
+            prepare(decoded["test_images"], decoded["test_labels"], test_subset))
 
 
 @cache

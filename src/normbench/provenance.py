@@ -7,9 +7,8 @@ import os
 import platform
 import socket
 import subprocess
-from pathlib import Path
-
 from importlib.metadata import version
+from pathlib import Path
 
 import torch
 

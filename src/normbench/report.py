@@ -334,7 +334,7 @@ def benchmark_table(rounds: pd.DataFrame) -> dict | None:
             if norm == "bn":
                 relative = "1 (reference)"
             else:
-                estimate = claims.over_seeds(claims.time_ratio(case, norm, "bn"), 2, unit="repeats")
+                estimate = claims.mean_interval(claims.time_ratio(case, norm, "bn"), 2, unit="repeats")
                 interval = "" if math.isnan(estimate.low) else f" [{estimate.low:.2f}, {estimate.high:.2f}]"
                 relative = f"{estimate.value:.2f}{interval}"
             rows.append([layout, case["shape"].iloc[0], dtype, norm, _format(times.median() * 1e6), relative,

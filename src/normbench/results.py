@@ -87,7 +87,7 @@ def aggregate(summary_paths: Iterable[str | Path], runs_root: str | Path,
         identity = {"study": study, "cell": "/".join(cell_parts), "cell_dir": str(folder)}
         settings = read_json(folder / CONFIG)
         env = {f"env_{key}": value for key, value in read_json(folder / ENV).items()}
-        # `device` is what the cell ran on (cpu, cuda:0), not the setting's `auto`, which stays as device_setting.
+        # `device` is the kind of device the cell ran on (cpu, cuda), not the setting's `auto` (device_setting).
         used = {"device_setting": settings["device"], "device": env["env_device"].split(":")[0]}
         job = {"job_s": job_seconds(Path(job_benchmarks) / study / f"{identity['cell']}.tsv")} if job_benchmarks else {}
         cells.append({**identity, **settings, **read_json(summary_path), **env, **used, **job})

@@ -271,10 +271,10 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
                                                    "tf32": precision.tf32()})
 
     diverged_reason = timed_out_reason = None
-    # Divergence is checked on the device every step and read on the host only at sync points (each evaluation and
-    # every SYNC_EVERY_STEPS steps): no host-device sync per step, and the first diverged step is still exact.
-    diverged_at = torch.full((), -1, dtype=torch.int64, device=device)
-    diverged_loss = torch.zeros((), device=device)
+    # Each step's global mean loss stays on the device until the next sync point (each evaluation and every
+    # SYNC_EVERY_STEPS steps), where one read finds the first diverged step among them: no host-device sync per step.
+    window_losses: list[torch.Tensor] = []
+    window_start = progress.step
     skipped_at: list[int] = []  # steps GradScaler skipped since the last sync point (fp16)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -306,11 +306,8 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
             logits = trained(inputs.contiguous(memory_format=memory_format))
         loss = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten())  # per image, or per token
         marks += [clock.mark()] if timed else []
-        # The global mean loss: every worker sees the same value, so all find the same diverged step.
-        global_loss = mean_over_workers(loss.detach())
-        broke = (~torch.isfinite(global_loss) | (global_loss > settings.max_loss)) & (diverged_at < 0)
-        diverged_at = torch.where(broke, step, diverged_at)
-        diverged_loss = torch.where(broke, global_loss, diverged_loss)
+        # The global mean loss: every worker sees the same values, so all find the same diverged step.
+        window_losses.append(mean_over_workers(loss.detach()))
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
         marks += [clock.mark()] if timed else []
@@ -334,9 +331,12 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
         evaluating = progress.step in eval_steps
         if not (evaluating or progress.step % SYNC_EVERY_STEPS == 0):
             continue
-        first_diverged = int(diverged_at)  # the sync point: one read of the device
-        if first_diverged >= 0:
-            diverged_reason = (f"training loss {float(diverged_loss):.4g} at step {first_diverged} "
+        losses = torch.stack(window_losses)
+        broke = (~torch.isfinite(losses) | (losses > settings.max_loss)).nonzero().flatten().tolist()  # one read
+        window_losses.clear()
+        if broke:
+            first_diverged = window_start + broke[0]
+            diverged_reason = (f"training loss {float(losses[broke[0]]):.4g} at step {first_diverged} "
                                f"(bound: finite and <= {settings.max_loss:g})")
             progress.step = first_diverged
             progress.probes = [row for row in progress.probes if row["step"] < first_diverged]
@@ -344,8 +344,10 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
             break
         progress.skipped_steps += len(skipped_at)
         skipped_at.clear()
-        out_of_time = time_limit_s is not None and time.perf_counter() - started > time_limit_s
-        if any_worker(out_of_time, device) and progress.step < total_steps:  # every worker stops at the same step
+        window_start = progress.step
+        # Every worker has the same limit and asks here, so all stop at the same step.
+        out_of_time = time_limit_s is not None and any_worker(time.perf_counter() - started > time_limit_s, device)
+        if out_of_time and progress.step < total_steps:
             timed_out_reason = f"time limit of {time_limit_s:g} s reached after step {progress.step} of {total_steps}"
             evaluating = True
         if evaluating:

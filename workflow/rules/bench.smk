@@ -2,8 +2,8 @@ rule bench:
     output:
         BENCH,
     params:
-        max_time=lambda wildcards: config.get("benchmarks", {}).get("max_time_s", 0.2),
-        repeats=lambda wildcards: config.get("benchmarks", {}).get("repeats", 5),
+        max_time=lambda wildcards: config["benchmarks"]["max_time_s"],  # the schema fills in the defaults
+        repeats=lambda wildcards: config["benchmarks"]["repeats"],
     threads: os.cpu_count()  # alone on the machine (Snakemake caps it at --cores): timings untouched by training
     conda:
         CONDA_ENV
