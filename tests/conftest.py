@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from normbench.data import DEBIAN_FASHION_MNIST, fetch
 
@@ -11,3 +12,10 @@ def fashion_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     fetch("fashion_mnist", root, download=False)
     return root
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs a CUDA GPU"))])
+def device(request) -> str:
+    """Each device a test's claim must hold on: the CPU always, CUDA where a GPU is present."""
+    return request.param

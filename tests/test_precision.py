@@ -5,16 +5,18 @@ import torch
 
 from normbench.cells import make_settings
 from normbench.precision import Precision
+from normbench.results import read_json
 from normbench.train import train
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "bf16-pure"])
-def test_every_precision_trains_a_cell(fashion_root, tmp_path, precision):
+def test_every_precision_trains_a_cell(fashion_root, tmp_path, precision, device):
     settings = make_settings({"data_root": str(fashion_root), "model": "mlp", "width": 32, "norm": "bn",
                               "train_subset": 512, "test_subset": 200, "batch_size": 32, "epochs": 1,
-                              "evals_per_epoch": 2, "lr": 0.05, "precision": precision, "device": "cpu"})
+                              "evals_per_epoch": 2, "lr": 0.05, "precision": precision, "device": device})
     summary = train(settings, tmp_path)
     assert not summary["diverged"] and summary["final_test_acc"] > 0.3
+    assert read_json(tmp_path / "env.json")["device"].startswith(device)
     weights = torch.load(tmp_path / "model.pt")
     expected = torch.bfloat16 if precision == "bf16-pure" else torch.float32
     assert {w.dtype for name, w in weights.items() if "num_batches" not in name} == {expected}
@@ -28,16 +30,16 @@ def test_autocast_runs_convolutions_and_norms_in_the_low_dtype():
         assert conv_bn(torch.randn(2, 1, 8, 8)).dtype == torch.float32
 
 
-def test_fp16_scaler_skips_a_step_with_infinite_gradients():
-    precision = Precision("fp16", torch.device("cpu"))
-    weight = torch.nn.Parameter(torch.ones(3))
+def test_fp16_scaler_skips_a_step_with_infinite_gradients(device):
+    precision = Precision("fp16", torch.device(device))
+    weight = torch.nn.Parameter(torch.ones(3, device=device))
     optimizer = torch.optim.SGD([weight], lr=0.1)
     precision.backward((weight * float("inf")).sum())
     assert not precision.step(optimizer)
-    assert torch.equal(weight.detach(), torch.ones(3))
+    assert torch.equal(weight.detach(), torch.ones(3, device=device))
     optimizer.zero_grad()
     precision.backward(weight.sum())
     precision.unscale(optimizer)
-    assert torch.equal(weight.grad, torch.ones(3))  # true scale, not 65536
+    assert torch.equal(weight.grad, torch.ones(3, device=device))  # true scale, not 65536
     assert precision.step(optimizer)
-    assert torch.allclose(weight.detach(), torch.full((3,), 0.9))
+    assert torch.allclose(weight.detach(), torch.full((3,), 0.9, device=device))

@@ -134,9 +134,9 @@ def _current_umask() -> int:
     return mask
 
 
-def test_device_side_divergence_check_stops_at_the_step_of_a_per_step_check(tiny, tmp_path, monkeypatch):
+def test_device_side_divergence_check_stops_at_the_step_of_a_per_step_check(tiny, tmp_path, monkeypatch, device):
     # An MLP without a norm whose lr ramps up until the loss breaks the bound, just after the first evaluation.
-    settings = tiny(model="mlp", width=32, norm="none", lr=2.0, warmup_steps=64, max_loss=10.0)
+    settings = tiny(model="mlp", width=32, norm="none", lr=2.0, warmup_steps=64, max_loss=10.0, device=device)
     monkeypatch.setattr(train_module, "SYNC_EVERY_STEPS", 1)  # a host read of the loss every step
     every_step = train(settings, tmp_path / "every")
     monkeypatch.setattr(train_module, "SYNC_EVERY_STEPS", 1000)  # only at evaluations
@@ -212,17 +212,18 @@ def test_atomic_write_killed_midway_keeps_the_old_file(tmp_path):
     assert (tmp_path / "table.csv").read_text() == "old\n"
 
 
-def test_step_phases_are_timed_apart(tiny, tmp_path):
-    summary = train(tiny(), tmp_path)
+def test_step_phases_are_timed_apart(tiny, tmp_path, device):
+    summary = train(tiny(device=device), tmp_path)
     phases = [summary[f"{name}_s"] for name in ("forward", "backward", "optimizer")]
     assert all(0 < seconds for seconds in phases)
     assert sum(phases) * summary["steps"] < 1.5 * summary["train_time_s"]  # parts of the measured steps
-    assert summary["compile_time_s"] is None and summary["peak_memory_mb"] > 100
+    assert summary["compile_time_s"] is None
+    assert summary["peak_memory_mb"] > (100 if device == "cpu" else 0)  # the process's RSS; CUDA's allocations
 
 
 @pytest.mark.slow
-def test_a_compiled_cell_trains_like_the_eager_one_and_times_its_compilation(tiny, tmp_path):
-    settings = dict(model="mlp", width=32, epochs=1)
+def test_a_compiled_cell_trains_like_the_eager_one_and_times_its_compilation(tiny, tmp_path, device):
+    settings = dict(model="mlp", width=32, epochs=1, device=device)
     eager = train(tiny(**settings), tmp_path / "eager")
     compiled = train(tiny(**settings, compile=True), tmp_path / "compiled")
     assert compiled["compile_time_s"] > 0 and not compiled["diverged"]
