@@ -5,8 +5,10 @@ under reports/test-screenshots/."""
 import base64
 import itertools
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -54,9 +56,11 @@ class DevTools:
 def page():
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (`make test` installs it as root)")
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes outlive its main one and keep writing the profile: they run in a session of
+    # their own, ended as a group.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         browser = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             port_file = Path(profile) / "DevToolsActivePort"
             deadline = time.monotonic() + 60
@@ -69,7 +73,7 @@ def page():
             yield devtools
             devtools.socket.close()
         finally:
-            browser.kill()
+            os.killpg(browser.pid, signal.SIGKILL)
             browser.wait()
 
 
