@@ -271,10 +271,9 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
                                                    "tf32": precision.tf32()})
 
     diverged_reason = timed_out_reason = None
-    # Each step's global mean loss stays on the device until the next sync point (each evaluation and every
-    # SYNC_EVERY_STEPS steps), where one read finds the first diverged step among them: no host-device sync per step.
+    # Each step's loss stays on the device until the next sync point (each evaluation and every SYNC_EVERY_STEPS
+    # steps), where one collective and one read find the first diverged step among them: no sync per step.
     window_losses: list[torch.Tensor] = []
-    window_start = progress.step
     skipped_at: list[int] = []  # steps GradScaler skipped since the last sync point (fp16)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -306,8 +305,7 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
             logits = trained(inputs.contiguous(memory_format=memory_format))
         loss = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten())  # per image, or per token
         marks += [clock.mark()] if timed else []
-        # The global mean loss: every worker sees the same values, so all find the same diverged step.
-        window_losses.append(mean_over_workers(loss.detach()))
+        window_losses.append(loss.detach())
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
         marks += [clock.mark()] if timed else []
@@ -331,11 +329,12 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
         evaluating = progress.step in eval_steps
         if not (evaluating or progress.step % SYNC_EVERY_STEPS == 0):
             continue
-        losses = torch.stack(window_losses)
+        # The global mean losses: every worker sees the same values, so all find the same diverged step.
+        losses = mean_over_workers(torch.stack(window_losses))
         broke = (~torch.isfinite(losses) | (losses > settings.max_loss)).nonzero().flatten().tolist()  # one read
         window_losses.clear()
         if broke:
-            first_diverged = window_start + broke[0]
+            first_diverged = progress.step - len(losses) + broke[0]
             diverged_reason = (f"training loss {float(losses[broke[0]]):.4g} at step {first_diverged} "
                                f"(bound: finite and <= {settings.max_loss:g})")
             progress.step = first_diverged
@@ -344,7 +343,6 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
             break
         progress.skipped_steps += len(skipped_at)
         skipped_at.clear()
-        window_start = progress.step
         # Every worker has the same limit and asks here, so all stop at the same step.
         out_of_time = time_limit_s is not None and any_worker(time.perf_counter() - started > time_limit_s, device)
         if out_of_time and progress.step < total_steps:
