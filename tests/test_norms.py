@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from normbench.norms import NORM_NAMES, ChannelRMSNorm, norm_factory
+from normbench.norms import NORM_NAMES, ChannelRMSNorm, NoisyBatchNorm, norm_factory
 
 EPS = 1e-5
+GHOST_BATCH = 3
+DETERMINISTIC_NORMS = [name for name in NORM_NAMES if name != "noisybn"]  # noisybn: tested on its own below
 
 
 def reference(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
@@ -17,6 +19,8 @@ def reference(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         dims = tuple(range(1, x.ndim))
         y = x / torch.sqrt(x.pow(2).mean(dims, keepdim=True) + EPS)
         return y * weight.view(1, c, *[1] * (x.ndim - 2))
+    if name == "ghostbn":  # BN of each virtual batch
+        return torch.cat([reference("bn", chunk, weight, bias, groups) for chunk in x.split(GHOST_BATCH)])
     if name in ("bn", "syncbn"):  # syncbn is plain BatchNorm in a single process
         dims = (0, *range(2, x.ndim))
         mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
@@ -30,15 +34,15 @@ def reference(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return y * weight.view(shape) + bias.view(shape)
 
 
-CASES = [(name, "channels", (6, 8, 5, 5)) for name in NORM_NAMES] + [
-    (name, "features", (16, 8)) for name in NORM_NAMES if name != "in"
+CASES = [(name, "channels", (6, 8, 5, 5)) for name in DETERMINISTIC_NORMS] + [
+    (name, "features", (18, 8)) for name in DETERMINISTIC_NORMS if name != "in"
 ]
 
 
 @pytest.mark.parametrize("name,layout,shape", CASES)
 def test_norm_matches_float64_reference(name, layout, shape):
     torch.manual_seed(0)
-    layer = norm_factory(name, layout, gn_groups=4, eps=EPS)(shape[1]).double().train()
+    layer = norm_factory(name, layout, gn_groups=4, eps=EPS, ghost_batch=GHOST_BATCH)(shape[1]).double().train()
     params = dict(layer.named_parameters())
     with torch.no_grad():
         for p in params.values():
@@ -67,7 +71,7 @@ def test_float32_norms_stay_close_to_float64(layout, shape):
     """The float32 layers a model uses, against the same layer in float64, on inputs with an offset."""
     torch.manual_seed(1)
     x = torch.randn(shape, dtype=torch.float64) * 2 + 5
-    for name in NORM_NAMES:
+    for name in DETERMINISTIC_NORMS:
         if name == "in" and layout == "features":
             continue
         layer = norm_factory(name, layout, gn_groups=4)(shape[1])
@@ -108,7 +112,7 @@ def test_channel_rmsnorm_matches_torch_rmsnorm_with_per_channel_gain():
 
 
 def test_unknown_norm_lists_known_names():
-    with pytest.raises(ValueError, match=r"unknown norm 'batchnorm'; known norms: bn, syncbn, gn"):
+    with pytest.raises(ValueError, match=r"unknown norm 'batchnorm'; known norms: bn, syncbn, ghostbn, noisybn, gn"):
         norm_factory("batchnorm")
 
 
@@ -135,3 +139,33 @@ def test_low_precision_error_table():
         assert by[norm, "bf16", 0.0] > 100 * by[norm, "fp32", 0.0]  # 8 mantissa bits against 24
     # x**2 = 1e6 would overflow float16 (max 65504); the fused rms_norm accumulates in float32, so it survives.
     assert by["rms", "fp16", 1000.0] < 0.01
+
+
+def test_noisy_batchnorm_draws_new_noise_each_step_and_none_in_eval():
+    """Noisy BN is BN times a per-channel scale plus a shift, both redrawn every training step; eval is plain BN."""
+    torch.manual_seed(3)
+    layer = norm_factory("noisybn", "channels")(4)
+    bn = norm_factory("bn", "channels")(4)
+    x = torch.randn(8, 4, 3, 3)
+    first, second = layer(x), layer(x)
+    assert not torch.allclose(first, second)  # new noise on the second step
+    bn(x)
+    plain = bn(x)  # as many training steps as the noisy layer took: the same running statistics
+    # Per channel the noisy output is an affine function of BN's output: a scale and a shift, not unit/zero.
+    for out in (first, second):
+        flat, ref = out.transpose(0, 1).reshape(4, -1), plain.detach().transpose(0, 1).reshape(4, -1)
+        scale = (flat.std(dim=1) / ref.std(dim=1))
+        shift = flat.mean(dim=1) - scale * ref.mean(dim=1)
+        torch.testing.assert_close(flat, scale[:, None] * ref + shift[:, None], rtol=1e-4, atol=1e-4)
+        assert (scale - 1).abs().max() > 0.05 and shift.abs().max() > 0.05
+    layer.eval(), bn.eval()
+    torch.testing.assert_close(layer(x), bn(x))  # no noise in eval
+
+
+def test_noisy_batchnorm_holds_one_draw_until_released():
+    layer = NoisyBatchNorm(4)
+    x = torch.randn(8, 4)
+    layer.hold(torch.Generator().manual_seed(0))
+    torch.testing.assert_close(layer(x), layer(x))
+    layer.release()
+    assert not torch.allclose(layer(x), layer(x))

@@ -59,7 +59,7 @@ def test_report_is_self_contained_and_escapes_config_text(tmp_path):
     write_tables(tmp_path)
     out = tmp_path / "report.html"
     config = {"studies": {"lr": {"description": "<script>alert(1)</script>", "report": {"target_acc": 0.5},
-                                 "claims": {"C3": {"rule": "above", "threshold": 0.5}}}}}
+                                 "claims": ["C3"]}}}
     render_report(tmp_path, config, out, tmp_path / "figures")
     html = out.read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>alert(1)" not in html
@@ -104,14 +104,13 @@ def test_report_command_takes_the_config_as_a_file_and_claims_sort_naturally(tmp
     from normbench.cli import main
 
     write_tables(tmp_path)
-    config = {"studies": {"lr": {"report": {"target_acc": 0.5}, "claims": {"C3": {"rule": "above", "threshold": 0.5},
-                                                                            "C13": {"rule": "above", "threshold": 2}}}}}
+    config = {"studies": {"lr": {"report": {"target_acc": 0.5}, "claims": ["C3", "C13"]}}}
     (tmp_path / "my.yaml").write_text(yaml.safe_dump(config))
     main(["report", "--tables", str(tmp_path), "--config", str(tmp_path / "my.yaml"), "--figures",
           str(tmp_path / "figures"), "--out", str(tmp_path / "report.html")])
     claims = pd.read_csv(tmp_path / "claims.csv")
-    assert list(claims["claim"]) == [f"C{i}" for i in range(1, 14)]  # C2 before C13
+    assert list(claims["claim"]) == ["C1", "C2a", "C2b", *(f"C{i}" for i in range(3, 14))]  # C2 before C13
     assert claims.set_index("claim").loc["C3", "verdict"] == "supported"
     html = (tmp_path / "report.html").read_text()
-    assert html.index("<strong>C2</strong>") < html.index("<strong>C3</strong>") < html.index("<strong>C13</strong>")
+    assert html.index("<strong>C2b</strong>") < html.index("<strong>C3</strong>") < html.index("<strong>C13</strong>")
     assert "The folders are under" in html  # where the cell links point

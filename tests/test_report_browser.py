@@ -87,7 +87,7 @@ def test_report_renders_in_chromium_with_every_image_and_no_errors(page, tmp_pat
     write_tables(tmp_path)
     out = tmp_path / "report.html"
     config = {"studies": {"lr": {"description": "A <b>study</b>", "report": {"target_acc": 0.5, "stable_acc": 0.5},
-                                 "claims": {"C3": {"rule": "above", "threshold": 0.5}}}}}
+                                 "claims": ["C3"]}}}
     render_report(tmp_path, config, out, tmp_path / "figures")
 
     for domain in ("Page", "Runtime", "Log"):

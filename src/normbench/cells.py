@@ -20,7 +20,7 @@ from normbench.data import model_io
 
 # The settings that decide a model's shapes and layers; cells alike in these share one trial build.
 ARCHITECTURE = ("dataset", "text_path", "context", "model", "depth", "width", "activation", "heads", "patch_size",
-                "norm_placement", "norm", "gn_groups")
+                "norm_placement", "norm", "gn_groups", "ghost_batch", "dropout")
 
 
 def make_settings(values: dict[str, Any]) -> Settings:
@@ -47,6 +47,12 @@ def _check_consistency(settings: Settings) -> None:
         raise SettingsError(f"setting 'heads': {settings.heads} heads do not divide width {settings.width}")
     if settings.dataset == "text" and (settings.augment or settings.channels_last):
         raise SettingsError("settings 'augment' and 'channels_last' apply to images, not to text")
+    if settings.dropout and settings.model not in ("mlp", "cnn", "resnet20", "resnet32", "resnet56", "resnet"):
+        raise SettingsError(f"setting 'dropout': applies to mlp, cnn and resnet models, not {settings.model!r}")
+    if settings.norm == "ghostbn" and settings.batch_size % settings.ghost_batch:
+        raise SettingsError(f"setting 'ghost_batch': {settings.ghost_batch} does not divide batch_size "
+                            f"{settings.batch_size}; ghost batches must split each batch evenly")
+    _check_probes(settings)
     if settings.train_subset is not None and settings.train_subset < settings.global_batch_size:
         raise SettingsError(
             f"setting 'train_subset': {settings.train_subset} images make no full batch of "
@@ -55,6 +61,19 @@ def _check_consistency(settings: Settings) -> None:
     error = _trial_build(tuple(getattr(settings, name) for name in ARCHITECTURE))
     if error:
         raise SettingsError(f"model {settings.model!r} with norm {settings.norm!r}: {error}")
+
+
+def _check_probes(settings: Settings) -> None:
+    """Each probe measures something only some cells have."""
+    if "percentiles" in settings.probes and settings.model not in ("mlp", "cnn"):
+        raise SettingsError("probe 'percentiles' reads the inputs of the last hidden activation: models mlp and cnn")
+    if "inference" in settings.probes and settings.norm != "bn":
+        raise SettingsError(f"probe 'inference' compares BatchNorm's statistics and folds BN: it needs norm bn, "
+                            f"not {settings.norm!r}")
+    if {"ics", "inference"} & set(settings.probes) and (settings.world_size > 1 or settings.compile):
+        raise SettingsError("probes 'ics' and 'inference' run in one eager process: use world_size 1, compile false")
+    if {"ics"} & set(settings.probes) and settings.precision != "fp32":
+        raise SettingsError("probe 'ics' compares gradients to float tolerance: use precision fp32")
 
 
 @cache

@@ -1,17 +1,20 @@
 """The common claims about normalization that normbench tests, as computations, and their verdicts.
 
-Each claim that normbench can test names the study kind it reads and a
-measure: a function from that study's tables to one effect per seed (or, for
-the micro-benchmarks, per timing round). The effect's 95% confidence interval
-(a t-interval over seeds, or over repeated benchmark sessions) is compared with the rule
-and threshold that the config declares next to the study, so every verdict is
-computed from runs: `supported` when the whole interval satisfies the rule,
-`refuted` when none of it does, `inconclusive` when it straddles the threshold
-(or when one seed gives no interval), `not run` when no study declares the claim.
+Each claim names the study kind it reads, a measure (a function from that
+study's tables to one effect per seed, or per benchmark repeat) and its rule
+and threshold, fixed before any run (../shared/CLAIMS.md, "Thresholds"): every
+config is judged by the same bar, and a config only says which study measures
+which claim. The effect's 95% t-interval over seeds is compared with the
+threshold, so every verdict is computed from runs: `supported` when the whole
+interval satisfies the rule, `refuted` when none of it does, `inconclusive`
+when it straddles the threshold (or when one seed gives no interval), `not run`
+when no study declares the claim. Beside each verdict: the effect the run
+could detect at its seeds and spread, and the seeds that would decide it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,9 +22,11 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from normbench.config import SETTING_NAMES, SettingsError
+from normbench.config import SETTING_NAMES, Settings, SettingsError
 
 CONFIDENCE = 0.95
+POWER = 0.8  # of the t-test behind "detectable effect" and "seeds needed"
+MIN_SAMPLES = 3  # the fewest seeds "seeds needed" proposes
 CHANCE_ACCURACY = 0.1  # ten classes: what a diverged image classifier is worth
 BADLY_SCALED_INITS = ("normal-0.01", "normal-1")
 RULES = {
@@ -54,6 +59,8 @@ class Estimate:
     note: str = ""
     lower_bound: bool = False  # some samples were censored upward: the effect is at least this
     cell_unit: str = "cells"  # what `cells` counts: training runs, or benchmark cases
+    spread: float = math.nan  # sample standard deviation of the per-sample effects
+    fails: str = ""  # a precondition of the claim that the run broke (the verdict is then refuted), e.g. unequal outputs
 
 
 @dataclass(frozen=True)
@@ -63,9 +70,16 @@ class Claim:
     anchor: str
     experiment: str  # the study (or benchmarks) that measures it
     effect: str  # what the effect is, with its unit
-    measure: Callable[[Tables, dict], Estimate] | None = None  # None: normbench has no experiment for it yet
+    rule: str  # above, below or within: see RULES
+    threshold: float  # CLAIMS.md's value, fixed before any run
+    measure: Callable[[Tables, dict], Estimate]
     needs: dict[str, tuple] = field(default_factory=dict)  # axis -> values the study's cells must include
-    thresholds: tuple[str, ...] = ()  # keys the study's `report` section must set
+    report_keys: tuple[str, ...] = ()  # keys the study's `report` section must set
+    probes: tuple[str, ...] = ()  # probes the study's cells must record
+
+    @property
+    def bar(self) -> str:
+        return RULES[self.rule].format(threshold=self.threshold)
 
 
 @dataclass(frozen=True)
@@ -73,9 +87,10 @@ class Verdict:
     claim: Claim
     verdict: str
     study: str | None = None
-    rule: str = ""
     estimate: Estimate | None = None
     note: str = ""
+    detectable_effect: float = math.nan  # distance from the threshold the run detects with 80% power
+    seeds_needed: float = math.nan  # seeds that would decide the claim at the observed effect and spread
 
 
 # -- shared measurements (the report's tables use them too) -------------------------------------------------
@@ -136,7 +151,38 @@ def mean_interval(effects: pd.Series, cells: int, note: str = "", lower_bound: b
 
     sem = float(stats.sem(effects))
     low, high = (mean, mean) if sem == 0 else stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=sem)
-    return Estimate(mean, float(low), float(high), n, unit, cells, note, lower_bound, cell_unit)
+    return Estimate(mean, float(low), float(high), n, unit, cells, note, lower_bound, cell_unit,
+                    float(effects.std(ddof=1)))
+
+
+def margin(estimate: Estimate, rule: str, threshold: float) -> float:
+    """How far the effect lies from deciding its rule: from the threshold, or for `within` from the nearer bound."""
+    if rule == "within":
+        return threshold - abs(estimate.value)
+    return estimate.value - threshold
+
+
+def power_analysis(estimate: Estimate, rule: str, threshold: float) -> tuple[float, float]:
+    """(detectable effect, seeds needed) of a two-sided one-sample t-test at 5% and POWER (statsmodels'
+    TTestPower): the distance from the threshold the run's samples detect given their spread, and the samples
+    that would detect the observed distance. NaN where the run gives no spread."""
+    if estimate.samples < 2 or math.isnan(estimate.spread):
+        return math.nan, math.nan
+    from statsmodels.stats.power import TTestPower
+
+    power = TTestPower()
+    detectable = power.solve_power(nobs=estimate.samples, alpha=1 - CONFIDENCE, power=POWER) * estimate.spread
+    distance = abs(margin(estimate, rule, threshold))
+    if estimate.spread == 0:
+        return float(detectable), float(MIN_SAMPLES) if distance > 0 else math.inf
+    if distance == 0:
+        return float(detectable), math.inf
+    effect_size = distance / estimate.spread
+    # Three samples is the floor: below it the t-interval is too wide to use (and the solver too unstable).
+    if effect_size >= power.solve_power(nobs=MIN_SAMPLES, alpha=1 - CONFIDENCE, power=POWER):
+        return float(detectable), float(MIN_SAMPLES)
+    needed = power.solve_power(effect_size=effect_size, alpha=1 - CONFIDENCE, power=POWER)
+    return float(detectable), float(math.ceil(needed))
 
 
 def time_ratio(rounds: pd.DataFrame, norm: str, reference: str) -> pd.Series:
@@ -149,6 +195,8 @@ def time_ratio(rounds: pd.DataFrame, norm: str, reference: str) -> pd.Series:
 def decide(estimate: Estimate, rule: str, threshold: float) -> str:
     """supported / refuted / inconclusive from where the interval lies against the threshold."""
     low, high = estimate.low, estimate.high
+    if estimate.fails:
+        return "refuted"
     if math.isnan(low) or math.isnan(high):
         return "inconclusive"
     if rule == "above":
@@ -239,46 +287,136 @@ def _gn_ln_slower_than_bn(tables: Tables, spec: dict) -> Estimate:
     return mean_interval(effects, 3, "; ".join(filter(None, notes)), unit="repeats", cell_unit="cases")
 
 
+def per_cell(probes: pd.DataFrame, quantity: str) -> pd.Series:
+    """A probe quantity's mean per cell (over its probed steps and layers)."""
+    return probes[probes["quantity"] == quantity].groupby("cell")["value"].mean()
+
+
+def _with(cells: pd.DataFrame, values: pd.Series, name: str) -> pd.DataFrame:
+    """The cells with one more column from a per-cell series (cells without a value dropped)."""
+    return cells.join(values.rename(name), on="cell", how="inner")
+
+
+def percentile_drift(probes: pd.DataFrame) -> pd.Series:
+    """Per cell, how far the 15th, 50th and 85th percentiles of the watched inputs travel over training (each one's
+    range over the recorded steps, averaged over the three) in units of the distribution's mean width
+    (85th minus 15th percentile), averaged over the watched units. 0: a distribution that never moves."""
+    rows = probes[probes["quantity"].isin(["p15", "p50", "p85"])]
+    wide = rows.pivot_table(index=["cell", "unit", "step"], columns="quantity", values="value")
+    by_unit = wide.groupby(level=["cell", "unit"])
+    travel = (by_unit.max() - by_unit.min()).mean(axis=1)
+    width = (wide["p85"] - wide["p15"]).groupby(level=["cell", "unit"]).mean()
+    return (travel / width).groupby(level="cell").mean()
+
+
+def _ratio_by_seed(cells: pd.DataFrame, column: str, a: str, b: str) -> pd.Series:
+    """column(norm a) / column(norm b) per seed (each norm's mean over the seed's cells)."""
+    wide = cells.pivot_table(index="seed", columns="norm", values=column)
+    return wide[a] / wide[b]
+
+
+def _drift_without_bn(tables: Tables, spec: dict) -> Estimate:
+    cells = _with(tables.cells, percentile_drift(tables.probes), "drift")
+    return mean_interval(_ratio_by_seed(cells, "drift", "none", "bn"), len(cells))
+
+
+def _ics_with_bn(tables: Tables, spec: dict) -> Estimate:
+    ics = tables.probes[tables.probes["quantity"] == "ics_l2"].groupby(["cell", "layer_index"])["value"].mean()
+    frame = ics.reset_index().merge(tables.cells[["cell", "norm", "seed"]], on="cell")
+    wide = frame.pivot_table(index=["seed", "layer_index"], columns="norm", values="value")
+    # Per seed, the geometric mean over layers of BN's ICS over no norm's: every layer counts alike.
+    effects = np.exp(np.log(wide["bn"] / wide["none"]).groupby(level="seed").mean())
+    return mean_interval(effects, int(tables.cells["norm"].isin(["bn", "none"]).sum()))
+
+
+def _smoother_with_bn(tables: Tables, spec: dict) -> Estimate:
+    cells = _with(tables.cells, per_cell(tables.probes, "beta"), "beta")
+    return mean_interval(_ratio_by_seed(cells, "beta", "none", "bn"), int(cells["norm"].isin(["bn", "none"]).sum()))
+
+
+def _precise_bn_beats_ema(tables: Tables, spec: dict) -> Estimate:
+    cells = tables.cells
+    extreme = cells[(cells["bn_momentum"] == cells["bn_momentum"].max()) & (cells["batch_size"] == cells["batch_size"].min())]
+    gap = per_cell(tables.probes, "acc_precise") - per_cell(tables.probes, "acc_ema")
+    extreme = _with(extreme, gap, "gap")
+    note = f"at momentum {extreme['bn_momentum'].max():g}, batch {extreme['batch_size'].min():g}" if len(extreme) else ""
+    return mean_interval(extreme.groupby("seed")["gap"].mean(), len(extreme), note)
+
+
+def _bn_narrows_generalization_gap(tables: Tables, spec: dict) -> Estimate:
+    gap = per_cell(tables.probes, "train_acc_eval") - per_cell(tables.probes, "test_acc_eval")
+    cells = _with(tables.cells[(tables.cells["dropout"] == 0) & tables.cells["norm"].isin(["bn", "none"])], gap, "gap")
+    effects = cells.pivot_table(index="seed", columns="norm", values="gap")
+    return mean_interval(effects["none"] - effects["bn"], len(cells))
+
+
+FOLDED_OUTPUT_TOLERANCE = 1e-4  # CLAIMS.md, C11: folded outputs equal to 1e-4 relative
+
+
+def _folding_is_free(tables: Tables, spec: dict) -> Estimate:
+    probes = tables.probes
+    speedup = per_cell(probes, "infer_s_unfolded") / per_cell(probes, "infer_s_folded")
+    cells = _with(tables.cells, speedup, "speedup")
+    worst = per_cell(probes, "fold_rel_diff").max()
+    fails = (f"folded outputs differ by {worst:.2g} (relative), more than {FOLDED_OUTPUT_TOLERANCE:g}"
+             if worst > FOLDED_OUTPUT_TOLERANCE else "")
+    note = f"largest folded output difference {worst:.2g} relative; inference on {', '.join(sorted(set(cells['device'])))}"
+    return dataclasses.replace(mean_interval(cells.groupby("seed")["speedup"].mean(), len(cells), note), fails=fails)
+
+
 CLAIMS: tuple[Claim, ...] = (
     Claim("C1", "BN reduces internal covariate shift: layer-input distributions stay stable during training",
-          "Ioffe & Szegedy 2015, Fig. 1", "bn_fig1", "drift of a layer's input percentiles over training"),
-    Claim("C2", "BN's benefit does not come from less ICS; it smooths the loss landscape",
-          "Santurkar et al. 2018", "ics", "ICS (L2, cosine) and loss-landscape smoothness"),
+          "Ioffe & Szegedy 2015, Fig. 1", "bn_fig1",
+          "drift of the last hidden layer's input percentiles over training (in widths), without BN over with BN (x)",
+          "above", 2.0, _drift_without_bn, {"norm": ("bn", "none")}, probes=("percentiles",)),
+    Claim("C2a", "BN does not reduce internal covariate shift (its benefit comes from elsewhere)",
+          "Santurkar et al. 2018", "ics",
+          "ICS (L2 change of a layer's gradient when the layers before it update) with BN over without (x, "
+          "geometric mean over layers)",
+          "above", 0.8, _ics_with_bn, {"norm": ("bn", "none")}, probes=("ics",)),
+    Claim("C2b", "BN smooths the loss landscape", "Santurkar et al. 2018", "ics",
+          "effective beta-smoothness along the gradient without a norm over with BN (x)",
+          "above", 2.0, _smoother_with_bn, {"norm": ("bn", "none")}, probes=("ics",)),
     Claim("C3", "BN allows much larger learning rates", "Ioffe & Szegedy 2015; Bjorck et al. 2018",
           "learning_rate", "largest stable learning rate with BN over that without a norm (decades)",
-          _larger_stable_lr_with_bn, {"norm": ("bn", "none"), "lr": ()}),
+          "above", 0.5, _larger_stable_lr_with_bn, {"norm": ("bn", "none"), "lr": ()}),
     Claim("C4", "BN makes training robust to weight initialization; without it a badly scaled init cannot learn",
           "Glorot & Bengio 2010; He et al. 2015", "init",
           "final test accuracy with BN minus without, at the badly scaled inits N(0,0.01²) and N(0,1)",
-          _init_robustness_with_bn, {"norm": ("bn", "none"), "init": ()}),
+          "above", 0.1, _init_robustness_with_bn, {"norm": ("bn", "none"), "init": ()}),
     Claim("C5", "Sigmoid networks suffer vanishing gradients; BN keeps inputs out of the saturated region",
           "lecture notes (0.25^d)", "init",
           "how many decades closer to 1 BN keeps the first-to-last layer gradient-norm ratio of sigmoid nets at init",
-          _balanced_gradients_with_bn, {"norm": ("bn", "none"), "activation": ("sigmoid",)}),
+          "above", 0.5, _balanced_gradients_with_bn, {"norm": ("bn", "none"), "activation": ("sigmoid",)}),
     Claim("C6", "BN degrades at small batch while GN/LN are batch-independent", "Wu & He 2018, Fig. 1",
           "batch_size", "final test accuracy of GN minus BN at the smallest per-worker batch",
-          _bn_gap_at_small_batch, {"norm": ("bn", "gn"), "batch_size": ()}),
+          "above", 0.02, _bn_gap_at_small_batch, {"norm": ("bn", "gn"), "batch_size": ()}),
     Claim("C7", "SyncBN across data-parallel workers recovers large-batch BN",
           "Peng et al. 2018; Wu & Johnson 2021", "distributed",
           "final test accuracy of SyncBN on the most workers minus single-process BN at the same global batch",
-          _syncbn_matches_global_bn, {"norm": ("bn", "syncbn"), "world_size": (1,)}),
+          "within", 0.02, _syncbn_matches_global_bn, {"norm": ("bn", "syncbn"), "world_size": (1,)}),
     Claim("C8", "Running statistics (momentum EMA) can differ from the true population statistics",
-          "Ioffe & Szegedy 2015 §3.1; Wu & Johnson 2021", "inference", "accuracy with EMA vs precise-BN statistics"),
+          "Ioffe & Szegedy 2015 §3.1; Wu & Johnson 2021", "inference",
+          "test accuracy with precise-BN statistics minus with the EMA, at the largest momentum and smallest batch",
+          "above", 0.01, _precise_bn_beats_ema, {"bn_momentum": (), "batch_size": ()}, probes=("inference",)),
     Claim("C9", "BN regularizes like dropout and may replace it", "Ioffe & Szegedy 2015 §4.2; Hoffer et al. 2017",
-          "regularization", "train-test accuracy gap with and without BN and dropout"),
+          "regularization", "train-test accuracy gap without a norm minus with BN, no dropout",
+          "above", 0.02, _bn_narrows_generalization_gap, {"norm": ("bn", "none"), "dropout": (0,)},
+          probes=("generalization",)),
     Claim("C10", "BN is a poor fit for Transformers; LayerNorm (or RMSNorm) is the standard",
           "Ba et al. 2016; Shen et al. 2020; Xiong et al. 2020", "transformer",
           "final test accuracy of LN minus BN, averaged over placement and warm-up",
-          _ln_beats_bn_in_transformers, {"norm": ("ln", "bn")}),
+          "above", 0.02, _ln_beats_bn_in_transformers, {"norm": ("ln", "bn")}),
     Claim("C11", "At inference, BN folds into the preceding conv/linear layer for free", "lecture notes",
-          "inference", "output difference folded vs unfolded"),
+          "inference", "inference time unfolded over folded (x), with outputs equal to 1e-4 relative",
+          "above", 1.05, _folding_is_free, {"norm": ("bn",)}, probes=("inference",)),
     Claim("C12", "Normalization costs compute: GN/LN are slower than BN", "Wu & He 2018; Zhang & Sennrich 2019",
           "benchmarks", "median forward+backward time of GN and LN over BN's, fp32 conv maps (x)",
-          _gn_ln_slower_than_bn),
+          "above", 1.1, _gn_ln_slower_than_bn),
     Claim("C13", "BN speeds up training: the same accuracy in far fewer steps", "Ioffe & Szegedy 2015",
           "learning_rate", "steps to the target accuracy without a norm over those with BN, each at its best "
           "learning rate (x; a run that never reaches it counts all its steps)",
-          _fewer_steps_with_bn, {"norm": ("bn", "none"), "lr": ()}, ("target_acc",)),
+          "above", 2.0, _fewer_steps_with_bn, {"norm": ("bn", "none"), "lr": ()}, ("target_acc",)),
 )
 CLAIMS_BY_ID = {claim.id: claim for claim in CLAIMS}
 
@@ -290,48 +428,49 @@ def claim_sections(config: dict) -> dict[str, dict]:
 
 
 def check_claims(studies: dict[str, dict], cells_by_study: dict[str, list[dict]]) -> None:
-    """Refuse, before any run, a claim that cannot be measured: unknown, without an experiment in normbench,
-    declared by two studies, or declared by a study whose cells lack the settings the claim compares."""
+    """Refuse, before any run, a claim that cannot be measured: unknown, declared by two studies, or declared by
+    a study whose cells lack the settings the claim compares or the probes it reads."""
     declared_by: dict[str, str] = {}
     for study, spec in studies.items():
-        for claim_id in spec.get("claims", {}):
+        for claim_id in spec.get("claims", []):
             claim = CLAIMS_BY_ID.get(claim_id)
             if claim is None:
                 raise SettingsError(f"study {study!r}: unknown claim {claim_id!r}; known: {', '.join(CLAIMS_BY_ID)}")
-            if claim.measure is None:
-                raise SettingsError(f"study {study!r}: claim {claim_id} has no experiment in normbench yet "
-                                    f"(it needs a {claim.experiment!r} study); remove it from the study's claims")
             if claim_id in declared_by:
                 raise SettingsError(f"claim {claim_id} is declared by both {declared_by[claim_id]!r} and {study!r}; "
                                     f"keep it in one study")
             declared_by[claim_id] = study
-            for key in claim.thresholds:
+            for key in claim.report_keys:
                 if key not in spec.get("report", {}):
                     raise SettingsError(f"study {study!r}: claim {claim_id} needs report: {{{key}: ...}} in the study")
+            cells = cells_by_study.get(study, [])
             for axis, values in claim.needs.items():
-                present = {cell.get(axis) for cell in cells_by_study.get(study, [])}
+                present = {cell.get(axis, getattr(Settings(), axis)) for cell in cells}
                 missing = [v for v in values if v not in present]
                 if missing or (not values and len(present) < 2):
                     wanted = f"the values {', '.join(map(str, values))}" if values else "at least two values"
                     raise SettingsError(f"study {study!r}: claim {claim_id} compares {axis} and needs {wanted} "
                                         f"among its cells; add them to the grid or drop the claim")
+            for probe in claim.probes:
+                if any(probe not in cell.get("probes", ()) for cell in cells):
+                    raise SettingsError(f"study {study!r}: claim {claim_id} reads the {probe!r} probe; add "
+                                        f"probes: [{probe}] to the study's fixed settings")
 
 
 def evaluate(studies: dict[str, dict], tables_by_study: dict[str, Tables]) -> list[Verdict]:
     """One verdict per claim, in the order of CLAIMS, from the studies (config specs) that declare it;
     `not run` where no study with results does."""
     declared = {claim_id: study for study, spec in studies.items() if study in tables_by_study
-                for claim_id in spec.get("claims", {})}
+                for claim_id in spec.get("claims", [])}
     verdicts = []
     for claim in CLAIMS:
         study = declared.get(claim.id)
         if study is None:
-            why = f"no {claim.experiment} study in this run" if claim.measure else \
-                f"normbench has no {claim.experiment} study yet"
-            verdicts.append(Verdict(claim, "not run", note=why))
+            verdicts.append(Verdict(claim, "not run", note=f"no {claim.experiment} study in this run"))
             continue
-        rule = studies[study]["claims"][claim.id]
         estimate = claim.measure(tables_by_study[study], studies[study])
-        verdicts.append(Verdict(claim, decide(estimate, rule["rule"], rule["threshold"]), study,
-                                RULES[rule["rule"]].format(threshold=rule["threshold"]), estimate, estimate.note))
+        detectable, needed = power_analysis(estimate, claim.rule, claim.threshold)
+        note = "; ".join(filter(None, [estimate.fails, estimate.note]))
+        verdicts.append(Verdict(claim, decide(estimate, claim.rule, claim.threshold), study, estimate, note,
+                                detectable, needed))
     return verdicts

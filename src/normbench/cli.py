@@ -1,5 +1,5 @@
-"""`normbench train | settings | studies | data | aggregate | numerics | bench | report`: every workflow step is one
-of these commands."""
+"""`normbench train | settings | studies | data | aggregate | numerics | bench | report | warm`: every workflow step is
+one of these commands."""
 
 from __future__ import annotations
 
@@ -97,6 +97,12 @@ def _report(args: argparse.Namespace) -> None:
     print(f"report -> {args.out}")
 
 
+def _warm(args: argparse.Namespace) -> None:
+    from normbench.warm import serve
+
+    serve(args.socket)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normbench", description=__doc__)
     parser.add_argument("--version", action="version", version=f"normbench {normbench.__version__}")
@@ -169,11 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--figures", default="reports/figures", help="folder for the figures as PNG files")
     report.add_argument("--out", default="reports/report.html")
     report.set_defaults(run=_report)
+    warm = commands.add_parser("warm", help="serve `normbench train` from one process that has imported torch "
+                                            "(the workflow starts it; see normbench.warm)")
+    warm.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    warm.set_defaults(run=_warm)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)  # before the imports below, which load torch: --help stays quick
+    if args.command == "train":
+        from normbench.warm import run_warm
+
+        code = run_warm(argv)  # in the workflow's warm server, where one answers
+        if code is not None:
+            sys.exit(code)
 
     from normbench.config import SettingsError
     from normbench.data import DatasetMissing

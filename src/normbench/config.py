@@ -45,6 +45,8 @@ class Settings:
     patch_size: int = 7
     norm_placement: str = "pre"
     norm: str = "bn"
+    ghost_batch: int = 16
+    dropout: float = 0.0
     gn_groups: int = 8
     norm_eps: float = 1e-5
     bn_momentum: float = 0.1
@@ -64,7 +66,11 @@ class Settings:
     max_loss: float = 1e3
     channels_last: bool = False
     compile: bool = False
+    probes: tuple[str, ...] = ()
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "probes", tuple(self.probes))  # a list from JSON or YAML; hashable here
 
     @property
     def global_batch_size(self) -> int:
@@ -78,7 +84,8 @@ class Settings:
         return self.lr * self.global_batch_size / self.lr_reference_batch
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON values (lists, not tuples): what config.json holds and reads back as equal."""
+        return {**dataclasses.asdict(self), "probes": list(self.probes)}
 
 
 SETTING_NAMES = tuple(f.name for f in fields(Settings))

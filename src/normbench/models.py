@@ -39,7 +39,8 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """CIFAR ResNet (He et al. 2016, §4.2): depth 6n+2, three stages of n blocks at width w, 2w, 4w."""
 
-    def __init__(self, depth: int, width: int, in_channels: int, num_classes: int, norm_layer: NormLayer) -> None:
+    def __init__(self, depth: int, width: int, in_channels: int, num_classes: int, norm_layer: NormLayer,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, ...), got {depth}")
@@ -54,7 +55,7 @@ class ResNet(nn.Module):
                 layers.append(BasicBlock(channels, stage_width, stride, norm_layer))
                 channels = stage_width
         self.stages = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+        self.head = classifier(channels, num_classes, dropout)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -63,16 +64,24 @@ class ResNet(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
+def classifier(channels: int, num_classes: int, dropout: float) -> nn.Sequential:
+    """Global average pooling, then (dropout and) one linear layer: a conv net's head."""
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), *([nn.Dropout(dropout)] if dropout else []),
+                         nn.Linear(channels, num_classes))
+
+
 class MLP(nn.Module):
-    """`depth` hidden layers of `width` units: Linear -> norm -> activation (the BN paper's order)."""
+    """`depth` hidden layers of `width` units: Linear -> norm -> activation (the BN paper's order), then
+    dropout when asked."""
 
     def __init__(self, depth: int, width: int, in_features: int, num_classes: int,
-                 norm_layer: NormLayer, activation: str) -> None:
+                 norm_layer: NormLayer, activation: str, dropout: float = 0.0) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         features = in_features
         for _ in range(depth):
             layers += [nn.Linear(features, width), norm_layer(width), ACTIVATIONS[activation]()]
+            layers += [nn.Dropout(dropout)] if dropout else []
             features = width
         layers.append(nn.Linear(features, num_classes))
         self.layers = nn.Sequential(*layers)
@@ -86,7 +95,7 @@ class PlainCNN(nn.Module):
     three stages at width w, 2w, 4w, the first conv of stages 2 and 3 with stride 2."""
 
     def __init__(self, depth: int, width: int, in_channels: int, num_classes: int,
-                 norm_layer: NormLayer, activation: str) -> None:
+                 norm_layer: NormLayer, activation: str, dropout: float = 0.0) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels
@@ -98,7 +107,7 @@ class PlainCNN(nn.Module):
                        ACTIVATIONS[activation]()]
             channels = out_channels
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+        self.head = classifier(channels, num_classes, dropout)
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -110,6 +119,7 @@ def initialize(model: nn.Module, scheme: str) -> None:
         return
     draw = {
         "normal-0.01": lambda w: nn.init.normal_(w, 0.0, 0.01),
+        "normal-0.1": lambda w: nn.init.normal_(w, 0.0, 0.1),
         "normal-1": lambda w: nn.init.normal_(w, 0.0, 1.0),
         "xavier": nn.init.xavier_normal_,  # Glorot & Bengio 2010: variance 2 / (fan_in + fan_out)
         "kaiming": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"),  # He et al. 2015: 2 / fan_in
@@ -129,11 +139,11 @@ def build_model(settings, input_shape: tuple[int, ...], num_classes: int) -> nn.
     for the language model, whose `num_classes` is the vocabulary size."""
     layout = {"mlp": "features", "vit": "tokens", "gpt": "tokens"}.get(settings.model, "channels")
     norm_layer = norm_factory(settings.norm, layout, gn_groups=settings.gn_groups,
-                              eps=settings.norm_eps, momentum=settings.bn_momentum)
+                              eps=settings.norm_eps, momentum=settings.bn_momentum, ghost_batch=settings.ghost_batch)
     if settings.model == "mlp":
         channels, height, width = input_shape
         model = MLP(settings.depth or 3, settings.width, channels * height * width, num_classes,
-                    norm_layer, settings.activation)
+                    norm_layer, settings.activation, settings.dropout)
     elif settings.model == "vit":
         channels, height, width = input_shape
         if height % settings.patch_size or width % settings.patch_size:
@@ -147,12 +157,13 @@ def build_model(settings, input_shape: tuple[int, ...], num_classes: int) -> nn.
                             settings.depth or 4, settings.heads, True, norm_layer, settings.norm_placement,
                             nn.Linear(settings.width, num_classes), pool=False)
     elif settings.model == "cnn":
-        model = PlainCNN(settings.depth or 9, settings.width, input_shape[0], num_classes, norm_layer, settings.activation)
+        model = PlainCNN(settings.depth or 9, settings.width, input_shape[0], num_classes, norm_layer,
+                         settings.activation, settings.dropout)
     else:
         depth = RESNET_DEPTHS.get(settings.model) or settings.depth
         if depth is None:
             raise ValueError("model 'resnet' needs depth=6n+2 (e.g. depth=44); or name resnet20/32/56")
-        model = ResNet(depth, settings.width, input_shape[0], num_classes, norm_layer)
+        model = ResNet(depth, settings.width, input_shape[0], num_classes, norm_layer, settings.dropout)
     initialize(model, settings.init)
     return model
 

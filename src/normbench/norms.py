@@ -83,6 +83,66 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y
 
 
+class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics come from virtual batches of `ghost_batch` samples (Hoffer et al.
+    2017): the noise of small-batch statistics at any real batch size. Each virtual batch updates the running
+    statistics in turn; evaluation uses them as BN does."""
+
+    def __init__(self, num_features: int, ghost_batch: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.ghost_batch = ghost_batch
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (N, C, ...), got {x.dim()}D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        return torch.cat([super(GhostBatchNorm, self).forward(chunk) for chunk in x.split(self.ghost_batch)])
+
+
+class NoisyBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm followed, in training only, by a random per-channel scale and shift drawn afresh every step:
+    Santurkar et al. 2018's "noisy BN", which adds distribution shift (non-zero mean, non-unit variance) after
+    every BN layer. Their exact distributions are not given in the text; normbench draws the shift from
+    U(-SHIFT, SHIFT) and the scale from U(1 / SCALE, SCALE), from the global generator (so seeded and resumable).
+
+    `hold()` fixes one draw until `release()`: a probe that evaluates the same step several times needs the
+    same noise each time.
+    """
+
+    SHIFT, SCALE = 1.0, 2.0
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.held: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (N, C, ...), got {x.dim()}D")
+
+    def draw(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        u = torch.rand(2, self.num_features, generator=generator).to(self.weight.device, self.weight.dtype)
+        shift = (2 * u[0] - 1) * self.SHIFT
+        scale = (1 / self.SCALE) + u[1] * (self.SCALE - 1 / self.SCALE)
+        return shift, scale
+
+    def hold(self, generator: torch.Generator) -> None:
+        self.held = self.draw(generator)
+
+    def release(self) -> None:
+        self.held = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if not self.training:
+            return y
+        shift, scale = self.held or self.draw()
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return y * scale.view(shape) + shift.view(shape)
+
+
 class FeaturesFirst(nn.Module):
     """Apply a channels-first norm (BatchNorm1d) to (N, T, F) tokens: BN then
     normalizes each feature over batch x tokens, as BN in a transformer does (Shen et al. 2020)."""
@@ -102,6 +162,7 @@ def norm_factory(
     gn_groups: int = 8,
     eps: float = 1e-5,
     momentum: float = 0.1,
+    ghost_batch: int = 16,
 ) -> NormLayer:
     """Return a callable `num_features -> nn.Module` for the named norm.
 
@@ -129,6 +190,8 @@ def norm_factory(
     channel_layers: dict[str, NormLayer] = {
         "bn": lambda c: nn.BatchNorm2d(c, eps=eps, momentum=momentum),
         "syncbn": lambda c: CrossProcessBatchNorm(c, eps=eps, momentum=momentum),
+        "ghostbn": lambda c: GhostBatchNorm(c, ghost_batch, eps=eps, momentum=momentum),
+        "noisybn": lambda c: NoisyBatchNorm(c, eps=eps, momentum=momentum),
         "gn": group_norm,
         "ln": lambda c: nn.GroupNorm(1, c, eps=eps),
         "in": lambda c: nn.GroupNorm(c, c, eps=eps),
@@ -138,11 +201,15 @@ def norm_factory(
     feature_layers: dict[str, NormLayer] = {
         "bn": lambda f: nn.BatchNorm1d(f, eps=eps, momentum=momentum),
         "syncbn": lambda f: CrossProcessBatchNorm(f, eps=eps, momentum=momentum),
+        "ghostbn": lambda f: GhostBatchNorm(f, ghost_batch, eps=eps, momentum=momentum),
+        "noisybn": lambda f: NoisyBatchNorm(f, eps=eps, momentum=momentum),
         "gn": group_norm,
         "ln": lambda f: nn.LayerNorm(f, eps=eps),
         "rms": lambda f: nn.RMSNorm(f, eps=eps),
         "none": lambda f: nn.Identity(),
     }
+    if layout == "tokens" and name in ("ghostbn", "noisybn"):
+        raise ValueError(f"norm {name!r} is for conv maps and MLP features; use bn on tokens")
     if layout == "tokens" and name in ("bn", "syncbn"):
         return lambda f: FeaturesFirst(feature_layers[name](f))
     return (channel_layers if layout == "channels" else feature_layers)[name]

@@ -1,4 +1,6 @@
-"""Measurements taken inside training steps: per-layer gradient norms and unit saturation.
+"""Measurements taken beside training: per-layer gradient norms and unit saturation on every cell, and the
+mechanism probes a study turns on (activation percentiles, internal covariate shift and the loss landscape,
+BN statistics at inference and BN folding).
 
 A probe rides along an ordinary training step (the first one, at
 initialization, and the last one before each evaluation): forward hooks on
@@ -10,10 +12,16 @@ side to the output side. Nothing extra is computed on the other steps.
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
+import statistics
+import time
 from typing import Iterator
 
 import torch
 from torch import nn
+
+from normbench.models import ACTIVATIONS
 
 WEIGHTED = (nn.Linear, nn.Conv2d)
 SATURATION_MARGIN = 0.05  # a sigmoid output within 5% of 0 or 1 passes back at most ~5% of the gradient
@@ -66,3 +74,149 @@ class Probe:
                          "value": layer.weight.detach().float().norm().item()})
         rows += [{"step": step, "layer_index": index, **activation} for index, activation in enumerate(self.activations)]
         return rows
+
+
+# -- mechanism probes: each runs only where a cell's `probes` setting names it ------------------------------
+
+PERCENTILES = (15, 50, 85)  # Ioffe & Szegedy 2015, Fig. 1
+PERCENTILE_UNITS = 8  # units of the last hidden layer whose input distribution is followed
+STEP_MULTIPLIERS = (0.5, 1.0, 2.0, 4.0)  # Santurkar et al. 2018: step sizes along the gradient, in learning rates
+PRECISE_BN_BATCHES = 200  # fvcore's default for precise BN (Wu & Johnson 2021)
+
+
+def last_activation(model: nn.Module) -> tuple[str, nn.Module]:
+    """The activation of the last hidden layer (the one nearest the output)."""
+    found = [(name, module) for name, module in model.named_modules() if isinstance(module, tuple(ACTIVATIONS.values()))]
+    if not found:
+        raise ValueError("the model has no sigmoid or ReLU to watch")
+    return found[-1]
+
+
+@torch.no_grad()
+def percentile_rows(model: nn.Module, inputs: torch.Tensor, step: int) -> list[dict]:
+    """The 15th, 50th and 85th percentiles of the inputs to the first PERCENTILE_UNITS units (or channels) of the
+    last hidden activation, over `inputs` (fixed test images) with the network in eval mode."""
+    name, activation = last_activation(model)
+    seen: list[torch.Tensor] = []
+    handle = activation.register_forward_hook(lambda _module, args, _output: seen.append(args[0].detach().float()))
+    was_training = model.training
+    model.eval()
+    try:
+        model(inputs)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    values = seen[0].transpose(0, 1).reshape(seen[0].shape[1], -1)[:PERCENTILE_UNITS]  # unit x samples (and positions)
+    quantiles = torch.quantile(values, torch.tensor(PERCENTILES, dtype=values.dtype, device=values.device) / 100, dim=1)
+    return [{"step": step, "layer": name, "quantity": f"p{p}", "unit": unit, "value": quantiles[i, unit].item()}
+            for i, p in enumerate(PERCENTILES) for unit in range(values.shape[0])]
+
+
+def _loss_and_gradients(model: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor,
+                        labels: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    logits = torch.func.functional_call(model, params, (inputs,))
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2), labels.flatten())
+    return loss.item(), dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+
+def _moved(params: dict[str, torch.Tensor], gradients: dict[str, torch.Tensor], step_size: float,
+           names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """params after a plain gradient step of `step_size` (only those in `names`, when given)."""
+    return {name: (p - step_size * gradients[name]).detach().requires_grad_()
+            if names is None or name in names else p for name, p in params.items()}
+
+
+def _norm(tensors) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+
+
+def ics_rows(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, lr: float, step: int) -> list[dict]:
+    """Santurkar et al. 2018's measurements on one batch, on a copy of the model (training is untouched):
+
+    - internal covariate shift of each weighted layer: its weight gradient G, and G' after every parameter
+      before it (in definition order) took a plain gradient step of size `lr` on the same batch; rows
+      `ics_l2` = ||G - G'|| and `ics_cos` = cos(G, G');
+    - the loss landscape along the gradient g: at steps of STEP_MULTIPLIERS x lr, the loss (`landscape_loss`),
+      the gradient change ||g' - g|| (`grad_change`), and `beta`, the largest gradient change per distance
+      moved (the effective beta-smoothness), and `loss_range` over those steps and the start.
+    """
+    probe = copy.deepcopy(model).train()
+    with torch.random.fork_rng(devices=[]):  # dropout or noise drawn here leaves training's generator alone
+        torch.manual_seed(step)
+        for module in probe.modules():
+            if hasattr(module, "hold"):  # noisy BN: the same noise in every pass of this probe
+                module.hold(torch.Generator().manual_seed(step))
+        params = {name: p.detach().requires_grad_() for name, p in probe.named_parameters()}
+        loss, gradients = _loss_and_gradients(probe, params, inputs, labels)
+        names = list(params)
+        rows = []
+        for index, (layer, _module) in enumerate(weighted_layers(probe)):
+            weight = f"{layer}.weight"
+            earlier = set(names[:names.index(weight)])
+            if not earlier:
+                continue  # the first layer has no layers before it
+            _, shifted = _loss_and_gradients(probe, _moved(params, gradients, lr, earlier), inputs, labels)
+            g, g_shifted = gradients[weight].flatten(), shifted[weight].flatten()
+            rows += [{"step": step, "layer_index": index, "layer": layer, "quantity": "ics_l2",
+                      "value": (g - g_shifted).norm().item()},
+                     {"step": step, "layer_index": index, "layer": layer, "quantity": "ics_cos",
+                      "value": torch.nn.functional.cosine_similarity(g, g_shifted, dim=0).item()}]
+        gradient_norm, losses, betas = _norm(gradients.values()), [loss], []
+        for multiplier in STEP_MULTIPLIERS:
+            step_size = multiplier * lr
+            moved_loss, moved = _loss_and_gradients(probe, _moved(params, gradients, step_size), inputs, labels)
+            change = _norm(moved[name] - gradients[name] for name in names)
+            losses.append(moved_loss)
+            betas.append(change / (step_size * gradient_norm) if gradient_norm > 0 else math.nan)
+            rows += [{"step": step, "quantity": "landscape_loss", "multiplier": multiplier, "value": moved_loss},
+                     {"step": step, "quantity": "grad_change", "multiplier": multiplier, "value": change}]
+    rows += [{"step": step, "quantity": "loss_range", "value": max(losses) - min(losses)},
+             {"step": step, "quantity": "beta", "value": max(betas)}]
+    return rows
+
+
+def precise_bn(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> nn.Module:
+    """A copy of `model` whose BN statistics are the training set's, recomputed with frozen weights over up to
+    PRECISE_BN_BATCHES batches: torch.optim.swa_utils.update_bn's cumulative average (precise BN)."""
+    copied = copy.deepcopy(model)
+    count = min(len(inputs) // batch_size, PRECISE_BN_BATCHES)
+    torch.optim.swa_utils.update_bn([inputs[i * batch_size:(i + 1) * batch_size] for i in range(count)], copied)
+    return copied
+
+
+def batch_statistics(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose BN layers normalize with each evaluated batch's own statistics, even in eval mode."""
+    copied = copy.deepcopy(model)
+    for module in copied.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.track_running_stats, module.running_mean, module.running_var = False, None, None
+    return copied
+
+
+def fold_bn(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode with each BN folded into the conv or linear before it
+    (torch.fx's fuse, which calls torch.nn.utils.fusion.fuse_conv_bn_eval / fuse_linear_bn_eval)."""
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(copy.deepcopy(model).eval())
+
+
+@torch.no_grad()
+def fold_rows(model: nn.Module, inputs: torch.Tensor, step: int, repeats: int = 7) -> list[dict]:
+    """BN folding's largest output difference relative to the largest output (`fold_rel_diff`) and the median
+    inference time of the unfolded and the folded model on `inputs`, timed alternately in this process."""
+    unfolded = copy.deepcopy(model).eval()
+    folded = fold_bn(model)
+    reference = unfolded(inputs)
+    difference = (folded(inputs) - reference).abs().max() / reference.abs().max()
+    times: dict[str, list[float]] = {"unfolded": [], "folded": []}
+    for _ in range(repeats):
+        for name, network in (("unfolded", unfolded), ("folded", folded)):
+            started = time.perf_counter()
+            network(inputs)
+            if inputs.device.type == "cuda":
+                torch.cuda.synchronize(inputs.device)
+            times[name].append(time.perf_counter() - started)
+    return [{"step": step, "quantity": "fold_rel_diff", "value": difference.item()},
+            *({"step": step, "quantity": f"infer_s_{name}", "value": statistics.median(values)}
+              for name, values in times.items())]

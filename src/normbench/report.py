@@ -290,6 +290,20 @@ def _format(value) -> str:
     return str(value)
 
 
+def decidability(verdict: claims.Verdict) -> str:
+    """What would decide the claim, in words: the effect the run could detect and the seeds the observed one needs."""
+    estimate = verdict.estimate
+    if estimate is None or math.isnan(verdict.detectable_effect):
+        return ""
+    unit = estimate.sample_unit
+    detect = f"detects {verdict.detectable_effect:.2g} from the bar with {estimate.samples} {unit}"
+    if verdict.verdict != "inconclusive":
+        return detect
+    if math.isinf(verdict.seeds_needed):
+        return f"{detect}; the effect sits on the bar: no number of {unit} decides it"
+    return f"{detect}; decidable with ≈ {verdict.seeds_needed:.0f} {unit} at the observed effect and spread"
+
+
 def claim_rows(verdicts: list[claims.Verdict]) -> list[dict]:
     """The claims table: one row per claim, with its verdict, effect and interval, and what it rests on."""
     rows = []
@@ -301,10 +315,10 @@ def claim_rows(verdicts: list[claims.Verdict]) -> list[dict]:
             effect = f"{'≥ ' if estimate.lower_bound else ''}{estimate.value:.3g}{interval}"
         rows.append({
             "id": verdict.claim.id, "statement": verdict.claim.statement, "anchor": verdict.claim.anchor,
-            "verdict": verdict.verdict, "effect": effect, "measures": verdict.claim.effect, "rule": verdict.rule,
+            "verdict": verdict.verdict, "effect": effect, "measures": verdict.claim.effect, "rule": verdict.claim.bar,
             "evidence": f"{estimate.samples} {estimate.sample_unit}, {estimate.cells} {estimate.cell_unit}"
             if estimate else "",
-            "note": verdict.note, "study": verdict.study or "",
+            "note": verdict.note, "power": decidability(verdict), "study": verdict.study or "",
             "anchor_id": ("benchmarks" if verdict.study == "benchmarks" else f"study-{verdict.study}")
             if verdict.study else "",
         })
@@ -315,9 +329,10 @@ def claims_table(verdicts: list[claims.Verdict]) -> pd.DataFrame:
     """The verdicts as a tidy table (claims.csv)."""
     return pd.DataFrame([{
         "claim": v.claim.id, "statement": v.claim.statement, "study": v.study, "verdict": v.verdict,
-        "effect": v.claim.effect, "rule": v.rule,
+        "effect": v.claim.effect, "rule": v.claim.bar,
         **({"estimate": v.estimate.value, "ci_low": v.estimate.low, "ci_high": v.estimate.high,
-            "samples": v.estimate.samples, "sample_unit": v.estimate.sample_unit, "cells": v.estimate.cells}
+            "samples": v.estimate.samples, "sample_unit": v.estimate.sample_unit, "cells": v.estimate.cells,
+            "detectable_effect": v.detectable_effect, "seeds_needed": v.seeds_needed}
            if v.estimate else {}),
         "note": v.note,
     } for v in verdicts])

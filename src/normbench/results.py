@@ -85,7 +85,9 @@ def aggregate(summary_paths: Iterable[str | Path], runs_root: str | Path,
         folder = summary_path.parent
         study, *cell_parts = folder.relative_to(runs_root).parts
         identity = {"study": study, "cell": "/".join(cell_parts), "cell_dir": str(folder)}
-        settings = read_json(folder / CONFIG)
+        # A list setting (probes) becomes one comma-separated value, as a table cell holds.
+        settings = {key: ",".join(value) if isinstance(value, list) else value
+                    for key, value in read_json(folder / CONFIG).items()}
         env = {f"env_{key}": value for key, value in read_json(folder / ENV).items()}
         # `device` is the kind of device the cell ran on (cpu, cuda), not the setting's `auto` (device_setting).
         used = {"device_setting": settings["device"], "device": env["env_device"].split(":")[0]}

@@ -31,6 +31,7 @@ from normbench.distributed import (Worker, all_reduce_sum, any_worker, join_proc
                                    under_torchrun)
 from normbench.models import build_model
 from normbench.precision import Precision
+from normbench import probes
 from normbench.probes import Probe
 from normbench.provenance import environment
 
@@ -133,14 +134,14 @@ def batch_indices(permutation: torch.Tensor, step_in_epoch: int, settings: Setti
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, memory_format: torch.memory_format,
-             precision: Precision) -> tuple[float, float]:
+             precision: Precision, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, float]:
     """Mean loss and accuracy over a split (per image, or per token for text), in eval mode
     (running statistics for BN), at the cell's precision."""
     model.eval()
     loss_sum, correct = 0.0, 0
-    for start in range(0, len(split), EVAL_BATCH_SIZE):
-        inputs = split.inputs[start:start + EVAL_BATCH_SIZE].contiguous(memory_format=memory_format)
-        labels = split.labels[start:start + EVAL_BATCH_SIZE]
+    for start in range(0, len(split), batch_size):
+        inputs = split.inputs[start:start + batch_size].contiguous(memory_format=memory_format)
+        labels = split.labels[start:start + batch_size]
         with precision.autocast():
             logits = model(inputs).float()
         loss_sum += F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="sum").item()
@@ -157,6 +158,7 @@ class Progress:
     metrics: list[dict] = dataclasses.field(default_factory=list)
     probes: list[dict] = dataclasses.field(default_factory=list)
     train_time_s: float = 0.0
+    probe_time_s: float = 0.0  # spent in probes between training steps (not counted as training)
     skipped_steps: int = 0  # optimizer steps GradScaler skipped for inf/NaN gradients (fp16)
     wall_time_s: float = 0.0  # of earlier sessions, when resumed
     resumed_from_step: int | None = None
@@ -241,6 +243,28 @@ def prepare_model(settings: Settings, device: torch.device, dtype: torch.dtype, 
     return model, torch.compile(trained) if settings.compile else trained
 
 
+def after_training_rows(settings: Settings, model: torch.nn.Module, train_split: Split, test_split: Split,
+                        memory_format: torch.memory_format, precision: Precision, step: int) -> list[dict]:
+    """The probes that read the trained model: BN statistics three ways and BN folding (inference), and the
+    train accuracy in eval mode (generalization)."""
+    rows = []
+
+    def accuracy_row(quantity: str, network: torch.nn.Module, split: Split, batch_size: int = EVAL_BATCH_SIZE):
+        rows.append({"step": step, "quantity": quantity,
+                     "value": evaluate(network, split, memory_format, precision, batch_size)[1]})
+
+    if "inference" in settings.probes:
+        accuracy_row("acc_ema", model, test_split)
+        accuracy_row("acc_precise", probes.precise_bn(model, train_split.inputs, settings.batch_size), test_split)
+        accuracy_row("acc_batch", probes.batch_statistics(model), test_split, settings.batch_size)
+        rows += probes.fold_rows(model, test_split.inputs[:EVAL_BATCH_SIZE].contiguous(memory_format=memory_format),
+                                 step)
+    if "generalization" in settings.probes:
+        accuracy_row("train_acc_eval", model, train_split)
+        accuracy_row("test_acc_eval", model, test_split)
+    return rows
+
+
 def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), time_limit_s: float | None = None) -> dict:
     """Train one cell into `out_dir` and return its summary. Resumes from out_dir/checkpoint.pt, which an
     interrupted or timed-out run leaves behind.
@@ -281,8 +305,12 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
     permutation, permutation_epoch = None, None
     clock = DeviceClock(device)
     interval_started = clock.mark()
+    probe_s = 0.0  # probe time inside the current training interval
     phase_marks: list[tuple] = []  # (before forward, after loss, after backward, after the optimizer) of timed steps
     compile_time_s = None
+    percentile_inputs = test_split.inputs[:EVAL_BATCH_SIZE].contiguous(memory_format=memory_format)
+    if "percentiles" in settings.probes and progress.step == 0 and worker.is_main:  # the network at initialization
+        progress.probes += probes.percentile_rows(model, percentile_inputs, 0)
     bar = tqdm(total=total_steps, initial=progress.step, desc=str(out_dir), unit="step", file=sys.stderr,
                disable=None if worker.is_main else True, leave=False)
     model.train()
@@ -296,6 +324,10 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
             inputs = augment_batch(inputs, seeded_generator(settings.seed, step))
         # Probe the first step (the network at initialization) and the last before each evaluation.
         probe = Probe(model) if worker.is_main and (step == 0 or step + 1 in eval_steps) else None
+        if probe and "ics" in settings.probes:  # before this step's update, on the same batch
+            probe_started = clock.mark()
+            progress.probes += probes.ics_rows(model, inputs, labels, settings.effective_lr, step)
+            probe_s += clock.seconds(probe_started, clock.mark())
         # A compiled model keeps its graph: no activation hooks, only the gradient and weight norms.
         watching = probe.watching_activations() if probe and not settings.compile else contextlib.nullcontext()
         # The phases of one step in SYNC_EVERY_STEPS (not a probed one) are timed apart, as timm's benchmark --detail.
@@ -349,7 +381,9 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
             timed_out_reason = f"time limit of {time_limit_s:g} s reached after step {progress.step} of {total_steps}"
             evaluating = True
         if evaluating:
-            progress.train_time_s += clock.seconds(interval_started, clock.mark())
+            progress.train_time_s += clock.seconds(interval_started, clock.mark()) - probe_s
+            progress.probe_time_s += probe_s
+            probe_s = 0.0
             test_loss, test_acc = evaluate(model, test_split, memory_format, precision)
             totals = all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(seen)]))
             train_loss, train_acc = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
@@ -359,6 +393,8 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
                 "test_loss": test_loss, "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"],
                 "elapsed_s": progress.wall_time_s + time.perf_counter() - started,
             })
+            if worker.is_main and "percentiles" in settings.probes:
+                progress.probes += probes.percentile_rows(model, percentile_inputs, progress.step)
             if worker.is_main:
                 bar.write(f"step {progress.step}/{total_steps} epoch {progress.step / steps_per_epoch:.2f} "
                           f"train_loss {train_loss:.4f} test_acc {test_acc:.4f}")
@@ -377,10 +413,14 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
     bar.close()
     synchronize(device)
     if diverged_reason is not None:  # the steps since the last evaluation still count as training time
-        progress.train_time_s += clock.seconds(interval_started, clock.mark())
+        progress.train_time_s += clock.seconds(interval_started, clock.mark()) - probe_s
+        progress.probe_time_s += probe_s
     phases = {name: [clock.seconds(marks[i], marks[i + 1]) for marks in phase_marks]
               for i, name in enumerate(("forward", "backward", "optimizer"))}
 
+    if worker.is_main and diverged_reason is None and timed_out_reason is None:
+        progress.probes += after_training_rows(settings, model, train_split, test_split, memory_format, precision,
+                                               progress.step)
     final = progress.metrics[-1] if progress.metrics and diverged_reason is None else {}  # a diverged cell has none
     summary = {
         "final_test_acc": final.get("test_acc"),
@@ -398,6 +438,7 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
         "train_samples_per_s": (progress.step * settings.global_batch_size / progress.train_time_s)
         if progress.train_time_s > 0 else None,
         "train_time_s": progress.train_time_s,
+        "probe_time_s": progress.probe_time_s,
         "wall_time_s": progress.wall_time_s + time.perf_counter() - started,
         "num_params": sum(p.numel() for p in model.parameters()),
         "peak_memory_mb": peak_memory_mb(device),

@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 
 import pandas as pd
 from snakemake.utils import Paramspace, validate
@@ -15,6 +16,7 @@ from normbench.config import Settings, format_assignment, numbers_as_yaml12
 from normbench.data import dataset_files
 from normbench.captions import FIGURE_CAPTIONS
 from normbench.results import write_json
+from normbench import warm
 
 
 config.update(numbers_as_yaml12(config))  # lr: 1e-3 is a number, as in YAML 1.2 (PyYAML's 1.1 reads a string)
@@ -30,6 +32,7 @@ TABLES = "results/tables"
 TRAIN_BENCHMARKS = "results/benchmarks/train"  # Snakemake's time and memory record of each train job
 BENCH = "results/bench/norms.json"
 INVOCATION = "results/logs/invocation.json"
+WARM_LOG = "results/logs/warm.log"
 
 
 # What a cell may use, unless the config's `resources` (top level, then the study's) say otherwise.
@@ -70,6 +73,12 @@ onstart:
             "command": shlex.join(sys.argv),
         },
     )
+    # Jobs on this machine run their cells in a warm server (torch imported once); on a cluster each job starts
+    # its own process. A Unix socket path must be short: it lives in a fresh temporary folder.
+    if workflow.local_exec:
+        warm_socket = os.path.join(tempfile.mkdtemp(prefix="normbench-"), "warm.sock")
+        if warm.start_server(warm_socket, WARM_LOG):
+            os.environ[warm.SOCKET_ENV] = warm_socket
 
 
 def report_inputs():
