@@ -41,7 +41,7 @@ def test_small_batch_gap(gap, spread, expected):
     cells = cells_table({"norm": ["bn", "gn"], "batch_size": [4, 64]}, accuracy)
     result = verdict("batch_size", "C6", Tables(cells))
     assert result.verdict == expected
-    assert result.estimate.samples == 5 and result.estimate.cells == 10
+    assert result.estimate.samples == 5 and result.estimate.cells == 15  # BN at batch 4, GN at every batch
     assert result.estimate.value == pytest.approx(gap, abs=0.06)
 
 
@@ -182,9 +182,9 @@ def test_decide_follows_the_interval():
 @pytest.mark.parametrize("studies, cells, message", [
     ({"s": {"claims": ["C99"]}}, {"s": []}, "unknown claim 'C99'"),
     ({"s": {"claims": ["C6"]}}, {"s": [{"norm": "bn", "batch_size": 4}, {"norm": "bn", "batch_size": 8}]},
-     "needs the values bn, gn"),
-    ({"s": {"claims": ["C6"]}}, {"s": [{"norm": "bn", "batch_size": 4}, {"norm": "gn", "batch_size": 4}]},
-     "batch_size and needs at least two values"),
+     "needs the values gn"),
+    ({"s": {"claims": ["C3"]}}, {"s": [{"norm": "bn", "lr": 0.1}, {"norm": "none", "lr": 0.1}]},
+     "lr and needs at least two values"),
     ({"s": {"claims": ["C13"]}}, {"s": [{"norm": n, "lr": lr} for n in ("bn", "none") for lr in (0.1, 1)]},
      "needs report: {target_acc"),
     ({"s": {"claims": ["C2a"]}}, {"s": [{"norm": n} for n in ("bn", "none")]}, "reads the 'ics' probe"),
@@ -270,3 +270,28 @@ def test_folding_needs_equal_outputs_to_count_its_speed(difference, expected):
                                            ("infer_s_folded", 1.0, {}), ("fold_rel_diff", difference, {})])
     result = verdict("inference", "C11", Tables(cells, probes=rows))
     assert result.estimate.value == pytest.approx(1.32) and result.verdict == expected
+
+
+def test_small_batch_gap_reads_ghost_batches_as_per_worker_batches():
+    """BN over ghost batches of 2 in a batch of 32 is BN on 16 workers of 2: GN at the same batch is its pair."""
+    points = [("ghostbn", 2), ("ghostbn", 8), ("bn", None), ("gn", None)]
+    rows = [{"cell": f"{norm}/{ghost}/{seed}", "norm": norm, "ghost_batch": ghost, "batch_size": 32, "seed": seed,
+             "diverged": False, "final_test_acc": 0.85 - (0.1 if ghost == 2 else 0.0) + 0.001 * seed}
+            for (norm, ghost), seed in itertools.product(points, SEEDS)]
+    result = verdict("batch_size", "C6", Tables(pd.DataFrame(rows)))
+    assert result.estimate.value == pytest.approx(0.1) and result.verdict == "supported"
+    assert result.note == "BN statistics over 2 images"
+
+
+def test_a_condition_that_disagrees_is_named_beside_the_verdict():
+    """BN rescues every badly scaled init but sigmoid at N(0, 0.01²): the mean is supported, the exception named."""
+    def accuracy(point, rng):
+        stuck = point["norm"] == "none" or (point["activation"], point["init"]) == ("sigmoid", "normal-0.01")
+        return (0.1 if stuck else 0.8) + rng.normal(0, 0.005)
+
+    cells = cells_table({"activation": ["sigmoid", "relu"], "init": ["normal-0.01", "normal-1"],
+                         "norm": ["bn", "none"]}, accuracy)
+    result = verdict("init", "C4", Tables(cells))
+    assert result.verdict == "supported"
+    assert "except activation sigmoid, init normal-0.01: refuted (" in result.note
+    assert result.note.count("except") == 1 and "relu" not in result.note

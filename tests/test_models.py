@@ -15,7 +15,8 @@ CASES = [(model, shape, norm) for model, shape in [("resnet20", (1, 28, 28)), ("
 @pytest.mark.parametrize("model,input_shape,norm", CASES)
 def test_forward_backward(model, input_shape, norm):
     torch.manual_seed(0)
-    net = build_model(Settings(model=model, norm=norm, width=8, gn_groups=4), input_shape, 10)
+    ghost_batch = 2 if norm == "ghostbn" else None
+    net = build_model(Settings(model=model, norm=norm, width=8, gn_groups=4, ghost_batch=ghost_batch), input_shape, 10)
     logits = net(torch.randn(4, *input_shape))
     assert logits.shape == (4, 10)
     logits.logsumexp(1).mean().backward()

@@ -2,8 +2,12 @@
 
 import pandas as pd
 
+from normbench.config import Settings
 from normbench.numerics import output_errors
 from normbench.report import learning_rate_table, render_report, step_time_ratios, study_axes
+
+
+DEFAULTS = {**Settings().to_dict(), "probes": ""}  # every setting is a column of the aggregated table
 
 
 def synthetic_cells() -> pd.DataFrame:
@@ -13,10 +17,10 @@ def synthetic_cells() -> pd.DataFrame:
             for seed in (0, 1):
                 diverged = norm == "none" and lr == 1.0
                 acc = None if diverged else {"bn": 0.8, "none": 0.6}[norm] - (0.3 if lr == 0.01 and norm == "none" else 0)
-                rows.append({"study": "lr", "cell": f"norm~{norm}/lr~{lr}/seed~{seed}", "cell_dir": f"results/runs/lr/{norm}/{lr}/{seed}",
+                rows.append({**DEFAULTS, "study": "lr", "cell": f"norm~{norm}/lr~{lr}/seed~{seed}", "cell_dir": f"results/runs/lr/{norm}/{lr}/{seed}",
                              "norm": norm, "lr": lr, "seed": seed, "batch_size": 64, "world_size": 1,
                              "final_test_acc": acc, "best_test_acc": acc, "final_test_loss": 0.5, "diverged": diverged,
-                             "steps": 100, "skipped_steps": 0, "train_samples_per_s": 1000.0 if norm == "bn" else 1250.0,
+                             "steps": 100, "total_steps": 100, "skipped_steps": 0, "train_samples_per_s": 1000.0 if norm == "bn" else 1250.0,
                              "wall_time_s": 10.0, "env_torch": "2.14.1", "env_time": "2026-01-01T00:00:00", "env_host": "h"})
     return pd.DataFrame(rows)
 

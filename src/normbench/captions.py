@@ -3,7 +3,8 @@
 A module of its own, without plotting imports: the workflow reads it while it plans.
 """
 
-ERROR_BANDS = "Points and lines are means over seeds; bands and bars are 95% bootstrap intervals over seeds."
+ERROR_BANDS = ("Points and lines are means over seeds; bands and bars are 95% Student t intervals over seeds, as in the "
+               "claims table.")
 # One caption per kind of figure, for this page and for `snakemake --report` alike.
 FIGURE_CAPTIONS = {
     "accuracy": "Final test accuracy of each cell against the study's main axis, one colour per norm; diverged "
@@ -16,6 +17,22 @@ FIGURE_CAPTIONS = {
                         "first step has none. " + ERROR_BANDS,
     "saturation": "Share of sigmoid units within 5% of 0 or 1 (saturated) or of ReLU units that are zero for the "
                   "whole batch (dead) on the first training step, averaged over layers. " + ERROR_BANDS,
+    "percentiles": "The 15th, 50th and 85th percentiles of the input to the first sigmoid of the last hidden layer, "
+                   "over 2,000 fixed test images at each evaluation (eval mode), without and with BN, for the first "
+                   "seed, as in the paper's Figure 1(b, c); the panels have their own y scales. The table below gives "
+                   "the drift C1 reads: each percentile's range over training in widths (85th minus 15th "
+                   "percentile) of the distribution, over 8 units and every seed.",
+    "ics": "Internal covariate shift of each weighted layer (Santurkar et al. 2018): G is the layer's weight "
+           "gradient on a training batch, G' the same after every earlier layer took a plain gradient step on that "
+           "batch; each cell's mean over its probed steps. " + ERROR_BANDS,
+    "landscape": "Along the gradient g at each probed step, at 0.5, 1, 2 and 4 learning rates: the range of the "
+                 "loss, and the effective beta-smoothness, the largest gradient change per distance moved (log "
+                 "scale; smaller: smoother). " + ERROR_BANDS,
+    "inference": "Test accuracy of each trained model with its running (EMA) BN statistics, with precise-BN "
+                 "statistics recomputed over the training set with frozen weights, and with each test batch's "
+                 "own statistics (at the cell's batch size). " + ERROR_BANDS,
+    "generalization": "Train accuracy (eval mode, after training, over the whole training subset) minus test "
+                      "accuracy, per norm and dropout; ghostbn normalizes over ghost batches. " + ERROR_BANDS,
     "throughput": "Training throughput in images per second, measured over each cell's timed training steps "
                   "(evaluation excluded). " + ERROR_BANDS,
 }

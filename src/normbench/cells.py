@@ -49,6 +49,9 @@ def _check_consistency(settings: Settings) -> None:
         raise SettingsError("settings 'augment' and 'channels_last' apply to images, not to text")
     if settings.dropout and settings.model not in ("mlp", "cnn", "resnet20", "resnet32", "resnet56", "resnet"):
         raise SettingsError(f"setting 'dropout': applies to mlp, cnn and resnet models, not {settings.model!r}")
+    if (settings.norm == "ghostbn") != (settings.ghost_batch is not None):
+        raise SettingsError(f"setting 'ghost_batch': set it for norm ghostbn, and only for it (norm is "
+                            f"{settings.norm!r}, ghost_batch {settings.ghost_batch!r})")
     if settings.norm == "ghostbn" and settings.batch_size % settings.ghost_batch:
         raise SettingsError(f"setting 'ghost_batch': {settings.ghost_batch} does not divide batch_size "
                             f"{settings.batch_size}; ghost batches must split each batch evenly")

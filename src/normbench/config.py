@@ -45,7 +45,7 @@ class Settings:
     patch_size: int = 7
     norm_placement: str = "pre"
     norm: str = "bn"
-    ghost_batch: int = 16
+    ghost_batch: int | None = None
     dropout: float = 0.0
     gn_groups: int = 8
     norm_eps: float = 1e-5

@@ -112,7 +112,7 @@ class NoisyBatchNorm(nn.modules.batchnorm._BatchNorm):
     same noise each time.
     """
 
-    SHIFT, SCALE = 1.0, 2.0
+    SHIFT, SCALE = 0.2, 1.2
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -162,7 +162,7 @@ def norm_factory(
     gn_groups: int = 8,
     eps: float = 1e-5,
     momentum: float = 0.1,
-    ghost_batch: int = 16,
+    ghost_batch: int | None = None,
 ) -> NormLayer:
     """Return a callable `num_features -> nn.Module` for the named norm.
 
@@ -208,6 +208,8 @@ def norm_factory(
         "rms": lambda f: nn.RMSNorm(f, eps=eps),
         "none": lambda f: nn.Identity(),
     }
+    if name == "ghostbn" and ghost_batch is None:
+        raise ValueError("norm 'ghostbn' needs ghost_batch (the samples of each virtual batch)")
     if layout == "tokens" and name in ("ghostbn", "noisybn"):
         raise ValueError(f"norm {name!r} is for conv maps and MLP features; use bn on tokens")
     if layout == "tokens" and name in ("bn", "syncbn"):

@@ -95,17 +95,16 @@ def last_activation(model: nn.Module) -> tuple[str, nn.Module]:
 @torch.no_grad()
 def percentile_rows(model: nn.Module, inputs: torch.Tensor, step: int) -> list[dict]:
     """The 15th, 50th and 85th percentiles of the inputs to the first PERCENTILE_UNITS units (or channels) of the
-    last hidden activation, over `inputs` (fixed test images) with the network in eval mode."""
-    name, activation = last_activation(model)
+    last hidden activation, over `inputs` (fixed test images). BN normalizes with these images' own statistics,
+    as in training: at initialization the running statistics hold nothing yet. Dropout is off."""
+    network = batch_statistics(model).eval()
+    name, activation = last_activation(network)
     seen: list[torch.Tensor] = []
     handle = activation.register_forward_hook(lambda _module, args, _output: seen.append(args[0].detach().float()))
-    was_training = model.training
-    model.eval()
     try:
-        model(inputs)
+        network(inputs)
     finally:
         handle.remove()
-        model.train(was_training)
     values = seen[0].transpose(0, 1).reshape(seen[0].shape[1], -1)[:PERCENTILE_UNITS]  # unit x samples (and positions)
     quantiles = torch.quantile(values, torch.tensor(PERCENTILES, dtype=values.dtype, device=values.device) / 100, dim=1)
     return [{"step": step, "layer": name, "quantity": f"p{p}", "unit": unit, "value": quantiles[i, unit].item()}

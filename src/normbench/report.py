@@ -32,20 +32,28 @@ from normbench.config import settings_schema  # noqa: E402
 from normbench.results import benchmark_rounds, read_json, write_atomic, write_table  # noqa: E402
 
 NORM_ORDER = settings_schema()["properties"]["norm"]["enum"]
+MODE_PALETTE = dict(zip(("ema", "precise", "batch"), sns.color_palette("dark", 3)))
 NORM_PALETTE = {**dict(zip(NORM_ORDER, sns.color_palette("colorblind"))), "none": (0.45, 0.45, 0.45)}
 # Which varying setting becomes the x axis of a study's figures, and which become panels, by preference.
-X_AXIS_PREFERENCE = ("world_size", "batch_size", "lr", "precision", "init", "norm_placement", "width", "depth",
+X_AXIS_PREFERENCE = ("statistics_batch", "world_size", "batch_size", "lr", "dropout", "precision", "init", "norm_placement", "width", "depth",
                      "bn_momentum")
 FACET_PREFERENCE = ("model", "activation", "warmup_steps", "precision", "init", "world_size", "batch_size", "lr")
-LOG_AXES = {"batch_size": 2, "world_size": 2, "width": 2, "lr": 10}
+LOG_AXES = {"batch_size": 2, "statistics_batch": 2, "world_size": 2, "width": 2, "lr": 10}
 AXIS_LABELS = {
     "batch_size": "per-worker batch size (images)", "lr": "peak learning rate", "world_size": "workers",
     "test_acc": "test accuracy", "final_test_acc": "final test accuracy", "epoch": "epoch",
     "train_samples_per_s": "training throughput (images/s)", "test_loss": "test loss", "init": "weight init",
     "layer_index": "layer (from the input)", "norm_placement": "norm placement", "warmup_steps": "warm-up steps",
+    "statistics_batch": "images per BN statistic (per worker)", "bn_momentum": "BN momentum", "step": "step",
 }
 TABLE_COLUMNS = ["cell", "final_test_acc", "best_test_acc", "final_test_loss", "diverged", "timed_out", "steps",
                  "skipped_steps", "train_samples_per_s", "wall_time_s", "peak_memory_mb", "trained"]
+
+
+def t_interval(values) -> tuple[float, float]:
+    """The 95% Student t interval of the mean over seeds: the claims table's interval, drawn in every figure."""
+    estimate = claims.mean_interval(pd.Series(values, dtype=float), len(values))
+    return (estimate.low, estimate.high) if not math.isnan(estimate.low) else (estimate.value, estimate.value)
 
 
 def _save(figure, path: Path) -> str:
@@ -68,7 +76,9 @@ def study_axes(cells: pd.DataFrame) -> tuple[str | None, list[str]]:
     norm is always the colour and seeds are pooled into error bands; an axis linked
     to one already chosen (world_size with batch_size at a fixed global batch) adds nothing.
     """
-    axes = [a for a in claims.varying_settings(cells) if a not in ("norm", "seed")]
+    axes = [a for a in claims.varying_settings(cells) if a not in ("norm", "seed", "ghost_batch")]
+    if cells["ghost_batch"].nunique() > 1 if "ghost_batch" in cells else False:  # per-worker BN as ghost batches
+        axes.append("statistics_batch")
     x = next((a for a in X_AXIS_PREFERENCE if a in axes), axes[0] if axes else None)
     rank = {a: i for i, a in enumerate(FACET_PREFERENCE)}
     facets: list[str] = []
@@ -103,10 +113,15 @@ def _panels(cells: pd.DataFrame, facets: list[str]) -> dict:
     return panels
 
 
+# Short names for panel titles, which share a line when a figure has rows and columns of panels.
+PANEL_LABELS = {"batch_size": "batch", "statistics_batch": "images per BN statistic", "bn_momentum": "momentum",
+                "norm_placement": "placement", "warmup_steps": "warm-up steps", "world_size": "workers"}
+
+
 def _titled(grid, panels: dict):
-    """Name each panel by its readable axis label and value; returns the grid's figure."""
-    templates = {f"{side}_template": f"{_label(panels[side])} = {{{side}_name}}" for side in ("col", "row")
-                 if side in panels}
+    """Name each panel by its short axis name and value; returns the grid's figure."""
+    templates = {f"{side}_template": f"{PANEL_LABELS.get(panels[side], panels[side])} = {{{side}_name}}"
+                 for side in ("col", "row") if side in panels}
     grid.set_titles(size=9, **templates)
     return grid.figure
 
@@ -116,11 +131,12 @@ def accuracy_figure(cells: pd.DataFrame, x: str, facets: list[str]):
     finished = cells[~cells["diverged"].astype(bool)]
     numeric = pd.api.types.is_numeric_dtype(cells[x])
     panels = _panels(cells, facets)
-    common = dict(x=x, y="final_test_acc", errorbar=("ci", 95), height=3.4, aspect=1.3, **_hue(cells), **panels)
+    common = dict(x=x, y="final_test_acc", errorbar=t_interval, height=3.4, aspect=1.3, **_hue(cells), **panels)
     if numeric:
         grid = sns.relplot(finished, kind="line", marker="o", **common)
-    else:
-        grid = sns.catplot(finished, kind="point", order=_order(cells, x), **common)
+    else:  # categories are not a scale: points with intervals, no lines between them
+        grid = sns.catplot(finished, kind="point", order=_order(cells, x), linestyle="none", dodge=0.3, **common)
+        grid.tick_params(axis="x", labelrotation=30)
     diverged = cells[cells["diverged"].astype(bool)]
     # FacetGrid keys its panels by (row value, column value), or by the column value alone.
     by_panel = diverged.groupby(facets[::-1]) if facets else [((), diverged)] if len(diverged) else []
@@ -135,6 +151,7 @@ def accuracy_figure(cells: pd.DataFrame, x: str, facets: list[str]):
             axis.set_xscale("log", base=LOG_AXES[x])
             axis.set_xticks(values, labels=[f"{v:g}" for v in values])
         axis.grid(alpha=0.3)
+        axis.set_ylim(0, 1)
     grid.set_axis_labels(_label(x), _label("final_test_acc"))
     return _titled(grid, panels)
 
@@ -150,15 +167,17 @@ def curves_figure(curves: pd.DataFrame, x: str | None, facets: list[str]):
         panels["col_wrap"] = 4
     if len(facets) > 1:
         panels["style"] = facets[1]
-    grid = sns.relplot(curves, x="epoch", y="test_acc", kind="line", marker="o", errorbar=("ci", 95),
+    grid = sns.relplot(curves, x="epoch", y="test_acc", kind="line", marker="o", errorbar=t_interval,
                        height=2.6, aspect=1.2, **_hue(curves), **panels)
+    for axis in grid.axes.flat:
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # whole epochs
     grid.set_axis_labels(_label("epoch"), _label("test_acc"))
     return _titled(grid, panels)
 
 
 def throughput_figure(cells: pd.DataFrame, x: str, facets: list[str]):
     panels = _panels(cells, facets[:1])
-    grid = sns.catplot(cells, kind="bar", x=x, y="train_samples_per_s", order=_order(cells, x), errorbar=("ci", 95),
+    grid = sns.catplot(cells, kind="bar", x=x, y="train_samples_per_s", order=_order(cells, x), errorbar=t_interval,
                        height=3.2, aspect=1.3, **_hue(cells), **panels)
     grid.set_axis_labels(_label(x), _label("train_samples_per_s"))
     return _titled(grid, panels)
@@ -168,11 +187,11 @@ def gradient_profile_figure(probes: pd.DataFrame):
     """Per-layer gradient norm at initialization (the first step), input side on the left (C4, C5)."""
     at_init = probes[(probes["step"] == 0) & (probes["quantity"] == "grad_norm")]
     at_init = at_init.assign(network=at_init["model"] + ", " + at_init["activation"])
-    grid = sns.relplot(at_init, x="layer_index", y="value", kind="line", marker="o", errorbar=("ci", 95), height=2.8,
-                       aspect=1.1, col="init", col_order=_order(at_init, "init"), row="network",
-                       row_order=sorted(at_init["network"].unique()), facet_kws={"sharey": False}, **_hue(at_init))
-    grid.set(yscale="log")
-    grid.set_titles(template="{row_name}, init {col_name}", size=9)
+    grid = sns.relplot(at_init, x="layer_index", y="value", kind="line", marker="o", errorbar=t_interval, height=2.8,
+                       aspect=1.2, col="init", col_order=_order(at_init, "init"), row="network",
+                       row_order=sorted(at_init["network"].unique()), facet_kws={"sharey": True}, **_hue(at_init))
+    grid.set(yscale="log")  # one log scale for every panel: decades compare across inits and activations
+    grid.set_titles(template="{row_name}\ninit {col_name}", size=9)
     grid.set_axis_labels(_label("layer_index"), "weight gradient norm")
     return grid.figure
 
@@ -185,9 +204,111 @@ def saturation_figure(probes: pd.DataFrame):
                        col="activation", col_order=_order(per_cell, "activation"), row="model",
                        row_order=_order(per_cell, "model"), height=2.8, aspect=1.4, **_hue(per_cell))
     grid.set_titles(template="{row_name}, {col_name}", size=9)
-    grid.tick_params(axis="x", labelrotation=20)
+    grid.tick_params(axis="x", labelrotation=30)
     grid.set_axis_labels(_label("init"), "saturated / dead share")
     return grid.figure
+
+
+def _rows(probes: pd.DataFrame, *quantities: str) -> pd.DataFrame:
+    return probes[probes["quantity"].isin(quantities)]
+
+
+def percentiles_figure(probes: pd.DataFrame):
+    """Ioffe & Szegedy 2015, Figure 1(b, c): percentiles of one last-hidden-layer sigmoid input over training."""
+    rows = _rows(probes, "p15", "p50", "p85")
+    rows = rows[(rows["unit"] == 0) & (rows["seed"] == rows["seed"].min())]
+    norms = _order(rows, "norm")
+    grid = sns.relplot(rows, x="step", y="value", hue="quantity", hue_order=["p85", "p50", "p15"],
+                       palette=sns.color_palette("crest", 3), col="norm", col_order=norms, kind="line", height=3.0,
+                       aspect=1.4, facet_kws={"sharey": False})
+    grid.legend.set_title("percentile")
+    grid.set_titles(template="norm = {col_name}", size=9)
+    grid.set_axis_labels("step", "sigmoid input")
+    return grid.figure
+
+
+def ics_figure(probes: pd.DataFrame):
+    """Per-layer internal covariate shift (Santurkar et al. 2018), each cell's mean over its probed steps."""
+    per_cell = _rows(probes, "ics_l2", "ics_cos").groupby(["cell", "norm", "seed", "layer_index", "quantity"],
+                                                          as_index=False)["value"].mean()
+    grid = sns.relplot(per_cell, x="layer_index", y="value", col="quantity", col_order=["ics_l2", "ics_cos"],
+                       kind="line", marker="o", errorbar=t_interval, height=3.0, aspect=1.3,
+                       facet_kws={"sharey": False}, **_hue(per_cell))
+    grid.axes_dict["ics_l2"].set_yscale("log")
+    grid.axes_dict["ics_l2"].set_title("||G - G'|| (log scale; larger: more shift)", size=9)
+    grid.axes_dict["ics_cos"].set_title("cos(G, G') (1: no shift)", size=9)
+    grid.set_axis_labels(_label("layer_index"), "")
+    return grid.figure
+
+
+def landscape_figure(probes: pd.DataFrame):
+    """Loss range and effective beta-smoothness along the gradient over training (Santurkar et al. 2018, Fig. 4)."""
+    rows = _rows(probes, "loss_range", "beta")
+    grid = sns.relplot(rows, x="step", y="value", col="quantity", col_order=["loss_range", "beta"], kind="line",
+                       marker="o", errorbar=t_interval, height=3.0, aspect=1.3, facet_kws={"sharey": False},
+                       **_hue(rows))
+    grid.set(yscale="log")
+    grid.axes_dict["loss_range"].set_title("loss range along the gradient", size=9)
+    grid.axes_dict["beta"].set_title("effective beta-smoothness", size=9)
+    grid.set_axis_labels("step", "")
+    return grid.figure
+
+
+def inference_figure(probes: pd.DataFrame):
+    """Test accuracy of each trained BN model with running (EMA), precise-BN and per-batch statistics (C8)."""
+    rows = _rows(probes, "acc_ema", "acc_precise", "acc_batch")
+    rows = rows.assign(statistics=rows["quantity"].str.removeprefix("acc_"))
+    grid = sns.catplot(rows, kind="point", x="bn_momentum", y="value", hue="statistics",
+                       hue_order=list(MODE_PALETTE), palette=MODE_PALETTE, col="batch_size",
+                       col_order=_order(rows, "batch_size"), linestyle="none", dodge=0.3, errorbar=t_interval,
+                       height=3.0, aspect=1.2)
+    grid.set_titles(template="batch size = {col_name}", size=9)
+    grid.set_axis_labels(_label("bn_momentum"), "test accuracy")
+    return grid.figure
+
+
+def folding_table(probes: pd.DataFrame) -> dict:
+    """BN folding per setting: the largest output difference and the inference speed-up, mean over seeds (C11)."""
+    wide = probes.pivot_table(index=["batch_size", "bn_momentum", "seed"], columns="quantity", values="value")
+    wide["speedup"] = wide["infer_s_unfolded"] / wide["infer_s_folded"]
+    table = wide.groupby(level=["batch_size", "bn_momentum"]).agg(
+        diff=("fold_rel_diff", "max"), unfolded=("infer_s_unfolded", "mean"), folded=("infer_s_folded", "mean"),
+        speedup=("speedup", "mean"))
+    return {"columns": ["batch size", "BN momentum", "largest output difference (relative)",
+                        "unfolded inference (ms)", "folded inference (ms)", "unfolded / folded"],
+            "rows": [[_format(b), _format(m), f"{row['diff']:.2g}", _format(row["unfolded"] * 1e3),
+                      _format(row["folded"] * 1e3), _format(row["speedup"])] for (b, m), row in table.iterrows()]}
+
+
+def generalization(probes: pd.DataFrame) -> pd.DataFrame:
+    """Per cell: train accuracy (eval mode, after training), test accuracy and their gap."""
+    wide = _rows(probes, "train_acc_eval", "test_acc_eval").pivot_table(
+        index=["cell", "norm", "dropout", "seed"], columns="quantity", values="value").reset_index()
+    return wide.assign(gap=wide["train_acc_eval"] - wide["test_acc_eval"])
+
+
+def generalization_figure(probes: pd.DataFrame):
+    """Train minus test accuracy per norm and dropout (C9)."""
+    cells = generalization(probes)
+    grid = sns.catplot(cells, kind="bar", x="dropout", y="gap", order=_order(cells, "dropout"), errorbar=t_interval,
+                       height=3.2, aspect=1.4, **_hue(cells))
+    grid.set_axis_labels(_label("dropout"), "train - test accuracy")
+    return grid.figure
+
+
+def generalization_table(probes: pd.DataFrame) -> dict:
+    means = generalization(probes).groupby(["norm", "dropout"])[["train_acc_eval", "test_acc_eval", "gap"]].mean()
+    return {"columns": ["norm", "dropout", "train accuracy (eval mode)", "test accuracy", "gap"],
+            "rows": [[norm, _format(dropout), *map(_format, row)] for (norm, dropout), row in means.iterrows()]}
+
+
+def drift_table(probes: pd.DataFrame, cells: pd.DataFrame) -> dict:
+    """C1's drift per norm: each percentile's travel over training in widths of the distribution."""
+    drift = cells.join(claims.percentile_drift(probes).rename("drift"), on="cell", how="inner")
+    by_norm = drift.groupby("norm")["drift"]
+    return {"columns": ["norm", "drift (mean over seeds)", "per seed"],
+            "rows": [[norm, _format(values.mean()), ", ".join(_format(v) for v in values)]
+                     for norm, values in by_norm]}
 
 
 def step_time_ratios(cells: pd.DataFrame, keys: list[str]) -> dict | None:
@@ -251,25 +372,96 @@ def trained(cells: pd.DataFrame, origin: pd.Series) -> pd.Series:
                      index=cells.index)
 
 
+def describe_model(settings: dict) -> str:
+    """The model in a few words, e.g. "resnet, depth 8, width 8"."""
+    depth = f", depth {settings['depth']}" if settings.get("depth") else ""
+    return f"{settings['model']}{depth}, width {settings['width']}"
+
+
+def setup(spec: dict, cells: pd.DataFrame) -> list[tuple[str, str]]:
+    """A study's fixed setup, as its section's box shows it: what every cell shares."""
+    first = cells.iloc[0]
+
+    def shared(column: str) -> str:
+        values = sorted({_format(v) for v in cells[column]}) if column in cells else []
+        return " or ".join(values)
+
+    train = "all" if pd.isna(first.get("train_subset")) else f"{int(first['train_subset']):,}"
+    test = "all" if pd.isna(first.get("test_subset")) else f"{int(first['test_subset']):,}"
+    rows = [("data", f"{first['dataset']}: {train} training images, {test} test images"),
+            ("model", describe_model(first)),
+            ("batch", f"{shared('batch_size')} per worker, on {shared('world_size')} worker(s)"),
+            ("training", f"{shared('epochs')} epochs, {shared('total_steps')} steps per cell, {first['optimizer']} "
+                         f"at peak lr {shared('lr')}, {first['schedule']} schedule, {shared('precision')}"),
+            ("cells", f"{len(cells)} over {cells['seed'].nunique()} seeds, paired by seed (same initialization "
+                      f"and batches)")]
+    if spec.get("differs_from_anchor"):
+        rows.append(("differs from the anchor", spec["differs_from_anchor"]))
+    return rows
+
+
+def scale(cells: pd.DataFrame) -> str:
+    """The study's scale in a few words, for verdicts that differ from the paper's."""
+    steps = " or ".join(sorted({_format(v) for v in cells["total_steps"]}))
+    return f"{describe_model(cells.iloc[0])}, {steps} steps"
+
+
+def reference(spec: dict, cells: pd.DataFrame) -> dict | None:
+    """The study's reference cells and whether they learned enough for its other cells to mean something."""
+    chosen = spec.get("report", {}).get("reference")
+    if not chosen:
+        return None
+    bar = spec.get("report", {}).get("reference_acc", 0.85)
+    picked = cells[np.logical_and.reduce([cells[key] == value for key, value in chosen.items()])]
+    if picked.empty:
+        return {"cells": ", ".join(f"{key} {value}" for key, value in chosen.items()), "accuracy": "not in this run",
+                "seeds": 0, "bar": _format(bar), "reached": False}
+    estimate = claims.mean_interval(claims.accuracy(picked), len(picked))
+    interval = "" if math.isnan(estimate.low) else f" [{estimate.low:.3f}, {estimate.high:.3f}]"
+    return {"cells": ", ".join(f"{key} {value}" for key, value in chosen.items()),
+            "accuracy": f"{estimate.value:.3f}{interval}", "seeds": estimate.samples, "bar": _format(bar),
+            "reached": bool(estimate.value >= bar)}
+
+
 def study_section(name: str, spec: dict, cells: pd.DataFrame, curves: pd.DataFrame, probes: pd.DataFrame,
                   report_dir: Path, figures_dir: Path) -> dict:
+    if "ghost_batch" in cells:  # per-worker BN as ghost batches: the images behind each statistic
+        cells = cells.assign(statistics_batch=claims.statistics_batch(cells))
+        curves = curves.assign(statistics_batch=claims.statistics_batch(curves)) if "ghost_batch" in curves else curves
     x, facets = study_axes(cells)
+    seeds = cells["seed"].nunique()
     section = {"name": name, "description": spec.get("description", ""), "axes": claims.varying_settings(cells),
-               "cells": len(cells), "seeds": cells["seed"].nunique(), "figures": [], "tables": []}
+               "cells": len(cells), "seeds": seeds, "figures": [], "tables": [], "setup": setup(spec, cells),
+               "reference": reference(spec, cells)}
 
     def add(kind: str, title: str, figure) -> None:
-        section["figures"].append({"title": title, "caption": FIGURE_CAPTIONS[kind],
+        counted = f" Intervals over {seeds} seed{'s' if seeds != 1 else ''}" + \
+            (" (one seed: none)." if seeds == 1 else ".")
+        section["figures"].append({"title": title, "caption": FIGURE_CAPTIONS[kind] + counted,
                                    "src": _save(figure, figures_dir / name / f"{kind}.png")})
 
-    if x is not None:
-        add("accuracy", f"Final test accuracy vs {_label(x)}", accuracy_figure(cells, x, facets))
+    x_or_norm = x or "norm"
+    add("accuracy", f"Final test accuracy vs {_label(x_or_norm)}", accuracy_figure(cells, x_or_norm, facets))
     if len(curves):
         add("curves", "Learning curves", curves_figure(curves, x, facets))
     if "init" in section["axes"] and len(probes):
         add("gradient_profile", "Gradient norm per layer at initialization", gradient_profile_figure(probes))
         add("saturation", "Saturated or dead units at initialization", saturation_figure(probes))
-    if x is not None:
-        add("throughput", "Training throughput", throughput_figure(cells, x, facets))
+    quantities = set(probes["quantity"]) if len(probes) else set()
+    if "p50" in quantities:
+        add("percentiles", "Figure 1 of Ioffe & Szegedy 2015: a last-hidden-layer sigmoid input over training",
+            percentiles_figure(probes))
+        section["tables"].append({"title": "Drift of the percentiles (C1)", **drift_table(probes, cells)})
+    if "ics_l2" in quantities:
+        add("ics", "Internal covariate shift per layer", ics_figure(probes))
+        add("landscape", "Loss landscape along the gradient", landscape_figure(probes))
+    if "acc_ema" in quantities:
+        add("inference", "Accuracy with running, precise and per-batch BN statistics", inference_figure(probes))
+        section["tables"].append({"title": "BN folded into the conv before it (C11)", **folding_table(probes)})
+    if "train_acc_eval" in quantities:
+        add("generalization", "Train - test accuracy gap", generalization_figure(probes))
+        section["tables"].append({"title": "Train and test accuracy (C9)", **generalization_table(probes)})
+    add("throughput", "Training throughput", throughput_figure(cells, x_or_norm, facets))
     if x == "lr":
         section["tables"].append({"title": "Learning-rate range and speed to target",
                                   **learning_rate_table(cells, curves, spec.get("report", {}))})
@@ -304,21 +496,22 @@ def decidability(verdict: claims.Verdict) -> str:
     return f"{detect}; decidable with ≈ {verdict.seeds_needed:.0f} {unit} at the observed effect and spread"
 
 
-def claim_rows(verdicts: list[claims.Verdict]) -> list[dict]:
-    """The claims table: one row per claim, with its verdict, effect and interval, and what it rests on."""
+def claim_rows(verdicts: list[claims.Verdict], scales: dict[str, str] | None = None) -> list[dict]:
+    """The claims table: one row per claim, with its verdict, effect and interval, and what it rests on. Each claim
+    restates a published finding; where the run does not support it, the row says at what scale it was tried."""
     rows = []
     for verdict in verdicts:
+        note = verdict.note
+        if verdict.verdict in ("refuted", "inconclusive") and verdict.study in (scales or {}):
+            note = "; ".join(filter(None, [f"not reproduced at this scale: {scales[verdict.study]}", note]))
         estimate = verdict.estimate
-        effect = ""
-        if estimate is not None and not math.isnan(estimate.value):
-            interval = "" if math.isnan(estimate.low) else f" [{estimate.low:.3g}, {estimate.high:.3g}]"
-            effect = f"{'≥ ' if estimate.lower_bound else ''}{estimate.value:.3g}{interval}"
+        effect = claims.format_estimate(estimate) if estimate is not None else ""
         rows.append({
             "id": verdict.claim.id, "statement": verdict.claim.statement, "anchor": verdict.claim.anchor,
             "verdict": verdict.verdict, "effect": effect, "measures": verdict.claim.effect, "rule": verdict.claim.bar,
             "evidence": f"{estimate.samples} {estimate.sample_unit}, {estimate.cells} {estimate.cell_unit}"
             if estimate else "",
-            "note": verdict.note, "power": decidability(verdict), "study": verdict.study or "",
+            "note": note, "power": decidability(verdict), "study": verdict.study or "",
             "anchor_id": ("benchmarks" if verdict.study == "benchmarks" else f"study-{verdict.study}")
             if verdict.study else "",
         })
@@ -354,11 +547,14 @@ def benchmark_table(rounds: pd.DataFrame) -> dict | None:
                 relative = f"{estimate.value:.2f}{interval}"
             rows.append([layout, case["shape"].iloc[0], dtype, norm, _format(times.median() * 1e6), relative,
                          str(len(times))])
-    machines = rounds[["device", "threads"]].drop_duplicates()
-    measured_on = "; ".join(f"{device}, {threads} CPU threads" for device, threads in machines.itertuples(index=False))
     return {"columns": ["layout", "shape", "dtype", "norm", "median time (µs)", "time / BN's [95% CI]",
                         "rounds (all repeats)"],
-            "rows": rows, "measured_on": measured_on}
+            "rows": rows, "measured_on": benchmark_machine(rounds)}
+
+
+def benchmark_machine(rounds: pd.DataFrame) -> str:
+    machines = rounds[["device", "threads"]].drop_duplicates()
+    return "; ".join(f"{device}, {threads} CPU threads" for device, threads in machines.itertuples(index=False))
 
 
 def harness_efficiency(cells: pd.DataFrame) -> str:
@@ -438,7 +634,9 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
         "cells": f"{len(cells)}: {how.get('this run', 0)} trained in this run, {how.get('resumed', 0)} resumed "
                  f"from a checkpoint, {how.get('reused', 0)} reused from earlier runs (see each cell's 'trained')",
     }
-    html = template.render(claims=claim_rows(verdicts), sections=sections, provenance=details,
+    scales = {study: scale(tables_.cells) for study, tables_ in by_study.items() if study != "benchmarks"}
+    scales["benchmarks"] = f"{benchmark_machine(rounds)}" if not rounds.empty else ""
+    html = template.render(claims=claim_rows(verdicts, scales), sections=sections, provenance=details,
                            numerics=numerics_table(numerics), benchmarks=benchmark_table(rounds),
                            benchmarks_description=config.get("benchmarks", {}).get("description", ""),
                            generated=pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"))

@@ -158,7 +158,7 @@ class Progress:
     metrics: list[dict] = dataclasses.field(default_factory=list)
     probes: list[dict] = dataclasses.field(default_factory=list)
     train_time_s: float = 0.0
-    probe_time_s: float = 0.0  # spent in probes between training steps (not counted as training)
+    probe_time_s: float = 0.0  # spent in probed steps (their probes and the step itself), not counted as training
     skipped_steps: int = 0  # optimizer steps GradScaler skipped for inf/NaN gradients (fp16)
     wall_time_s: float = 0.0  # of earlier sessions, when resumed
     resumed_from_step: int | None = None
@@ -286,6 +286,8 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, settings))
     eval_steps = {round(steps_per_epoch * (e + k / settings.evals_per_epoch))
                   for e in range(settings.epochs) for k in range(1, settings.evals_per_epoch + 1)}
+    # Probe the first step (the network at initialization) and the last before each evaluation (main worker).
+    probe_steps = {0, *(step - 1 for step in eval_steps)} if worker.is_main else set()
 
     checkpoint_path = out_dir / results.CHECKPOINT
     progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler, precision.scaler, settings) or Progress()
@@ -305,7 +307,7 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
     permutation, permutation_epoch = None, None
     clock = DeviceClock(device)
     interval_started = clock.mark()
-    probe_s = 0.0  # probe time inside the current training interval
+    probe_s = 0.0  # time of the probed steps inside the current training interval
     phase_marks: list[tuple] = []  # (before forward, after loss, after backward, after the optimizer) of timed steps
     compile_time_s = None
     percentile_inputs = test_split.inputs[:EVAL_BATCH_SIZE].contiguous(memory_format=memory_format)
@@ -322,12 +324,10 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
         inputs, labels = train_split.inputs[index], train_split.labels[index]
         if settings.augment:
             inputs = augment_batch(inputs, seeded_generator(settings.seed, step))
-        # Probe the first step (the network at initialization) and the last before each evaluation.
-        probe = Probe(model) if worker.is_main and (step == 0 or step + 1 in eval_steps) else None
+        probe = Probe(model) if step in probe_steps else None
+        probe_started = clock.mark() if probe else None  # a probed step is timed as probing, not as training
         if probe and "ics" in settings.probes:  # before this step's update, on the same batch
-            probe_started = clock.mark()
             progress.probes += probes.ics_rows(model, inputs, labels, settings.effective_lr, step)
-            probe_s += clock.seconds(probe_started, clock.mark())
         # A compiled model keeps its graph: no activation hooks, only the gradient and weight norms.
         watching = probe.watching_activations() if probe and not settings.compile else contextlib.nullcontext()
         # The phases of one step in SYNC_EVERY_STEPS (not a probed one) are timed apart, as timm's benchmark --detail.
@@ -347,6 +347,8 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
         if not precision.step(optimizer):
             skipped_at.append(step)
         scheduler.step()
+        if probe:
+            probe_s += clock.seconds(probe_started, clock.mark())
         if timed:
             phase_marks.append((*marks, clock.mark()))
         if settings.compile and compile_time_s is None:  # the first step compiles: timed apart from training
@@ -422,6 +424,7 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
         progress.probes += after_training_rows(settings, model, train_split, test_split, memory_format, precision,
                                                progress.step)
     final = progress.metrics[-1] if progress.metrics and diverged_reason is None else {}  # a diverged cell has none
+    probed_steps = sum(step < progress.step for step in probe_steps)
     summary = {
         "final_test_acc": final.get("test_acc"),
         "best_test_acc": max((row["test_acc"] for row in progress.metrics), default=None),
@@ -435,10 +438,12 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
         "steps": progress.step,
         "skipped_steps": progress.skipped_steps,
         "total_steps": total_steps,
-        "train_samples_per_s": (progress.step * settings.global_batch_size / progress.train_time_s)
-        if progress.train_time_s > 0 else None,
+        # Over the steps that were not probed: probes hook activations and read norms, which no other step does.
+        "train_samples_per_s": ((progress.step - probed_steps) * settings.global_batch_size
+                                / progress.train_time_s) if progress.train_time_s > 0 else None,
         "train_time_s": progress.train_time_s,
         "probe_time_s": progress.probe_time_s,
+        "probed_steps": probed_steps,
         "wall_time_s": progress.wall_time_s + time.perf_counter() - started,
         "num_params": sum(p.numel() for p in model.parameters()),
         "peak_memory_mb": peak_memory_mb(device),

@@ -98,7 +98,8 @@ def _run_child(connection: socket.socket) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     os.environ.pop(SOCKET_ENV)  # this process runs the command itself
-    threading.Thread(target=_end_when_client_goes, args=(connection,), daemon=True).start()
+    finished = threading.Event()
+    threading.Thread(target=_end_when_client_goes, args=(connection, finished), daemon=True).start()
     from normbench.cli import main
 
     code = 0
@@ -113,14 +114,16 @@ def _run_child(connection: socket.socket) -> None:
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
+    finished.set()  # from here on the client closing is the normal end, not a cancellation
     connection.send(bytes([code & 0xFF]))
     os._exit(code)
 
 
-def _end_when_client_goes(connection: socket.socket) -> None:
-    """The client sends nothing more; an empty read means it is gone (its job was cancelled)."""
+def _end_when_client_goes(connection: socket.socket, finished: threading.Event) -> None:
+    """The client sends nothing more; an empty read before the command finished means its job was cancelled."""
     connection.recv(1)
-    os.killpg(0, signal.SIGTERM)
+    if not finished.is_set():
+        os.killpg(0, signal.SIGTERM)
 
 
 def start_server(path: str | Path, log: str | Path, wait_s: float = 30.0) -> subprocess.Popen | None:

@@ -51,7 +51,7 @@ def study_settings(study):
 
 # One Paramspace per study; a cell's folder spells its grid values (norm~gn/batch_size~4/...).
 GRIDS = {study: study_cells(study, {**spec, "fixed": study_settings(study)}) for study, spec in config["studies"].items()}
-SPACES = {study: Paramspace(pd.DataFrame(cells), single_wildcard="cell") for study, cells in GRIDS.items()}
+SPACES = {study: Paramspace(pd.DataFrame(cells, dtype=object), single_wildcard="cell") for study, cells in GRIDS.items()}
 # Each cell's axis values by its folder pattern, as the config gave them: a 1,000-cell plan reads them by lookup
 # (Paramspace.instance would parse every folder name back, once per job attribute).
 CELL_AXES = {study: dict(zip(SPACES[study].instance_patterns, cells)) for study, cells in GRIDS.items()}
