@@ -100,7 +100,7 @@ def _report(args: argparse.Namespace) -> None:
 def _warm(args: argparse.Namespace) -> None:
     from normbench.warm import serve
 
-    serve(args.socket)
+    serve(args.socket, main)
 
 
 def build_parser() -> argparse.ArgumentParser:

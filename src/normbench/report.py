@@ -611,8 +611,11 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
     studies = config.get("studies", {})
     rounds = benchmark_rounds(bench) if bench else pd.DataFrame()
     sns.set_theme(style="ticks", context="notebook")
+    # Sections in the config's order (studies of earlier runs that the config no longer names, last).
+    order = {study: index for index, study in enumerate(studies)}
     by_study = {study: claims.Tables(study_cells, curves[curves["study"] == study], probes[probes["study"] == study])
-                for study, study_cells in cells.groupby("study", sort=False)}
+                for study, study_cells in sorted(cells.groupby("study", sort=False),
+                                                 key=lambda item: order.get(item[0], len(order)))}
     if not rounds.empty:
         by_study["benchmarks"] = claims.Tables(bench=rounds)
     verdicts = claims.evaluate(claims.claim_sections(config), by_study)

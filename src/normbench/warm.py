@@ -26,6 +26,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 SOCKET_ENV = "NORMBENCH_WARM_SOCKET"
 MAX_REQUEST_BYTES = 1 << 20
@@ -54,12 +55,13 @@ def run_warm(argv: list[str]) -> int | None:
     return reply[0]
 
 
-def serve(path: str | Path) -> None:
-    """Accept commands on the Unix socket `path` until the process that started this server ends."""
+def serve(path: str | Path, run: Callable[[list[str]], None]) -> None:
+    """Accept commands on the Unix socket `path` until the process that started this server ends; each runs as
+    `run(argv)` (the command line's main) in a forked child."""
     import torch._dynamo  # noqa: F401  the imports every cell needs, once: torch.optim loads dynamo (about 2 s)
     import torch.fx.experimental.optimization  # noqa: F401  BN folding
 
-    import normbench.cli  # noqa: F401
+    import normbench.cells  # noqa: F401
     import normbench.probes  # noqa: F401
     import normbench.train  # noqa: F401
 
@@ -78,12 +80,12 @@ def serve(path: str | Path) -> None:
                 continue
             if os.fork() == 0:
                 server.close()
-                _run_child(connection)
+                _run_child(connection, run)
             connection.close()
     path.unlink(missing_ok=True)
 
 
-def _run_child(connection: socket.socket) -> None:
+def _run_child(connection: socket.socket, run: Callable[[list[str]], None]) -> None:
     """Become the client's command: its streams, folder and environment; then send back the exit code."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a multi-worker cell waits for its own children
     os.setsid()  # one process group with any workers it starts, ended together if the client goes
@@ -100,11 +102,9 @@ def _run_child(connection: socket.socket) -> None:
     os.environ.pop(SOCKET_ENV)  # this process runs the command itself
     finished = threading.Event()
     threading.Thread(target=_end_when_client_goes, args=(connection, finished), daemon=True).start()
-    from normbench.cli import main
-
     code = 0
     try:
-        main(request["argv"])
+        run(request["argv"])
     except SystemExit as exit_:
         if isinstance(exit_.code, str):
             print(exit_.code, file=sys.stderr)
