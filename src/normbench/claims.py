@@ -142,11 +142,11 @@ def mean_interval(effects: pd.Series, cells: int, note: str = "", lower_bound: b
     effects = effects.dropna()
     n = len(effects)
     if n == 0:
-        return Estimate(math.nan, math.nan, math.nan, 0, unit, cells, _join(note, f"no {unit[:-1]} gave a value"),
+        return Estimate(math.nan, math.nan, math.nan, 0, unit, cells, join_notes(note, f"no {unit[:-1]} gave a value"),
                         cell_unit=cell_unit)
     mean = float(effects.mean())
     if n == 1:
-        return Estimate(mean, math.nan, math.nan, 1, unit, cells, _join(note, f"one {unit[:-1]}: no interval"),
+        return Estimate(mean, math.nan, math.nan, 1, unit, cells, join_notes(note, f"one {unit[:-1]}: no interval"),
                         lower_bound, cell_unit)
     from scipy import stats  # here, not at the top: the workflow imports this module while it plans
 
@@ -156,7 +156,8 @@ def mean_interval(effects: pd.Series, cells: int, note: str = "", lower_bound: b
                     float(effects.std(ddof=1)))
 
 
-def _join(*notes: str) -> str:
+def join_notes(*notes: str) -> str:
+    """Notes in one sentence list, empty ones left out."""
     return "; ".join(note for note in notes if note)
 
 
@@ -252,7 +253,7 @@ def _larger_stable_lr_with_bn(tables: Tables, spec: dict) -> Estimate:
     effects = np.log10(largest["bn"] / largest["none"].fillna(cells["lr"].min()))
     notes = [f"lower bound: {censored.sum()} seed(s) stable at no lr without a norm" if censored.any() else "",
              "a seed with no stable lr with BN is left out" if effects.isna().any() else ""]
-    return mean_interval(effects, len(cells), "; ".join(filter(None, notes)), lower_bound=bool(censored.any()))
+    return mean_interval(effects, len(cells), join_notes(*notes), lower_bound=bool(censored.any()))
 
 
 def by_condition(cells: pd.DataFrame, axes: list[str], measure: Callable[[pd.DataFrame], Estimate]) -> tuple:
@@ -327,7 +328,7 @@ def _gn_ln_slower_than_bn(tables: Tables, spec: dict) -> Estimate:
     rms = mean_interval(time_ratio(rounds, "rms", "ln"), 2, unit="repeats") if "rms" in set(rounds["norm"]) else None
     notes = [f"measured on {', '.join(sorted(set(rounds['device'])))}",
              f"RMSNorm over LN's time: {rms.value:.2f} [{rms.low:.2f}, {rms.high:.2f}]" if rms else ""]
-    return mean_interval(effects, 3, "; ".join(filter(None, notes)), unit="repeats", cell_unit="cases")
+    return mean_interval(effects, 3, join_notes(*notes), unit="repeats", cell_unit="cases")
 
 
 def per_cell(probes: pd.DataFrame, quantity: str) -> pd.Series:
@@ -386,8 +387,14 @@ def _precise_bn_beats_ema(tables: Tables, spec: dict) -> Estimate:
     return mean_interval(extreme.groupby("seed")["gap"].mean(), len(extreme), note)
 
 
+def generalization(probes: pd.DataFrame) -> pd.DataFrame:
+    """Per cell: train accuracy (eval mode, after training), test accuracy and their gap."""
+    train, test = per_cell(probes, "train_acc_eval"), per_cell(probes, "test_acc_eval")
+    return pd.DataFrame({"train_acc_eval": train, "test_acc_eval": test, "gap": train - test})
+
+
 def _bn_narrows_generalization_gap(tables: Tables, spec: dict) -> Estimate:
-    gap = per_cell(tables.probes, "train_acc_eval") - per_cell(tables.probes, "test_acc_eval")
+    gap = generalization(tables.probes)["gap"]
     cells = _with(tables.cells[(tables.cells["dropout"] == 0) & tables.cells["norm"].isin(["bn", "none"])], gap, "gap")
     effects = cells.pivot_table(index="seed", columns="norm", values="gap")
     return mean_interval(effects["none"] - effects["bn"], len(cells))
@@ -517,6 +524,6 @@ def evaluate(studies: dict[str, dict], tables_by_study: dict[str, Tables]) -> li
         verdict = decide(estimate, claim.rule, claim.threshold)
         exceptions = [f"{label}: {decide(part, claim.rule, claim.threshold)} ({format_estimate(part)})"
                       for label, part in estimate.conditions if decide(part, claim.rule, claim.threshold) != verdict]
-        note = _join(estimate.fails, estimate.note, "except " + "; ".join(exceptions) if exceptions else "")
+        note = join_notes(estimate.fails, estimate.note, "except " + "; ".join(exceptions) if exceptions else "")
         verdicts.append(Verdict(claim, verdict, study, estimate, note, detectable, needed))
     return verdicts

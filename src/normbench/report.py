@@ -77,7 +77,7 @@ def study_axes(cells: pd.DataFrame) -> tuple[str | None, list[str]]:
     to one already chosen (world_size with batch_size at a fixed global batch) adds nothing.
     """
     axes = [a for a in claims.varying_settings(cells) if a not in ("norm", "seed", "ghost_batch")]
-    if cells["ghost_batch"].nunique() > 1 if "ghost_batch" in cells else False:  # per-worker BN as ghost batches
+    if "statistics_batch" in cells and cells["ghost_batch"].nunique() > 1:  # per-worker BN as ghost batches
         axes.append("statistics_batch")
     x = next((a for a in X_AXIS_PREFERENCE if a in axes), axes[0] if axes else None)
     rank = {a: i for i, a in enumerate(FACET_PREFERENCE)}
@@ -280,24 +280,22 @@ def folding_table(probes: pd.DataFrame) -> dict:
                       _format(row["folded"] * 1e3), _format(row["speedup"])] for (b, m), row in table.iterrows()]}
 
 
-def generalization(probes: pd.DataFrame) -> pd.DataFrame:
-    """Per cell: train accuracy (eval mode, after training), test accuracy and their gap."""
-    wide = _rows(probes, "train_acc_eval", "test_acc_eval").pivot_table(
-        index=["cell", "norm", "dropout", "seed"], columns="quantity", values="value").reset_index()
-    return wide.assign(gap=wide["train_acc_eval"] - wide["test_acc_eval"])
+def generalization(cells: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
+    """The cells with their train accuracy (eval mode), test accuracy and gap (claims.generalization)."""
+    return cells.join(claims.generalization(probes), on="cell", how="inner")
 
 
-def generalization_figure(probes: pd.DataFrame):
+def generalization_figure(cells: pd.DataFrame, probes: pd.DataFrame):
     """Train minus test accuracy per norm and dropout (C9)."""
-    cells = generalization(probes)
+    cells = generalization(cells, probes)
     grid = sns.catplot(cells, kind="bar", x="dropout", y="gap", order=_order(cells, "dropout"), errorbar=t_interval,
                        height=3.2, aspect=1.4, **_hue(cells))
     grid.set_axis_labels(_label("dropout"), "train - test accuracy")
     return grid.figure
 
 
-def generalization_table(probes: pd.DataFrame) -> dict:
-    means = generalization(probes).groupby(["norm", "dropout"])[["train_acc_eval", "test_acc_eval", "gap"]].mean()
+def generalization_table(cells: pd.DataFrame, probes: pd.DataFrame) -> dict:
+    means = generalization(cells, probes).groupby(["norm", "dropout"])[["train_acc_eval", "test_acc_eval", "gap"]].mean()
     return {"columns": ["norm", "dropout", "train accuracy (eval mode)", "test accuracy", "gap"],
             "rows": [[norm, _format(dropout), *map(_format, row)] for (norm, dropout), row in means.iterrows()]}
 
@@ -459,8 +457,8 @@ def study_section(name: str, spec: dict, cells: pd.DataFrame, curves: pd.DataFra
         add("inference", "Accuracy with running, precise and per-batch BN statistics", inference_figure(probes))
         section["tables"].append({"title": "BN folded into the conv before it (C11)", **folding_table(probes)})
     if "train_acc_eval" in quantities:
-        add("generalization", "Train - test accuracy gap", generalization_figure(probes))
-        section["tables"].append({"title": "Train and test accuracy (C9)", **generalization_table(probes)})
+        add("generalization", "Train - test accuracy gap", generalization_figure(cells, probes))
+        section["tables"].append({"title": "Train and test accuracy (C9)", **generalization_table(cells, probes)})
     add("throughput", "Training throughput", throughput_figure(cells, x_or_norm, facets))
     if x == "lr":
         section["tables"].append({"title": "Learning-rate range and speed to target",
@@ -503,7 +501,7 @@ def claim_rows(verdicts: list[claims.Verdict], scales: dict[str, str] | None = N
     for verdict in verdicts:
         note = verdict.note
         if verdict.verdict in ("refuted", "inconclusive") and verdict.study in (scales or {}):
-            note = "; ".join(filter(None, [f"not reproduced at this scale: {scales[verdict.study]}", note]))
+            note = claims.join_notes(f"not reproduced at this scale: {scales[verdict.study]}", note)
         estimate = verdict.estimate
         effect = claims.format_estimate(estimate) if estimate is not None else ""
         rows.append({
