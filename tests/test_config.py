@@ -1,5 +1,8 @@
 """Settings are validated before any work, with messages that name the key and the fix."""
 
+import subprocess
+import sys
+
 import pytest
 
 from normbench.cells import make_settings, study_cells
@@ -68,3 +71,12 @@ def test_study_errors_name_the_study_and_cell():
         study_cells("s", {"grid": {"norm": ["bn", "foo"]}})
     with pytest.raises(SettingsError, match="norm appears twice among fixed, grid and linked"):
         study_cells("s", {"fixed": {"norm": "bn"}, "grid": {"norm": ["gn"]}})
+
+
+def test_planning_a_cell_leaves_torch_dynamo_unimported():
+    """The trial build skips drawing meta weights, whose kernels import torch._dynamo (seconds of every plan)."""
+    check = ("import sys; from normbench.cells import make_settings; "
+             "[make_settings({'model': m, 'width': 8}) for m in ('resnet20', 'vit', 'mlp', 'cnn')]; "
+             "print('torch._dynamo' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"

@@ -456,7 +456,7 @@ CLAIMS: tuple[Claim, ...] = (
           probes=("generalization",)),
     Claim("C10", "BN is a poor fit for Transformers; LayerNorm (or RMSNorm) is the standard",
           "Ba et al. 2016; Shen et al. 2020; Xiong et al. 2020", "transformer",
-          "final test accuracy of LN minus BN, averaged over placement and warm-up",
+          "final test accuracy of LN minus BN, over the study's placements and warm-ups (each apart where they differ)",
           "above", 0.02, _ln_beats_bn_in_transformers, {"norm": ("ln", "bn")}),
     Claim("C11", "At inference, BN folds into the preceding conv/linear layer for free", "lecture notes",
           "inference", "inference time unfolded over folded (x), with outputs equal to 1e-4 relative",

@@ -171,6 +171,7 @@ def curves_figure(curves: pd.DataFrame, x: str | None, facets: list[str]):
                        height=2.6, aspect=1.2, **_hue(curves), **panels)
     for axis in grid.axes.flat:
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # whole epochs
+        axis.set_ylim(0, 1)  # an accuracy: a wide interval over few seeds must not stretch the scale
     grid.set_axis_labels(_label("epoch"), _label("test_acc"))
     return _titled(grid, panels)
 
@@ -179,6 +180,7 @@ def throughput_figure(cells: pd.DataFrame, x: str, facets: list[str]):
     panels = _panels(cells, facets[:1])
     grid = sns.catplot(cells, kind="bar", x=x, y="train_samples_per_s", order=_order(cells, x), errorbar=t_interval,
                        height=3.2, aspect=1.3, **_hue(cells), **panels)
+    grid.set(ylim=(0, None))  # a throughput is positive; a wide interval over few seeds is cut at zero
     grid.set_axis_labels(_label(x), _label("train_samples_per_s"))
     return _titled(grid, panels)
 

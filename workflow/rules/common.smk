@@ -100,9 +100,15 @@ def cell_values(wildcards):
     return {**study_settings(wildcards.study), **CELL_AXES[wildcards.study][wildcards.cell]}
 
 
+CELL_SETTINGS = {}  # (study, cell) -> Settings: threads, GPUs and input files of each job all read them
+
+
 def cell_settings(wildcards):
-    """One cell's full Settings, defaults included (validated when the grid was expanded)."""
-    return Settings(**cell_values(wildcards))
+    """One cell's full Settings, defaults included (validated when the grid was expanded), built once."""
+    key = (wildcards.study, wildcards.cell)
+    if key not in CELL_SETTINGS:
+        CELL_SETTINGS[key] = Settings(**cell_values(wildcards))
+    return CELL_SETTINGS[key]
 
 
 def cell_assignments(wildcards):
