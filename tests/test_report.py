@@ -1,10 +1,12 @@
 """The report from synthetic tables whose truth is known: axes, learning-rate table, escaping, self-containment."""
 
 import pandas as pd
+import pytest
 
 from normbench.config import Settings
 from normbench.numerics import output_errors
-from normbench.report import learning_rate_table, render_report, step_time_ratios, study_axes
+from normbench.report import (geometric_mean, learning_rate_table, log_t_interval, render_report, step_time_ratios,
+                              study_axes, t_interval)
 
 
 DEFAULTS = {**Settings().to_dict(), "probes": ""}  # every setting is a column of the aggregated table
@@ -118,3 +120,14 @@ def test_report_command_takes_the_config_as_a_file_and_claims_sort_naturally(tmp
     html = (tmp_path / "report.html").read_text()
     assert html.index("<strong>C2b</strong>") < html.index("<strong>C3</strong>") < html.index("<strong>C13</strong>")
     assert "The folders are under" in html  # where the cell links point
+
+
+def test_log_axis_intervals_stay_positive_and_match_the_logarithms():
+    """Gradient norms spread over decades: a t interval of the raw values reaches below zero, which a log axis
+    cannot draw; the interval of the logarithms, taken back, is positive and centred on the geometric mean."""
+    values = [1e-3, 1.0, 1e3]
+    assert t_interval(values)[0] < 0
+    low, high = log_t_interval(values)
+    assert geometric_mean(values) == pytest.approx(1.0)
+    assert 0 < low < 1.0 < high
+    assert low * high == pytest.approx(1.0)  # symmetric in the logarithms around log 1 = 0

@@ -5,6 +5,8 @@ A module of its own, without plotting imports: the workflow reads it while it pl
 
 ERROR_BANDS = ("Points and lines are means over seeds; bands and bars are 95% Student t intervals over seeds, as in the "
                "claims table.")
+LOG_BANDS = ("On a log axis, lines are geometric means over seeds and bands the 95% Student t intervals of the "
+             "logarithms, so that they stay positive.")
 # One caption per kind of figure, for this page and for `snakemake --report` alike.
 FIGURE_CAPTIONS = {
     "accuracy": "Final test accuracy of each cell against the study's main axis, one colour per norm; diverged "
@@ -14,7 +16,7 @@ FIGURE_CAPTIONS = {
     "gradient_profile": "Gradient norm of each weighted layer's weight on the first training step, at "
                         "initialization, from the input side (left) to the output (right), on a log scale: a "
                         "falling line toward the input is a vanishing gradient; a cell that diverged on its "
-                        "first step has none. " + ERROR_BANDS,
+                        "first step has none. " + LOG_BANDS,
     "saturation": "Share of sigmoid units within 5% of 0 or 1 (saturated) or of ReLU units that are zero for the "
                   "whole batch (dead) on the first training step, averaged over layers. " + ERROR_BANDS,
     "percentiles": "The 15th, 50th and 85th percentiles of the input to the first sigmoid of the last hidden layer, "
@@ -24,10 +26,10 @@ FIGURE_CAPTIONS = {
                    "percentile) of the distribution, over 8 units and every seed.",
     "ics": "Internal covariate shift of each weighted layer (Santurkar et al. 2018): G is the layer's weight "
            "gradient on a training batch, G' the same after every earlier layer took a plain gradient step on that "
-           "batch; each cell's mean over its probed steps. " + ERROR_BANDS,
+           "batch; each cell's mean over its probed steps. " + ERROR_BANDS + " " + LOG_BANDS,
     "landscape": "Along the gradient g at each probed step, at 0.5, 1, 2 and 4 learning rates: the range of the "
                  "loss, and the effective beta-smoothness, the largest gradient change per distance moved (log "
-                 "scale; smaller: smoother). " + ERROR_BANDS,
+                 "scale; smaller: smoother). " + LOG_BANDS,
     "inference": "Test accuracy of each trained model with its running (EMA) BN statistics, with precise-BN "
                  "statistics recomputed over the training set with frozen weights, and with each test batch's "
                  "own statistics (at the cell's batch size). " + ERROR_BANDS,

@@ -56,6 +56,21 @@ def t_interval(values) -> tuple[float, float]:
     return (estimate.low, estimate.high) if not math.isnan(estimate.low) else (estimate.value, estimate.value)
 
 
+def log_t_interval(values) -> tuple[float, float]:
+    """The t interval of the logarithms, back on the original scale: for positive quantities on a log axis,
+    where an interval of the raw values would reach below zero."""
+    low, high = t_interval(np.log(np.asarray(values, dtype=float)))
+    return math.exp(low), math.exp(high)
+
+
+def geometric_mean(values) -> float:
+    return math.exp(np.log(np.asarray(values, dtype=float)).mean())
+
+
+# For lines on a log axis: the geometric mean over seeds and the t interval of the logarithms.
+ON_LOG_AXIS = {"estimator": geometric_mean, "errorbar": log_t_interval}
+
+
 def _save(figure, path: Path) -> str:
     """Write the figure to `path` as PNG and return it as a data URI for the self-contained page."""
     buffer = io.BytesIO()
@@ -189,9 +204,10 @@ def gradient_profile_figure(probes: pd.DataFrame):
     """Per-layer gradient norm at initialization (the first step), input side on the left (C4, C5)."""
     at_init = probes[(probes["step"] == 0) & (probes["quantity"] == "grad_norm")]
     at_init = at_init.assign(network=at_init["model"] + ", " + at_init["activation"])
-    grid = sns.relplot(at_init, x="layer_index", y="value", kind="line", marker="o", errorbar=t_interval, height=2.8,
-                       aspect=1.2, col="init", col_order=_order(at_init, "init"), row="network",
-                       row_order=sorted(at_init["network"].unique()), facet_kws={"sharey": True}, **_hue(at_init))
+    grid = sns.relplot(at_init, x="layer_index", y="value", kind="line", marker="o", height=2.8, aspect=1.2,
+                       col="init", col_order=_order(at_init, "init"), row="network",
+                       row_order=sorted(at_init["network"].unique()), facet_kws={"sharey": True}, **ON_LOG_AXIS,
+                       **_hue(at_init))
     grid.set(yscale="log")  # one log scale for every panel: decades compare across inits and activations
     grid.set_titles(template="{row_name}\ninit {col_name}", size=9)
     grid.set_axis_labels(_label("layer_index"), "weight gradient norm")
@@ -233,22 +249,26 @@ def ics_figure(probes: pd.DataFrame):
     """Per-layer internal covariate shift (Santurkar et al. 2018), each cell's mean over its probed steps."""
     per_cell = _rows(probes, "ics_l2", "ics_cos").groupby(["cell", "norm", "seed", "layer_index", "quantity"],
                                                           as_index=False)["value"].mean()
-    grid = sns.relplot(per_cell, x="layer_index", y="value", col="quantity", col_order=["ics_l2", "ics_cos"],
-                       kind="line", marker="o", errorbar=t_interval, height=3.0, aspect=1.3,
-                       facet_kws={"sharey": False}, **_hue(per_cell))
-    grid.axes_dict["ics_l2"].set_yscale("log")
-    grid.axes_dict["ics_l2"].set_title("||G - G'|| (log scale; larger: more shift)", size=9)
-    grid.axes_dict["ics_cos"].set_title("cos(G, G') (1: no shift)", size=9)
-    grid.set_axis_labels(_label("layer_index"), "")
-    return grid.figure
+    figure, (l2_axis, cos_axis) = plt.subplots(1, 2, figsize=(8.4, 3.0), constrained_layout=True)
+    common = dict(x="layer_index", y="value", marker="o", **_hue(per_cell))
+    sns.lineplot(per_cell[per_cell["quantity"] == "ics_l2"], ax=l2_axis, legend=False, **ON_LOG_AXIS, **common)
+    sns.lineplot(per_cell[per_cell["quantity"] == "ics_cos"], ax=cos_axis, errorbar=t_interval, **common)
+    l2_axis.set_yscale("log")
+    l2_axis.set_title("||G - G'|| (log scale; larger: more shift)", size=9)
+    cos_axis.set_title("cos(G, G') (1: no shift)", size=9)
+    for axis in (l2_axis, cos_axis):
+        axis.set(xlabel=_label("layer_index"), ylabel="")
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    sns.move_legend(cos_axis, "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    sns.despine(figure)
+    return figure
 
 
 def landscape_figure(probes: pd.DataFrame):
     """Loss range and effective beta-smoothness along the gradient over training (Santurkar et al. 2018, Fig. 4)."""
     rows = _rows(probes, "loss_range", "beta")
     grid = sns.relplot(rows, x="step", y="value", col="quantity", col_order=["loss_range", "beta"], kind="line",
-                       marker="o", errorbar=t_interval, height=3.0, aspect=1.3, facet_kws={"sharey": False},
-                       **_hue(rows))
+                       marker="o", height=3.0, aspect=1.3, facet_kws={"sharey": False}, **ON_LOG_AXIS, **_hue(rows))
     grid.set(yscale="log")
     grid.axes_dict["loss_range"].set_title("loss range along the gradient", size=9)
     grid.axes_dict["beta"].set_title("effective beta-smoothness", size=9)
