@@ -21,7 +21,8 @@ import torch
 from normbench.norms import norm_factory
 from normbench.provenance import device_name
 from normbench.results import read_json, write_json
-from normbench.train import resolve_device, synchronize
+from normbench.timing import synchronize
+from normbench.train import resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # A ResNet stage's conv maps, and a ViT's tokens (batch, 16 patches + class token, width).

@@ -15,6 +15,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.overrides import TorchFunctionMode
+
 from normbench.config import Settings, SettingsError, check_against_schema
 from normbench.data import model_io
 
@@ -47,7 +50,7 @@ def _check_consistency(settings: Settings) -> None:
         raise SettingsError(f"setting 'heads': {settings.heads} heads do not divide width {settings.width}")
     if settings.dataset == "text" and (settings.augment or settings.channels_last):
         raise SettingsError("settings 'augment' and 'channels_last' apply to images, not to text")
-    if settings.dropout and settings.model not in ("mlp", "cnn", "resnet20", "resnet32", "resnet56", "resnet"):
+    if settings.dropout and transformer:
         raise SettingsError(f"setting 'dropout': applies to mlp, cnn and resnet models, not {settings.model!r}")
     if (settings.norm == "ghostbn") != (settings.ghost_batch is not None):
         raise SettingsError(f"setting 'ghost_batch': set it for norm ghostbn, and only for it (norm is "
@@ -75,8 +78,18 @@ def _check_probes(settings: Settings) -> None:
                             f"not {settings.norm!r}")
     if {"ics", "inference"} & set(settings.probes) and (settings.world_size > 1 or settings.compile):
         raise SettingsError("probes 'ics' and 'inference' run in one eager process: use world_size 1, compile false")
-    if {"ics"} & set(settings.probes) and settings.precision != "fp32":
+    if "ics" in settings.probes and settings.precision != "fp32":
         raise SettingsError("probe 'ics' compares gradients to float tolerance: use precision fp32")
+
+
+class NoRandomDraws(TorchFunctionMode):
+    """Meta weights hold no values, so drawing them is skipped: meta `normal_` alone imports torch._dynamo
+    (about 2 s of every dry run)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("normal_", "uniform_", "trunc_normal_"):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
 
 
 @cache
@@ -85,19 +98,7 @@ def _trial_build(architecture: tuple) -> str | None:
 
     Cached by architecture: a 1,000-cell grid over seeds and learning rates builds each model once.
     """
-    import torch
-    from torch.overrides import TorchFunctionMode
-
     from normbench.models import build_model
-
-    class NoRandomDraws(TorchFunctionMode):
-        """Meta weights hold no values, so drawing them is skipped: meta `normal_` alone imports torch._dynamo
-        (about 2 s of every dry run)."""
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if getattr(func, "__name__", "") in ("normal_", "uniform_", "trunc_normal_"):
-                return args[0] if args else kwargs["tensor"]
-            return func(*args, **(kwargs or {}))
 
     settings = Settings(**dict(zip(ARCHITECTURE, architecture)))
     try:

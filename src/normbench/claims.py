@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -125,11 +126,13 @@ def varying_settings(cells: pd.DataFrame) -> list[str]:
     return [name for name in SETTING_NAMES if name in cells and cells[name].nunique(dropna=False) > 1]
 
 
-def _paired(cells: pd.DataFrame, value: pd.Series, axis: str, a, b) -> pd.Series:
-    """value(a) - value(b) for cells alike in every other setting, averaged per seed."""
+def _paired(cells: pd.DataFrame, value: pd.Series, axis: str, a, b,
+            combine: Callable[[pd.Series, pd.Series], pd.Series] = operator.sub) -> pd.Series:
+    """combine(value(a), value(b)), a difference unless told otherwise, for cells alike in every other setting,
+    averaged per seed."""
     keys = [c for c in dict.fromkeys([*varying_settings(cells), "seed"]) if c != axis]
     wide = cells.assign(_value=value).pivot_table(index=keys, columns=axis, values="_value")
-    return (wide[a] - wide[b]).groupby(level="seed").mean()
+    return combine(wide[a], wide[b]).groupby(level="seed").mean()
 
 
 # -- intervals ---------------------------------------------------------------------------------------------
@@ -353,15 +356,9 @@ def percentile_drift(probes: pd.DataFrame) -> pd.Series:
     return (travel / width).groupby(level="cell").mean()
 
 
-def _ratio_by_seed(cells: pd.DataFrame, column: str, a: str, b: str) -> pd.Series:
-    """column(norm a) / column(norm b) per seed (each norm's mean over the seed's cells)."""
-    wide = cells.pivot_table(index="seed", columns="norm", values=column)
-    return wide[a] / wide[b]
-
-
 def _drift_without_bn(tables: Tables, spec: dict) -> Estimate:
     cells = _with(tables.cells, percentile_drift(tables.probes), "drift")
-    return mean_interval(_ratio_by_seed(cells, "drift", "none", "bn"), len(cells))
+    return mean_interval(_paired(cells, cells["drift"], "norm", "none", "bn", operator.truediv), len(cells))
 
 
 def _ics_with_bn(tables: Tables, spec: dict) -> Estimate:
@@ -375,7 +372,8 @@ def _ics_with_bn(tables: Tables, spec: dict) -> Estimate:
 
 def _smoother_with_bn(tables: Tables, spec: dict) -> Estimate:
     cells = _with(tables.cells, per_cell(tables.probes, "beta"), "beta")
-    return mean_interval(_ratio_by_seed(cells, "beta", "none", "bn"), int(cells["norm"].isin(["bn", "none"]).sum()))
+    return mean_interval(_paired(cells, cells["beta"], "norm", "none", "bn", operator.truediv),
+                         int(cells["norm"].isin(["bn", "none"]).sum()))
 
 
 def _precise_bn_beats_ema(tables: Tables, spec: dict) -> Estimate:
@@ -396,8 +394,7 @@ def generalization(probes: pd.DataFrame) -> pd.DataFrame:
 def _bn_narrows_generalization_gap(tables: Tables, spec: dict) -> Estimate:
     gap = generalization(tables.probes)["gap"]
     cells = _with(tables.cells[(tables.cells["dropout"] == 0) & tables.cells["norm"].isin(["bn", "none"])], gap, "gap")
-    effects = cells.pivot_table(index="seed", columns="norm", values="gap")
-    return mean_interval(effects["none"] - effects["bn"], len(cells))
+    return mean_interval(_paired(cells, cells["gap"], "norm", "none", "bn"), len(cells))
 
 
 FOLDED_OUTPUT_TOLERANCE = 1e-4  # CLAIMS.md, C11: folded outputs equal to 1e-4 relative
@@ -482,6 +479,7 @@ def check_claims(studies: dict[str, dict], cells_by_study: dict[str, list[dict]]
     """Refuse, before any run, a claim that cannot be measured: unknown, declared by two studies, or declared by
     a study whose cells lack the settings the claim compares or the probes it reads."""
     declared_by: dict[str, str] = {}
+    defaults = Settings()
     for study, spec in studies.items():
         for claim_id in spec.get("claims", []):
             claim = CLAIMS_BY_ID.get(claim_id)
@@ -496,7 +494,7 @@ def check_claims(studies: dict[str, dict], cells_by_study: dict[str, list[dict]]
                     raise SettingsError(f"study {study!r}: claim {claim_id} needs report: {{{key}: ...}} in the study")
             cells = cells_by_study.get(study, [])
             for axis, values in claim.needs.items():
-                present = {cell.get(axis, getattr(Settings(), axis)) for cell in cells}
+                present = {cell.get(axis, getattr(defaults, axis)) for cell in cells}
                 missing = [v for v in values if v not in present]
                 if missing or (not values and len(present) < 2):
                     wanted = f"the values {', '.join(map(str, values))}" if values else "at least two values"
@@ -522,8 +520,9 @@ def evaluate(studies: dict[str, dict], tables_by_study: dict[str, Tables]) -> li
         estimate = claim.measure(tables_by_study[study], studies[study])
         detectable, needed = power_analysis(estimate, claim.rule, claim.threshold)
         verdict = decide(estimate, claim.rule, claim.threshold)
-        exceptions = [f"{label}: {decide(part, claim.rule, claim.threshold)} ({format_estimate(part)})"
-                      for label, part in estimate.conditions if decide(part, claim.rule, claim.threshold) != verdict]
+        parts = [(label, part, decide(part, claim.rule, claim.threshold)) for label, part in estimate.conditions]
+        exceptions = [f"{label}: {part_verdict} ({format_estimate(part)})"
+                      for label, part, part_verdict in parts if part_verdict != verdict]
         note = join_notes(estimate.fails, estimate.note, "except " + "; ".join(exceptions) if exceptions else "")
         verdicts.append(Verdict(claim, verdict, study, estimate, note, detectable, needed))
     return verdicts

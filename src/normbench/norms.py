@@ -44,7 +44,15 @@ class ChannelRMSNorm(nn.Module):
         return F.rms_norm(x, x.shape[1:], eps=self.eps) * self.weight.view(1, -1, 1, 1)
 
 
-class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
+class AnyRankBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """The base of normbench's own BatchNorms: one class for features (N, C), tokens (N, C, T) and maps (N, C, H, W)."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (N, C, ...), got {x.dim()}D")
+
+
+class CrossProcessBatchNorm(AnyRankBatchNorm):
     """BatchNorm whose training statistics span every process of the default group.
 
     torch.nn.SyncBatchNorm runs only on CUDA/XPU; this is its CPU (gloo)
@@ -55,10 +63,6 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
     for inputs with a large mean. Outside a process group it is plain BatchNorm;
     on CUDA the training loop swaps it for torch.nn.SyncBatchNorm.
     """
-
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2D input (N, C, ...), got {x.dim()}D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and multi_process()):
@@ -83,7 +87,7 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y
 
 
-class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
+class GhostBatchNorm(AnyRankBatchNorm):
     """BatchNorm whose training statistics come from virtual batches of `ghost_batch` samples (Hoffer et al.
     2017): the noise of small-batch statistics at any real batch size. Each virtual batch updates the running
     statistics in turn; evaluation uses them as BN does."""
@@ -92,17 +96,13 @@ class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
         super().__init__(num_features, **kwargs)
         self.ghost_batch = ghost_batch
 
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2D input (N, C, ...), got {x.dim()}D")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
         return torch.cat([super(GhostBatchNorm, self).forward(chunk) for chunk in x.split(self.ghost_batch)])
 
 
-class NoisyBatchNorm(nn.modules.batchnorm._BatchNorm):
+class NoisyBatchNorm(AnyRankBatchNorm):
     """BatchNorm followed, in training only, by a random per-channel scale and shift drawn afresh every step:
     Santurkar et al. 2018's "noisy BN", which adds distribution shift (non-zero mean, non-unit variance) after
     every BN layer. Their exact distributions are not given in the text; normbench draws the shift from
@@ -117,10 +117,6 @@ class NoisyBatchNorm(nn.modules.batchnorm._BatchNorm):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.held: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2D input (N, C, ...), got {x.dim()}D")
 
     def draw(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         u = torch.rand(2, self.num_features, generator=generator).to(self.weight.device, self.weight.dtype)
@@ -187,26 +183,26 @@ def norm_factory(
             )
         return nn.GroupNorm(gn_groups, num_features, eps=eps)
 
-    channel_layers: dict[str, NormLayer] = {
-        "bn": lambda c: nn.BatchNorm2d(c, eps=eps, momentum=momentum),
+    # normbench's own BatchNorms take any rank: the same layer for conv maps and for features.
+    any_rank_layers: dict[str, NormLayer] = {
         "syncbn": lambda c: CrossProcessBatchNorm(c, eps=eps, momentum=momentum),
         "ghostbn": lambda c: GhostBatchNorm(c, ghost_batch, eps=eps, momentum=momentum),
         "noisybn": lambda c: NoisyBatchNorm(c, eps=eps, momentum=momentum),
         "gn": group_norm,
+        "none": lambda c: nn.Identity(),
+    }
+    channel_layers: dict[str, NormLayer] = {
+        **any_rank_layers,
+        "bn": lambda c: nn.BatchNorm2d(c, eps=eps, momentum=momentum),
         "ln": lambda c: nn.GroupNorm(1, c, eps=eps),
         "in": lambda c: nn.GroupNorm(c, c, eps=eps),
         "rms": lambda c: ChannelRMSNorm(c, eps=eps),
-        "none": lambda c: nn.Identity(),
     }
     feature_layers: dict[str, NormLayer] = {
+        **any_rank_layers,
         "bn": lambda f: nn.BatchNorm1d(f, eps=eps, momentum=momentum),
-        "syncbn": lambda f: CrossProcessBatchNorm(f, eps=eps, momentum=momentum),
-        "ghostbn": lambda f: GhostBatchNorm(f, ghost_batch, eps=eps, momentum=momentum),
-        "noisybn": lambda f: NoisyBatchNorm(f, eps=eps, momentum=momentum),
-        "gn": group_norm,
         "ln": lambda f: nn.LayerNorm(f, eps=eps),
         "rms": lambda f: nn.RMSNorm(f, eps=eps),
-        "none": lambda f: nn.Identity(),
     }
     if name == "ghostbn" and ghost_batch is None:
         raise ValueError("norm 'ghostbn' needs ghost_batch (the samples of each virtual batch)")

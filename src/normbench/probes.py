@@ -15,13 +15,13 @@ import contextlib
 import copy
 import math
 import statistics
-import time
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from normbench.models import ACTIVATIONS
+from normbench.timing import DeviceClock
 
 WEIGHTED = (nn.Linear, nn.Conv2d)
 SATURATION_MARGIN = 0.05  # a sigmoid output within 5% of 0 or 1 passes back at most ~5% of the gradient
@@ -208,14 +208,13 @@ def fold_rows(model: nn.Module, inputs: torch.Tensor, step: int, repeats: int = 
     folded = fold_bn(model)
     reference = unfolded(inputs)
     difference = (folded(inputs) - reference).abs().max() / reference.abs().max()
+    clock = DeviceClock(inputs.device)
     times: dict[str, list[float]] = {"unfolded": [], "folded": []}
     for _ in range(repeats):
         for name, network in (("unfolded", unfolded), ("folded", folded)):
-            started = time.perf_counter()
+            started = clock.mark()
             network(inputs)
-            if inputs.device.type == "cuda":
-                torch.cuda.synchronize(inputs.device)
-            times[name].append(time.perf_counter() - started)
+            times[name].append(clock.seconds(started, clock.mark()))
     return [{"step": step, "quantity": "fold_rel_diff", "value": difference.item()},
             *({"step": step, "quantity": f"infer_s_{name}", "value": statistics.median(values)}
               for name, values in times.items())]

@@ -432,14 +432,12 @@ def reference(spec: dict, cells: pd.DataFrame) -> dict | None:
     if not chosen:
         return None
     bar = spec.get("report", {}).get("reference_acc", 0.85)
+    described = {"cells": ", ".join(f"{key} {value}" for key, value in chosen.items()), "bar": _format(bar)}
     picked = cells[np.logical_and.reduce([cells[key] == value for key, value in chosen.items()])]
     if picked.empty:
-        return {"cells": ", ".join(f"{key} {value}" for key, value in chosen.items()), "accuracy": "not in this run",
-                "seeds": 0, "bar": _format(bar), "reached": False}
+        return {**described, "accuracy": "not in this run", "seeds": 0, "reached": False}
     estimate = claims.mean_interval(claims.accuracy(picked), len(picked))
-    interval = "" if math.isnan(estimate.low) else f" [{estimate.low:.3f}, {estimate.high:.3f}]"
-    return {"cells": ", ".join(f"{key} {value}" for key, value in chosen.items()),
-            "accuracy": f"{estimate.value:.3f}{interval}", "seeds": estimate.samples, "bar": _format(bar),
+    return {**described, "accuracy": claims.format_estimate(estimate), "seeds": estimate.samples,
             "reached": bool(estimate.value >= bar)}
 
 

@@ -34,6 +34,7 @@ from normbench.precision import Precision
 from normbench import probes
 from normbench.probes import Probe
 from normbench.provenance import environment
+from normbench.timing import DeviceClock, synchronize
 
 EVAL_BATCH_SIZE = 1000
 SYNC_EVERY_STEPS = 32  # steps between host reads of the divergence flag (and the time limit), besides evaluations
@@ -202,32 +203,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
-class DeviceClock:
-    """Marks in the device's timeline: CUDA events on a GPU (recorded in the stream, read later without a sync per
-    step), perf_counter on the CPU, whose kernels run in order on the host."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def seconds(self, start, end) -> float:
-        if not self.cuda:
-            return end - start
-        end.synchronize()
-        return start.elapsed_time(end) / 1000  # milliseconds
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def prepare_model(settings: Settings, device: torch.device, dtype: torch.dtype, memory_format: torch.memory_format,
                   worker: Worker) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The model and the module to call in training: itself, or its DDP wrapper when there are several workers."""
@@ -244,10 +219,11 @@ def prepare_model(settings: Settings, device: torch.device, dtype: torch.dtype, 
 
 
 def after_training_rows(settings: Settings, model: torch.nn.Module, train_split: Split, test_split: Split,
-                        memory_format: torch.memory_format, precision: Precision, step: int,
-                        test_acc: float) -> list[dict]:
-    """The probes that read the trained model: BN statistics three ways and BN folding (inference), and the
-    train accuracy in eval mode (generalization). `test_acc` is the last evaluation's, with running statistics."""
+                        probe_inputs: torch.Tensor, memory_format: torch.memory_format, precision: Precision,
+                        step: int, test_acc: float) -> list[dict]:
+    """The probes that read the trained model: BN statistics three ways and BN folding on `probe_inputs`
+    (inference), and the train accuracy in eval mode (generalization). `test_acc` is the last evaluation's, with
+    running statistics."""
     rows = []
 
     def accuracy_row(quantity: str, network: torch.nn.Module, split: Split, batch_size: int = EVAL_BATCH_SIZE):
@@ -258,8 +234,7 @@ def after_training_rows(settings: Settings, model: torch.nn.Module, train_split:
         rows.append({"step": step, "quantity": "acc_ema", "value": test_acc})
         accuracy_row("acc_precise", probes.precise_bn(model, train_split.inputs, settings.batch_size), test_split)
         accuracy_row("acc_batch", probes.batch_statistics(model), test_split, settings.batch_size)
-        rows += probes.fold_rows(model, test_split.inputs[:EVAL_BATCH_SIZE].contiguous(memory_format=memory_format),
-                                 step)
+        rows += probes.fold_rows(model, probe_inputs, step)
     if "generalization" in settings.probes:
         accuracy_row("train_acc_eval", model, train_split)
         rows.append({"step": step, "quantity": "test_acc_eval", "value": test_acc})
@@ -311,9 +286,11 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
     probe_s = 0.0  # time of the probed steps inside the current training interval
     phase_marks: list[tuple] = []  # (before forward, after loss, after backward, after the optimizer) of timed steps
     compile_time_s = None
-    percentile_inputs = test_split.inputs[:EVAL_BATCH_SIZE].contiguous(memory_format=memory_format)
+    # The fixed test images the mechanism probes look at (percentiles during training, folding after it).
+    probe_inputs = test_split.inputs[:EVAL_BATCH_SIZE].contiguous(memory_format=memory_format) if settings.probes \
+        else None
     if "percentiles" in settings.probes and progress.step == 0 and worker.is_main:  # the network at initialization
-        progress.probes += probes.percentile_rows(model, percentile_inputs, 0)
+        progress.probes += probes.percentile_rows(model, probe_inputs, 0)
     bar = tqdm(total=total_steps, initial=progress.step, desc=str(out_dir), unit="step", file=sys.stderr,
                disable=None if worker.is_main else True, leave=False)
     model.train()
@@ -397,7 +374,7 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
                 "elapsed_s": progress.wall_time_s + time.perf_counter() - started,
             })
             if worker.is_main and "percentiles" in settings.probes:
-                progress.probes += probes.percentile_rows(model, percentile_inputs, progress.step)
+                progress.probes += probes.percentile_rows(model, probe_inputs, progress.step)
             if worker.is_main:
                 bar.write(f"step {progress.step}/{total_steps} epoch {progress.step / steps_per_epoch:.2f} "
                           f"train_loss {train_loss:.4f} test_acc {test_acc:.4f}")
@@ -422,8 +399,8 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
               for i, name in enumerate(("forward", "backward", "optimizer"))}
 
     if worker.is_main and diverged_reason is None and timed_out_reason is None:
-        progress.probes += after_training_rows(settings, model, train_split, test_split, memory_format, precision,
-                                               progress.step, progress.metrics[-1]["test_acc"])
+        progress.probes += after_training_rows(settings, model, train_split, test_split, probe_inputs, memory_format,
+                                               precision, progress.step, progress.metrics[-1]["test_acc"])
     final = progress.metrics[-1] if progress.metrics and diverged_reason is None else {}  # a diverged cell has none
     probed_steps = sum(step < progress.step for step in probe_steps)
     summary = {
