@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision import datasets
 
-from normbench.data import (DatasetMissing, _decode, augment_batch, dataset_files, fetch, load_splits,
+from normbench.data import (DatasetMissing, _decode, augment_batch, cache_checksum, dataset_files, fetch, load_splits,
                             prepare_fashion_mnist, tensor_cache)
 
 
@@ -31,7 +31,7 @@ def test_subsets_are_fixed_across_calls(fashion_root):
 def test_corrupted_archive_is_refused(tmp_path, fashion_root):
     source = tmp_path / "debian"
     source.mkdir()
-    for path in dataset_files("fashion_mnist")[:-1]:  # the idx files, not the tensor cache
+    for path in (path for path in dataset_files("fashion_mnist") if "/raw/" in path):  # the idx files
         data = (fashion_root / path).read_bytes()
         if "train-labels" in path:
             data = data[:-1] + bytes([data[-1] ^ 1])  # one flipped bit
@@ -105,7 +105,7 @@ def test_augmentation_is_a_crop_of_the_padded_image_maybe_flipped():
 def test_the_workflow_names_the_files_torchvision_reads():
     assert dataset_files("cifar10") == [*(f"{datasets.CIFAR10.base_folder}/{name}"
                                           for name, _ in datasets.CIFAR10.train_list + datasets.CIFAR10.test_list),
-                                        "normbench/cifar10.pt"]
+                                        "normbench/cifar10.pt", "normbench/cifar10.pt.sha256"]
 
 
 def test_the_tensor_cache_holds_what_torchvision_decodes(fashion_root, tmp_path):
@@ -117,3 +117,30 @@ def test_the_tensor_cache_holds_what_torchvision_decodes(fashion_root, tmp_path)
     from_cache = load_splits("fashion_mnist", fashion_root, 300, 50, torch.device("cpu"))
     assert all(torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
                for a, b in zip(from_files, from_cache))
+
+
+def test_a_repeated_setup_leaves_the_cache_untouched(fashion_root):
+    """`make setup` runs `normbench data` every time; the cache is an input of every cell, so rewriting it would
+    make every finished cell out of date."""
+    cache = tensor_cache("fashion_mnist", fashion_root)
+    before = cache.stat().st_mtime_ns, cache_checksum("fashion_mnist", fashion_root).stat().st_mtime_ns
+    assert fetch("fashion_mnist", fashion_root, download=False) is False
+    assert (cache.stat().st_mtime_ns, cache_checksum("fashion_mnist", fashion_root).stat().st_mtime_ns) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped bit", "no checksum"])
+def test_a_damaged_cache_is_never_trained_on_and_setup_rebuilds_it(fashion_root, tmp_path, damage):
+    root = tmp_path / "root"
+    shutil.copytree(fashion_root, root)
+    cache, checksum = tensor_cache("fashion_mnist", root), cache_checksum("fashion_mnist", root)
+    good = cache.read_bytes()
+    if damage == "truncated":
+        cache.write_bytes(good[:len(good) // 2])
+    elif damage == "flipped bit":
+        cache.write_bytes(good[:-100] + bytes([good[-100] ^ 1]) + good[-99:])
+    else:
+        checksum.unlink()
+    with pytest.raises(DatasetMissing, match=rf"tensor cache {cache} .*rebuild it with `normbench data fashion_mnist"):
+        load_splits("fashion_mnist", root, 100, 10, torch.device("cpu"))
+    assert fetch("fashion_mnist", root, download=False) is True
+    assert cache.read_bytes() == good and len(load_splits("fashion_mnist", root, 100, 10, torch.device("cpu"))[0]) == 100

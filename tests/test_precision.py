@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from normbench.cells import make_settings
-from normbench.precision import Precision
+from normbench.precision import Precision, exact_fp32, fp32_mode, numerics_record
 from normbench.results import read_json
 from normbench.train import train
 
@@ -35,11 +35,33 @@ def test_fp16_scaler_skips_a_step_with_infinite_gradients(device):
     weight = torch.nn.Parameter(torch.ones(3, device=device))
     optimizer = torch.optim.SGD([weight], lr=0.1)
     precision.backward((weight * float("inf")).sum())
-    assert not precision.step(optimizer)
+    assert precision.step(optimizer).item()  # skipped: the flag stays on the device until the loop reads it
     assert torch.equal(weight.detach(), torch.ones(3, device=device))
     optimizer.zero_grad()
     precision.backward(weight.sum())
     precision.unscale(optimizer)
     assert torch.equal(weight.grad, torch.ones(3, device=device))  # true scale, not 65536
-    assert precision.step(optimizer)
+    assert not precision.step(optimizer).item()
     assert torch.allclose(weight.detach(), torch.full((3,), 0.9, device=device))
+
+
+def test_without_a_scaler_the_step_is_plain_and_reports_nothing():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    precision = Precision("bf16", torch.device("cpu"))
+    precision.backward(weight.sum())
+    assert precision.step(optimizer) is None
+    assert torch.allclose(weight.detach(), torch.full((3,), 0.9))
+
+
+def test_fp32_mode_sets_tf32_and_determinism_and_restores_them():
+    before = numerics_record(torch.device("cuda"))
+    with fp32_mode(tf32=True, deterministic=True):
+        inside = numerics_record(torch.device("cuda"))
+        with exact_fp32():  # what the folding and ICS probes run under
+            exact = numerics_record(torch.device("cuda"))
+    assert inside == {"tf32": {"matmul": True, "cudnn_conv": True}, "deterministic_algorithms": True,
+                      "cudnn_benchmark": False, "cudnn_deterministic": True}
+    assert exact["tf32"] == {"matmul": False, "cudnn_conv": False} and exact["deterministic_algorithms"]
+    assert numerics_record(torch.device("cuda")) == before and not before["deterministic_algorithms"]
+    assert numerics_record(torch.device("cpu"))["tf32"] is None  # no TF32 on a CPU

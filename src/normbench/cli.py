@@ -28,7 +28,8 @@ def _train(args: argparse.Namespace) -> None:
     else:
         state = f"final test acc {summary['final_test_acc']:.4f}"
         state += f" (timed out: {summary['timed_out_reason']})" if summary["timed_out"] else ""
-    print(f"{args.out}: {state}, {summary['train_samples_per_s']:.0f} samples/s")
+    speed = summary["train_samples_per_s"]
+    print(f"{args.out}: {state}" + (f", {speed:.0f} samples/s" if speed is not None else ""))
 
 
 def _settings(args: argparse.Namespace) -> None:
@@ -50,8 +51,8 @@ def _studies(args: argparse.Namespace) -> None:
 def _data(args: argparse.Namespace) -> None:
     from normbench.data import fetch
 
-    fetch(args.dataset, args.root, args.download)
-    print(f"{args.dataset} ready under {args.root}")
+    written = fetch(args.dataset, args.root, args.download)
+    print(f"{args.dataset} ready under {args.root} (tensor cache {'written' if written else 'up to date'})")
 
 
 def _aggregate(args: argparse.Namespace) -> None:

@@ -66,6 +66,8 @@ class Settings:
     max_loss: float = 1e3
     channels_last: bool = False
     compile: bool = False
+    tf32: bool = False
+    deterministic: bool = False
     probes: tuple[str, ...] = ()
     device: str = "auto"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import shutil
 from dataclasses import dataclass
 from functools import cache
@@ -89,6 +90,11 @@ def tensor_cache(name: str, root: str | Path) -> Path:
     return Path(root) / "normbench" / f"{name}.pt"
 
 
+def cache_checksum(name: str, root: str | Path) -> Path:
+    """The SHA-256 of the tensor cache, written beside it: a damaged cache is never trained on."""
+    return Path(root) / "normbench" / f"{name}.pt.sha256"
+
+
 def _decode(name: str, root: str | Path) -> dict[str, torch.Tensor]:
     """Both splits of `name` as torchvision's loader reads them from `root`, with the per-channel mean and std of
     the full training split (computed here once, not in every cell)."""
@@ -101,12 +107,27 @@ def _decode(name: str, root: str | Path) -> dict[str, torch.Tensor]:
             "std": scaled.std(dim=(0, 2, 3), keepdim=True).float()}
 
 
+def _read_cache(name: str, root: str | Path) -> bytes | None:
+    """The tensor cache's bytes when they match their checksum; None when there is no cache; DatasetMissing when
+    there is one that does not match (cut short, overwritten, or written by a normbench without checksums)."""
+    cached, checksum = tensor_cache(name, root), cache_checksum(name, root)
+    if not cached.exists():
+        return None
+    data = cached.read_bytes()
+    expected = checksum.read_text().strip() if checksum.exists() else None
+    if hashlib.sha256(data).hexdigest() != expected:
+        found = f"does not match its checksum {checksum}" if expected else f"has no checksum file {checksum}"
+        raise DatasetMissing(f"the tensor cache {cached} {found}: it is damaged or incomplete; rebuild it with "
+                             f"`normbench data {name} --root {root}` (`make setup` does this)")
+    return data
+
+
 def _decoded(name: str, root: str | Path) -> dict[str, torch.Tensor]:
-    """Both splits from the tensor cache that `normbench data` writes, or else decoded by torchvision."""
-    cached = tensor_cache(name, root)
-    if cached.exists():
-        return torch.load(cached, weights_only=True)
-    return _decode(name, root)
+    """Both splits from the tensor cache that `normbench data` writes (checked), or else decoded by torchvision."""
+    data = _read_cache(name, root)
+    if data is None:
+        return _decode(name, root)
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def load_splits(name: str, root: str | Path, train_subset: int | None, test_subset: int | None,
@@ -196,10 +217,10 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = 2
 def dataset_files(name: str) -> list[str]:
     """The files, relative to the data root, that `normbench data` makes: those torchvision's loader reads for
     `name`, and the tensor cache."""
-    cache_file = str(tensor_cache(name, "."))
+    cache_files = [str(tensor_cache(name, ".")), str(cache_checksum(name, "."))]
     if name == "fashion_mnist":
-        return [*(f"FashionMNIST/raw/{file}" for file in FASHION_MNIST_MD5), cache_file]
-    return [*(f"cifar-10-batches-py/{file}" for file in CIFAR10_FILES), cache_file]
+        return [*(f"FashionMNIST/raw/{file}" for file in FASHION_MNIST_MD5), *cache_files]
+    return [*(f"cifar-10-batches-py/{file}" for file in CIFAR10_FILES), *cache_files]
 
 
 # What torchvision's CIFAR10 reads (its base_folder, train_list and test_list; a test checks they agree), named here
@@ -248,9 +269,11 @@ def prepare_fashion_mnist(root: str | Path, source: Path = DEBIAN_FASHION_MNIST)
     return raw
 
 
-def fetch(name: str, root: str | Path, download: bool) -> None:
+def fetch(name: str, root: str | Path, download: bool) -> bool:
     """Make `name` loadable from `root` (already there, from Debian's package, or, if allowed, downloaded), then
-    write the tensor cache of what torchvision's loader reads."""
+    write the tensor cache of what torchvision's loader reads. The cache is an input of every cell, so it is
+    rewritten only when its content changes (checked by its SHA-256): a repeated set-up leaves finished cells up to
+    date. True when the cache was (re)written."""
     Path(root).mkdir(parents=True, exist_ok=True)
     try:
         decoded = _decode(name, root)
@@ -264,4 +287,15 @@ def fetch(name: str, root: str | Path, download: bool) -> None:
             except Exception as error:  # no network, a mirror down, a bad archive: all end the same way
                 raise DatasetMissing(f"downloading {name} failed ({error}); {DATASETS[name].how_to_get}") from None
         decoded = _decode(name, root)
-    write_atomic(tensor_cache(name, root), lambda f: torch.save(decoded, f), mode="wb")
+    buffer = io.BytesIO()
+    torch.save(decoded, buffer)  # byte-identical for identical tensors (a test checks), so the digest compares them
+    digest = hashlib.sha256(buffer.getvalue()).hexdigest()
+    try:
+        unchanged = _read_cache(name, root) is not None and cache_checksum(name, root).read_text().strip() == digest
+    except DatasetMissing:
+        unchanged = False
+    if unchanged:
+        return False
+    write_atomic(tensor_cache(name, root), lambda f: f.write(buffer.getvalue()), mode="wb")
+    write_atomic(cache_checksum(name, root), lambda f: f.write(digest + "\n"))
+    return True

@@ -30,7 +30,7 @@ from normbench.data import Split, augment_batch, load_data, model_io
 from normbench.distributed import (Worker, all_reduce_sum, any_worker, join_process_group, launch, mean_over_workers,
                                    under_torchrun)
 from normbench.models import build_model
-from normbench.precision import Precision
+from normbench.precision import Precision, fp32_mode, numerics_record
 from normbench import probes
 from normbench.probes import Probe
 from normbench.provenance import environment
@@ -159,37 +159,78 @@ class Progress:
     metrics: list[dict] = dataclasses.field(default_factory=list)
     probes: list[dict] = dataclasses.field(default_factory=list)
     train_time_s: float = 0.0
+    timed_steps: int = 0  # the steps whose time train_time_s holds: not probed, not compiling
     probe_time_s: float = 0.0  # spent in probed steps (their probes and the step itself), not counted as training
     skipped_steps: int = 0  # optimizer steps GradScaler skipped for inf/NaN gradients (fp16)
     wall_time_s: float = 0.0  # of earlier sessions, when resumed
     resumed_from_step: int | None = None
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, progress: Progress, settings: Settings) -> None:
+CHECKPOINT_FORMAT = 2  # 2: random states per rank, each worker's own CUDA device only
+
+
+def rng_states(device: torch.device, worker: Worker) -> dict:
+    """Every worker's CPU and CUDA generator states, gathered to all ranks (rank 0 saves them). Only the
+    worker's own device: a checkpoint then resumes where another number of GPUs is visible."""
+    own = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    states = [own]
+    if worker.world_size > 1:
+        states = [None] * worker.world_size
+        dist.all_gather_object(states, own)
+    return {"cpu_rng_by_rank": [cpu for cpu, _ in states], "cuda_rng_by_rank": [cuda for _, cuda in states]}
+
+
+def restore_rng_states(state: dict, device: torch.device, worker: Worker) -> None:
+    """This worker's own generator states from `rng_states`; a CUDA state only onto this worker's CUDA device."""
+    torch.set_rng_state(state["cpu_rng_by_rank"][worker.rank])
+    cuda = state["cuda_rng_by_rank"][worker.rank]
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, progress: Progress, settings: Settings,
+                    rng: dict) -> None:
     state = {
-        "settings": settings.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "progress": progress.__dict__,
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "format": CHECKPOINT_FORMAT, "settings": settings.to_dict(), "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "progress": progress.__dict__, **rng,
     }
     results.write_atomic(path, lambda f: torch.save(state, f), mode="wb")
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, settings: Settings) -> Progress | None:
-    """Restore a checkpoint of the same settings; a checkpoint of other settings is ignored."""
+def read_checkpoint(path: Path, settings: Settings) -> dict | None:
+    """The checkpoint's state when it can resume this cell, else None with a warning: a file that cannot be read
+    (cut short, damaged, an older format) or of other settings starts the cell afresh, which gives the same
+    numbers as resuming, since a cell is deterministic from its settings."""
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers and plain containers only
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers and containers only
+    except Exception as error:  # zip, pickle and storage errors all mean the same: the file is unusable
+        print(f"normbench: warning: cannot read the checkpoint {path} ({type(error).__name__}: {error}); it is "
+              f"damaged or incomplete, so the cell starts afresh", file=sys.stderr)
+        return None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        print(f"normbench: warning: {path} was written by another version of normbench; the cell starts afresh",
+              file=sys.stderr)
+        return None
     if state["settings"] != settings.to_dict():
         print(f"normbench: {path} holds other settings; starting afresh", file=sys.stderr)
+        return None
+    return state
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, settings: Settings, device: torch.device,
+                    worker: Worker) -> Progress | None:
+    """Restore a checkpoint of the same settings (see read_checkpoint for the others)."""
+    state = read_checkpoint(path, settings)
+    if state is None:
         return None
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    restore_rng_states(state, device, worker)
     progress = Progress(**state["progress"])
     progress.resumed_from_step = progress.step
     return progress
@@ -248,6 +289,11 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
     With several workers each sees its slice of every global batch, gradients are
     averaged by DDP, losses and accuracies are summed over workers, and only rank 0 writes.
     """
+    with fp32_mode(settings.tf32, settings.deterministic):  # fp32 is IEEE float32 unless the cell allows TF32
+        return _train(settings, out_dir, worker, time_limit_s)
+
+
+def _train(settings: Settings, out_dir: Path, worker: Worker, time_limit_s: float | None) -> dict:
     started = time.perf_counter()
     out_dir = Path(out_dir)
     device = resolve_device(settings.device, worker)
@@ -266,17 +312,18 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
     probe_steps = {0, *(step - 1 for step in eval_steps)} if worker.is_main else set()
 
     checkpoint_path = out_dir / results.CHECKPOINT
-    progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler, precision.scaler, settings) or Progress()
+    progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler, precision.scaler, settings, device,
+                               worker) or Progress()
     if worker.is_main:
         results.write_json(out_dir / results.CONFIG, settings.to_dict())
-        results.write_json(out_dir / results.ENV, {**environment(device), "world_size": worker.world_size,
-                                                   "tf32": precision.tf32()})
+        results.write_json(out_dir / results.ENV, {**environment(device), **numerics_record(device),
+                                                   "world_size": worker.world_size})
 
     diverged_reason = timed_out_reason = None
     # Each step's loss stays on the device until the next sync point (each evaluation and every SYNC_EVERY_STEPS
     # steps), where one collective and one read find the first diverged step among them: no sync per step.
     window_losses: list[torch.Tensor] = []
-    skipped_at: list[int] = []  # steps GradScaler skipped since the last sync point (fp16)
+    skip_flags: list[tuple[int, torch.Tensor]] = []  # (step, skipped?) on the device since the last sync point (fp16)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
@@ -309,7 +356,8 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
         # A compiled model keeps its graph: no activation hooks, only the gradient and weight norms.
         watching = probe.watching_activations() if probe and not settings.compile else contextlib.nullcontext()
         # The phases of one step in SYNC_EVERY_STEPS (not a probed one) are timed apart, as timm's benchmark --detail.
-        timed = step % SYNC_EVERY_STEPS == SYNC_EVERY_STEPS // 2 and probe is None
+        compiling = settings.compile and compile_time_s is None  # the session's first step compiles the model
+        timed = step % SYNC_EVERY_STEPS == SYNC_EVERY_STEPS // 2 and probe is None and not compiling
         marks = [clock.mark()] if timed else []
         with precision.autocast(), watching:
             logits = trained(inputs.contiguous(memory_format=memory_format))
@@ -322,16 +370,19 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
         if probe:
             precision.unscale(optimizer)
             progress.probes += probe.rows(step)
-        if not precision.step(optimizer):
-            skipped_at.append(step)
+        skipped = precision.step(optimizer)
+        if skipped is not None:
+            skip_flags.append((step, skipped))
         scheduler.step()
-        if probe:
-            probe_s += clock.seconds(probe_started, clock.mark())
         if timed:
             phase_marks.append((*marks, clock.mark()))
-        if settings.compile and compile_time_s is None:  # the first step compiles: timed apart from training
+        if compiling:  # timed apart from training, probe and all: the interval restarts after it
             compile_time_s = clock.seconds(interval_started, clock.mark())
             interval_started = clock.mark()
+        elif probe:
+            probe_s += clock.seconds(probe_started, clock.mark())
+        else:
+            progress.timed_steps += 1
         loss_sum += loss.detach() * labels.numel()
         correct += (logits.argmax(-1) == labels).sum()
         seen += labels.numel()
@@ -345,6 +396,9 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
         losses = mean_over_workers(torch.stack(window_losses))
         broke = (~torch.isfinite(losses) | (losses > settings.max_loss)).nonzero().flatten().tolist()  # one read
         window_losses.clear()
+        skipped_at = [s for (s, _), flag in zip(skip_flags, torch.stack([f for _, f in skip_flags]).tolist())
+                      if flag] if skip_flags else []
+        skip_flags.clear()
         if broke:
             first_diverged = progress.step - len(losses) + broke[0]
             diverged_reason = (f"training loss {float(losses[broke[0]]):.4g} at step {first_diverged} "
@@ -354,7 +408,6 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
             progress.skipped_steps += sum(s < first_diverged for s in skipped_at)
             break
         progress.skipped_steps += len(skipped_at)
-        skipped_at.clear()
         # Every worker has the same limit and asks here, so all stop at the same step.
         out_of_time = time_limit_s is not None and any_worker(time.perf_counter() - started > time_limit_s, device)
         if out_of_time and progress.step < total_steps:
@@ -378,12 +431,14 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
             if worker.is_main:
                 bar.write(f"step {progress.step}/{total_steps} epoch {progress.step / steps_per_epoch:.2f} "
                           f"train_loss {train_loss:.4f} test_acc {test_acc:.4f}")
-            if worker.is_main and progress.step < total_steps:  # the last one: the finished cell's files follow
+            rng = rng_states(device, worker) if progress.step < total_steps else None  # every worker gathers
+            if worker.is_main and rng:  # at the last evaluation the finished cell's files follow instead
                 results.write_jsonl(out_dir / results.METRICS, progress.metrics)
                 results.write_jsonl(out_dir / results.PROBES, progress.probes)
                 elapsed = time.perf_counter() - started  # the checkpoint counts this session's time too
                 save_checkpoint(checkpoint_path, model, optimizer, scheduler, precision.scaler,
-                                dataclasses.replace(progress, wall_time_s=progress.wall_time_s + elapsed), settings)
+                                dataclasses.replace(progress, wall_time_s=progress.wall_time_s + elapsed), settings,
+                                rng)
             loss_sum.zero_()
             correct.zero_()
             seen = 0
@@ -416,9 +471,10 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
         "steps": progress.step,
         "skipped_steps": progress.skipped_steps,
         "total_steps": total_steps,
-        # Over the steps that were not probed: probes hook activations and read norms, which no other step does.
-        "train_samples_per_s": ((progress.step - probed_steps) * settings.global_batch_size
-                                / progress.train_time_s) if progress.train_time_s > 0 else None,
+        # Over the steps that ran and were timed as training (not probed, not compiling); a diverged cell's steps
+        # past the diverged one ran too, up to the sync point that found it.
+        "train_samples_per_s": (progress.timed_steps * settings.global_batch_size / progress.train_time_s)
+        if progress.train_time_s > 0 and progress.timed_steps else None,
         "train_time_s": progress.train_time_s,
         "probe_time_s": progress.probe_time_s,
         "probed_steps": probed_steps,
