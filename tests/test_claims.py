@@ -3,12 +3,14 @@ inconclusive, the opposite effect is refuted; bad claim declarations are refused
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from normbench.claims import CLAIMS, Estimate, Tables, check_claims, decide, evaluate, power_analysis
+from normbench.claims import (CLAIMS, Estimate, Tables, check_claims, claim_sections, decide, evaluate,
+                              power_analysis)
 from normbench.config import SettingsError
 
 SEEDS = range(5)
@@ -26,7 +28,7 @@ def cells_table(axes: dict, accuracy, seeds=SEEDS, rng_seed=0, **fixed) -> pd.Da
 
 
 def verdict(study: str, claim_id: str, tables: Tables, **spec):
-    """The claim's verdict, judged by its own rule and threshold (CLAIMS.md's)."""
+    """The claim's verdict, judged by its own rule and threshold (docs/claims.md's)."""
     verdicts = evaluate({study: {"claims": [claim_id], **spec}}, {study: tables})
     return next(v for v in verdicts if v.claim.id == claim_id)
 
@@ -188,11 +190,23 @@ def test_decide_follows_the_interval():
     ({"s": {"claims": ["C13"]}}, {"s": [{"norm": n, "lr": lr} for n in ("bn", "none") for lr in (0.1, 1)]},
      "needs report: {target_acc"),
     ({"s": {"claims": ["C2a"]}}, {"s": [{"norm": n} for n in ("bn", "none")]}, "reads the 'ics' probe"),
-    ({"a": {"claims": ["C12"]}, "b": {"claims": ["C12"]}}, {}, "declared by both 'a' and 'b'"),
+    ({"a": {"claims": ["C6"]}, "b": {"claims": ["C6"]}}, {"a": [{"norm": "gn"}], "b": [{"norm": "gn"}]},
+     "declared by both 'a' and 'b'"),
+    # Each claim's measure reads one kind of table: the micro-benchmarks' rounds (C12), or a study's cells.
+    ({"s": {"claims": ["C12"]}}, {"s": [{"norm": n} for n in ("bn", "gn", "ln")]},
+     "study 's': claim C12 is measured by the micro-benchmarks, not by training cells: list it under benchmarks: "
+     "claims"),
+    ({"benchmarks": {"claims": ["C12", "C6"]}}, {},
+     "benchmarks: claim C6 is measured by training cells (a batch_size study), not by the micro-benchmarks: list it "
+     "under a study's claims"),
 ])
 def test_impossible_claims_are_refused(studies, cells, message):
-    with pytest.raises(SettingsError, match=message.replace("{", r"\{")):
+    with pytest.raises(SettingsError, match=re.escape(message)):
         check_claims(studies, cells)
+
+
+def test_c12_is_accepted_under_benchmarks():
+    check_claims(claim_sections({"studies": {"s": {"claims": []}}, "benchmarks": {"claims": ["C12"]}}), {"s": []})
 
 
 def test_power_matches_the_published_one_sample_case():

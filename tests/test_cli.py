@@ -60,6 +60,39 @@ def test_bad_input_gets_a_message_not_a_traceback(tmp_path, monkeypatch, words, 
         main(["train", "--out", "cell", *words])
 
 
+def test_integral_floats_and_leading_zeros_are_the_integers_they_spell(tmp_path, mlp_words):
+    words = [w for w in mlp_words if not w.startswith(("width=", "batch_size="))]
+    main(["train", "--out", str(tmp_path / "cell"), "--threads", "1", "--set", *words, "width=32.0",
+          "batch_size=64.0", "seed=010"])
+    settings = read_json(tmp_path / "cell/config.json")
+    assert (settings["width"], settings["batch_size"], settings["seed"]) == (32, 64, 10)
+    assert all(isinstance(settings[key], int) for key in ("width", "batch_size", "seed"))
+    with pytest.raises(SystemExit, match=r"setting 'width': 32.5 is not of type 'integer'"):
+        main(["train", "--out", str(tmp_path / "other"), "--set", *words, "width=32.5"])
+
+
+@pytest.mark.parametrize("command, message", [
+    (["train", "--out", "x", "--from", "{cell}"], r"settings file '.*cell' is a folder; did you mean '.*cell/config.json'\?"),
+    (["studies", "{cell}/config.json"], r"has no `studies` mapping: `normbench studies` reads a workflow config"),
+    (["aggregate", "{cell}/summary.json", "--runs-root", "{tmp}/elsewhere"], r"is not under --runs-root"),
+    (["train", "--out", "y", "--threads", "1", "--set", "world_size=2", "norm=gn"],
+     r"--threads 1 cannot be shared by 2 workers on this node"),
+])
+def test_commands_on_the_wrong_input_say_so(tmp_path, monkeypatch, mlp_words, command, message):
+    cell = tmp_path / "cell"
+    main(["train", "--out", str(cell), "--threads", "1", "--set", *mlp_words])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=message):
+        main([word.format(cell=cell, tmp=tmp_path) for word in command])
+
+
+def test_a_study_without_a_grid_is_listed(tmp_path, capsys):
+    config = {"studies": {"pairs": {"fixed": {"model": "mlp"}, "linked": {"norm": ["bn", "gn"], "batch_size": [8, 32]}}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    main(["studies", str(tmp_path / "config.yaml")])
+    assert "| `pairs` | none (descriptive) | 2 | mlp, width 16: (norm, batch_size) ∈ {(bn, 8), (gn, 32)} |" in capsys.readouterr().out
+
+
 def test_malformed_yaml_names_the_file_and_line(tmp_path):
     (tmp_path / "cell.yaml").write_text("norm: gn\nlr: [0.1\nwidth: 8\n")
     with pytest.raises(SystemExit, match=r"cell.yaml, line 3: not valid YAML"):
@@ -89,6 +122,9 @@ def test_settings_command_lists_every_setting_with_default_and_meaning(capsys):
     out = capsys.readouterr().out
     for name in SETTING_NAMES:
         assert re.search(rf"^{name} +default \S+\n +\S", out, re.MULTILINE), name
+    # Everything the schema allows, as the README promises: every norm and model name, bounds.
+    assert "one of: bn, syncbn, ghostbn, noisybn, gn, ln, in, rms, none]" in out and "resnet32" in out
+    assert "any of: percentiles, ics, inference, generalization" in out and "[integer; >= 1]" in out
 
 
 def test_version_and_quick_help():

@@ -1,12 +1,15 @@
 """The report from synthetic tables whose truth is known: axes, learning-rate table, escaping, self-containment."""
 
+import itertools
+
 import pandas as pd
 import pytest
 
+from normbench.captions import FIGURE_CAPTIONS
 from normbench.config import Settings
 from normbench.numerics import output_errors
 from normbench.report import (geometric_mean, learning_rate_table, log_t_interval, render_report, step_time_ratios,
-                              study_axes, t_interval)
+                              study_axes, t_interval, throughput_figure)
 
 
 DEFAULTS = {**Settings().to_dict(), "probes": ""}  # every setting is a column of the aggregated table
@@ -131,3 +134,50 @@ def test_log_axis_intervals_stay_positive_and_match_the_logarithms():
     assert geometric_mean(values) == pytest.approx(1.0)
     assert 0 < low < 1.0 < high
     assert low * high == pytest.approx(1.0)  # symmetric in the logarithms around log 1 = 0
+
+
+def study_cells(study: str, axes: dict, **fixed) -> pd.DataFrame:
+    """One cell per combination of `axes` (no axes: a single cell) over `fixed` settings; a diverged cell has no
+    accuracy."""
+    rows = []
+    for values in itertools.product(*axes.values()):
+        point = {"diverged": False, **fixed, **dict(zip(axes, values))}
+        cell = "/".join(f"{k}~{v}" for k, v in point.items())
+        acc = None if point["diverged"] else 0.8
+        rows.append({**DEFAULTS, "study": study, "cell": cell, "cell_dir": f"results/runs/{study}/{cell}", **point,
+                     "final_test_acc": acc, "best_test_acc": acc, "final_test_loss": 0.5, "timed_out": False,
+                     "steps": 100, "total_steps": 100, "skipped_steps": 0, "train_samples_per_s": 1000.0,
+                     "wall_time_s": 10.0, "env_time": "2026-01-01T00:00:00", "env_host": "h"})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("axes, fixed", [
+    ({"precision": ["fp32", "bf16"], "seed": [0, 1]}, {"norm": "bn"}),
+    ({"seed": [0, 1, 2]}, {"norm": "bn"}),
+    ({}, {"norm": "gn"}),
+    ({"norm": ["bn", "gn"], "precision": ["fp32", "bf16"], "init": ["kaiming", "xavier"]}, {}),
+    ({"lr": [0.1, 1.0]}, {"norm": "bn", "diverged": True}),
+    ({}, {"norm": "bn", "diverged": True}),
+], ids=["one norm, categorical axis", "one condition", "single cell", "categorical axes only",
+        "every cell diverged", "single diverged cell"])
+def test_report_renders_every_study_shape(tmp_path, axes, fixed):
+    cells = study_cells("s", axes, **fixed)
+    cells.to_csv(tmp_path / "cells.csv", index=False)
+    pd.concat([cells.assign(step=step, epoch=step / 10, test_acc=step / 100, elapsed_s=step / 10)
+               for step in (10, 20, 30)]).to_csv(tmp_path / "curves.csv", index=False)
+    (tmp_path / "probes.csv").write_text("")
+    (tmp_path / "numerics.csv").write_text("")
+    render_report(tmp_path, {"studies": {"s": {}}}, tmp_path / "report.html", tmp_path / "figures")
+    assert sorted(p.name for p in (tmp_path / "figures/s").iterdir()) == ["accuracy.png", "curves.png",
+                                                                          "throughput.png"]
+
+
+def test_throughput_leaves_out_diverged_cells():
+    """A diverged cell is timed up to the check that caught it: counted, it would make its norm look slower."""
+    cells = study_cells("s", {"norm": ["bn", "gn"], "seed": [0, 1, 2]})
+    diverged = (cells["norm"] == "bn") & (cells["seed"] == 2)
+    cells.loc[diverged, ["diverged", "train_samples_per_s"]] = [True, 1000.0 / 6]
+    figure = throughput_figure(cells, "norm", [])
+    assert [bar.get_height() for bar in figure.axes[0].patches] == pytest.approx([1000.0, 1000.0])
+    assert step_time_ratios(cells, [])["rows"][0]["values"] == ["1", "1"]
+    assert "Diverged cells are left out" in FIGURE_CAPTIONS["throughput"]

@@ -1,5 +1,6 @@
 """The Snakemake workflow on a tiny config: validation, the full run into a report, rerunning one cell."""
 
+import json
 import os
 import re
 import shutil
@@ -76,6 +77,31 @@ def test_workflow_runs_into_a_report_and_reruns_a_cell(tmp_path, fashion_root):
     probes = pd.read_csv(tmp_path / "results/tables/probes.csv")
     assert (probes["depth"].isna() | (probes["depth"] == 3)).all() and probes["layer_index"].max() == 3
 
+    # Every file the README's "What a run produces" names is there, with the fields it names.
+    produces = (REPO / "README.md").read_text().split("## What a run produces", 1)[1].split("```")[1]
+    for line in produces.splitlines():
+        cell_file = re.match(r"    (\w+\.\w+) ", line)
+        if cell_file and cell_file.group(1) != "checkpoint.pt":
+            assert (cell / cell_file.group(1)).exists(), cell_file.group(1)
+        listed = re.match(r"((?:results|reports)/[^\s,]+(?:, [^\s,]+)*) ", line)
+        if listed and "<" not in listed.group(1):
+            folder = listed.group(1).split(", ")[0].rsplit("/", 1)[0]
+            for name in listed.group(1).split(", "):
+                path = tmp_path / (name if "/" in name else f"{folder}/{name}")
+                assert path.exists(), path
+    summary_text = produces.split("summary.json", 1)[1].split("env.json", 1)[0]
+    summary = json.loads((cell / "summary.json").read_text())
+    assert set(re.findall(r"[a-z]+_[a-z_]+", summary_text)) <= set(summary)
+    env = json.loads((cell / "env.json").read_text())
+    assert {"tf32", "deterministic_algorithms", "cudnn_benchmark", "cudnn_deterministic"} <= set(env)
+
+    # `make setup` again (it runs `normbench data`) leaves every finished cell up to date.
+    setup = subprocess.run([str(BIN / "normbench"), "data", "fashion_mnist", "--root", str(fashion_root)],
+                           capture_output=True, text=True)
+    assert setup.returncode == 0 and "tensor cache up to date" in setup.stdout, setup.stderr[-3000:]
+    planned = snakemake(tmp_path, "--dry-run")
+    assert "Nothing to be done" in planned.stdout + planned.stderr, planned.stdout[-3000:]
+
     before = read_jsonl(cell / "metrics.jsonl")
     rerun = snakemake(tmp_path, "--forcerun", str(cell.relative_to(tmp_path) / "summary.json"))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -119,10 +145,29 @@ def test_bad_config_is_rejected_before_any_job(tmp_path, fashion_root, grid, mes
     assert not (tmp_path / "results").exists()
 
 
-def test_config_schema_rejects_unknown_study_keys(tmp_path, fashion_root):
-    write_config(tmp_path, fashion_root, grdi={"norm": ["bn"]})
-    run = snakemake(tmp_path)
-    assert run.returncode != 0 and "grdi" in run.stderr + run.stdout
+@pytest.mark.parametrize("change, message", [
+    ({"grdi": {"norm": ["bn"]}}, "studies: tiny: unknown key 'grdi'; did you mean 'grid'?"),
+    ({"fixed": {"nrom": "bn", "model": "mlp"}}, "studies: tiny: fixed: unknown setting 'nrom'; did you mean 'norm'?"),
+    ({"linked": {"batch_sise": [8, 32]}}, "studies: tiny: linked: unknown setting 'batch_sise'; did you mean"),
+])
+def test_a_mistyped_name_anywhere_gets_a_hint_and_no_schema_dump(tmp_path, fashion_root, change, message):
+    write_config(tmp_path, fashion_root, **change)
+    run = snakemake(tmp_path, "--dry-run")
+    assert run.returncode != 0 and message in run.stderr + run.stdout, run.stderr[-3000:]
+    assert "additionalProperties" not in run.stderr + run.stdout  # the schema is not printed
+
+
+def test_numbers_arrive_as_numbers_and_linked_axes_alone_make_a_study(tmp_path, fashion_root):
+    """width: 16.0 is the integer 16; --config passes nested values as strings ('2000'), read as numbers here."""
+    write_config(tmp_path, fashion_root, grid=None, linked={"norm": ["bn", "gn"], "batch_size": [8.0, 32]}, claims=[])
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del config["studies"]["tiny"]["grid"]
+    config["studies"]["tiny"]["fixed"]["width"] = 16.0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = snakemake(tmp_path, "--dry-run", "--printshellcmds", "--config", "resources={mem_mb: 2000}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"^train\s+2$", run.stdout, re.MULTILINE), run.stdout[-3000:]
+    assert run.stdout.count(" width=16 ") == 2 and " batch_size=8 " in run.stdout
 
 
 @pytest.mark.parametrize("config, profile", [("config.yaml", "default"), ("full.yaml", "gpu"),
@@ -175,3 +220,14 @@ def test_a_cell_over_its_time_limit_is_recorded_as_timed_out(tmp_path, fashion_r
     assert cells["timed_out"].all() and (cells["steps"] < cells["total_steps"]).all()
     assert (cells["device"] == "cpu").all() and (cells["device_setting"] == "cpu").all()
     assert "<th>timed_out</th>" in (tmp_path / "reports/report.html").read_text()
+
+    # A longer limit continues exactly the timed-out cells, from their checkpoints; then nothing is left to do.
+    config["studies"]["tiny"]["resources"]["time_limit_min"] = 100
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    longer = snakemake(tmp_path)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    cells = pd.read_csv(tmp_path / "results/tables/cells.csv")
+    assert not cells["timed_out"].any() and (cells["steps"] == cells["total_steps"]).all()
+    assert (cells["resumed_from_step"] > 0).all()
+    planned = snakemake(tmp_path, "--dry-run")
+    assert "Nothing to be done" in planned.stdout + planned.stderr, planned.stdout[-3000:]

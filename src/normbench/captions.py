@@ -36,5 +36,6 @@ FIGURE_CAPTIONS = {
     "generalization": "Train accuracy (eval mode, after training, over the whole training subset) minus test "
                       "accuracy, per norm and dropout; ghostbn normalizes over ghost batches. " + ERROR_BANDS,
     "throughput": "Training throughput in images per second, measured over each cell's timed training steps "
-                  "(evaluation excluded). " + ERROR_BANDS,
+                  "(evaluation excluded). Diverged cells are left out: their steps past the divergence, timed up "
+                  "to the check that caught it, say nothing of the norm's speed. " + ERROR_BANDS,
 }

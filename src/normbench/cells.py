@@ -28,8 +28,7 @@ ARCHITECTURE = ("dataset", "text_path", "context", "model", "depth", "width", "a
 
 def make_settings(values: dict[str, Any]) -> Settings:
     """Validate raw values (defaults filled in) and return the Settings, or raise SettingsError."""
-    check_against_schema(values)
-    settings = Settings(**values)
+    settings = Settings(**check_against_schema(values))
     _check_consistency(settings)
     return settings
 
@@ -145,7 +144,7 @@ def studies_table(config: dict[str, Any]) -> str:
     lines = ["| study | claims | cells | model: grid (each combination is one cell) |", "|---|---|---|---|"]
     for name, study in config["studies"].items():
         fixed = {**defaults, **study.get("fixed", {})}
-        axes = [f"{axis} {_values(values)}" for axis, values in study["grid"].items()]
+        axes = [f"{axis} {_values(values)}" for axis, values in study.get("grid", {}).items()]
         linked = study.get("linked", {})
         if linked:
             points = ", ".join("(" + ", ".join(map(str, point)) + ")" for point in zip(*linked.values()))

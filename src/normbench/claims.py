@@ -2,7 +2,7 @@
 
 Each claim names the study kind it reads, a measure (a function from that
 study's tables to one effect per seed, or per benchmark repeat) and its rule
-and threshold, fixed before any run (../shared/CLAIMS.md, "Thresholds"): every
+and threshold, fixed before any run (docs/claims.md, "Thresholds"): every
 config is judged by the same bar, and a config only says which study measures
 which claim. The effect's 95% t-interval over seeds is compared with the
 threshold, so every verdict is computed from runs: `supported` when the whole
@@ -73,7 +73,7 @@ class Claim:
     experiment: str  # the study (or benchmarks) that measures it
     effect: str  # what the effect is, with its unit
     rule: str  # above, below or within: see RULES
-    threshold: float  # CLAIMS.md's value, fixed before any run
+    threshold: float  # docs/claims.md's value, fixed before any run
     measure: Callable[[Tables, dict], Estimate]
     needs: dict[str, tuple] = field(default_factory=dict)  # axis -> values the study's cells must include
     report_keys: tuple[str, ...] = ()  # keys the study's `report` section must set
@@ -397,7 +397,7 @@ def _bn_narrows_generalization_gap(tables: Tables, spec: dict) -> Estimate:
     return mean_interval(_paired(cells, cells["gap"], "norm", "none", "bn"), len(cells))
 
 
-FOLDED_OUTPUT_TOLERANCE = 1e-4  # CLAIMS.md, C11: folded outputs equal to 1e-4 relative
+FOLDED_OUTPUT_TOLERANCE = 1e-4  # docs/claims.md, C11: folded outputs equal to 1e-4 relative
 
 
 def _folding_is_free(tables: Tables, spec: dict) -> Estimate:
@@ -476,8 +476,9 @@ def claim_sections(config: dict) -> dict[str, dict]:
 
 
 def check_claims(studies: dict[str, dict], cells_by_study: dict[str, list[dict]]) -> None:
-    """Refuse, before any run, a claim that cannot be measured: unknown, declared by two studies, or declared by
-    a study whose cells lack the settings the claim compares or the probes it reads."""
+    """Refuse, before any run, a claim that cannot be measured: unknown, declared by two studies, declared where
+    its measure finds no data (a training claim under `benchmarks`, C12 in a study), or declared by a study whose
+    cells lack the settings the claim compares or the probes it reads. `studies` are claim_sections(config)."""
     declared_by: dict[str, str] = {}
     defaults = Settings()
     for study, spec in studies.items():
@@ -485,6 +486,13 @@ def check_claims(studies: dict[str, dict], cells_by_study: dict[str, list[dict]]
             claim = CLAIMS_BY_ID.get(claim_id)
             if claim is None:
                 raise SettingsError(f"study {study!r}: unknown claim {claim_id!r}; known: {', '.join(CLAIMS_BY_ID)}")
+            if claim.experiment == "benchmarks" and study != "benchmarks":
+                raise SettingsError(f"study {study!r}: claim {claim_id} is measured by the micro-benchmarks, not by "
+                                    f"training cells: list it under benchmarks: claims")
+            if study == "benchmarks" and claim.experiment != "benchmarks":
+                raise SettingsError(f"benchmarks: claim {claim_id} is measured by training cells (a "
+                                    f"{claim.experiment} study), not by the micro-benchmarks: list it under a "
+                                    f"study's claims")
             if claim_id in declared_by:
                 raise SettingsError(f"claim {claim_id} is declared by both {declared_by[claim_id]!r} and {study!r}; "
                                     f"keep it in one study")

@@ -45,7 +45,13 @@ def _studies(args: argparse.Namespace) -> None:
     from normbench.cells import studies_table
     from normbench.config import load_settings_file
 
-    print(studies_table(load_settings_file(args.config)), end="")
+    from normbench.config import SettingsError
+
+    config = load_settings_file(args.config)
+    if not isinstance(config.get("studies"), dict):
+        raise SettingsError(f"{args.config} has no `studies` mapping: `normbench studies` reads a workflow config "
+                            f"such as config/config.yaml, not a cell's settings")
+    print(studies_table(config), end="")
 
 
 def _data(args: argparse.Namespace) -> None:
@@ -58,6 +64,13 @@ def _data(args: argparse.Namespace) -> None:
 def _aggregate(args: argparse.Namespace) -> None:
     from normbench.results import aggregate, write_table
 
+    from normbench.config import SettingsError
+
+    root = Path(args.runs_root).resolve()
+    for summary in args.summaries:
+        if not Path(summary).resolve().is_relative_to(root):
+            raise SettingsError(f"{summary} is not under --runs-root {args.runs_root}: cells are read as "
+                                f"<runs-root>/<study>/<cell>/summary.json; pass the folder that holds them")
     tables = aggregate(args.summaries, args.runs_root, args.job_benchmarks)
     for name, table in tables.items():
         write_table(table, Path(args.out) / f"{name}.csv")
@@ -67,9 +80,11 @@ def _aggregate(args: argparse.Namespace) -> None:
 def _numerics(args: argparse.Namespace) -> None:
     from normbench.numerics import output_errors
     from normbench.results import write_table
+    from normbench.train import resolve_device
 
-    write_table(output_errors(), args.out)
-    print(f"norm layer errors against float64 -> {args.out}")
+    device = resolve_device(args.device)
+    write_table(output_errors(device=device), args.out)
+    print(f"norm layer errors against float64 on {device} -> {args.out}")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -153,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     numerics = commands.add_parser("numerics", help="each norm layer's error against float64, per dtype and mean offset")
     numerics.add_argument("--out", default="results/tables/numerics.csv")
+    numerics.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                          help="where the layers run (default auto: CUDA where there is one)")
     numerics.set_defaults(run=_numerics)
 
     bench = commands.add_parser("bench", help="micro-benchmarks of the norm layers (pytest-benchmark JSON)")
@@ -203,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"normbench: error: {error}")
     except FileNotFoundError as error:  # a path given on the command line that is not there
         sys.exit(f"normbench: error: {error.filename}: no such file; check the path")
+    except BrokenPipeError:  # output piped into a reader that stopped early (| head)
+        sys.stderr.close()
 
 
 if __name__ == "__main__":

@@ -99,9 +99,20 @@ def settings_schema() -> dict:
 
 
 def settings_help() -> list[tuple[str, str, str]]:
-    """(name, default, description) of every setting, in the order of Settings, for `normbench settings`."""
+    """(name, default, description) of every setting, in the order of Settings, for `normbench settings`: the
+    schema's description with its allowed values and bounds, so that the command says all the schema says."""
     properties = settings_schema()["properties"]
-    return [(f.name, json.dumps(f.default), properties[f.name].get("description", "")) for f in fields(Settings)]
+
+    def describe(schema: dict) -> str:
+        allowed = schema.get("enum") or schema.get("items", {}).get("enum")
+        limits = [f"{word} {schema[key]}" for key, word in (("minimum", ">="), ("exclusiveMinimum", ">"),
+                                                             ("maximum", "<=")) if key in schema]
+        kinds = "/".join(sorted(_types(schema) - {"null"}))
+        facts = ([f"one of: {', '.join(allowed)}" if "enum" in schema else f"any of: {', '.join(allowed)}"]
+                 if allowed else [kinds] if kinds else []) + limits + (["or null"] if "null" in _types(schema) else [])
+        return f"{schema.get('description', '')} [{'; '.join(facts)}]" if facts else schema.get("description", "")
+
+    return [(f.name, json.dumps(f.default), describe(properties[f.name])) for f in fields(Settings)]
 
 
 def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -110,16 +121,24 @@ def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(f"{key}: {old.get(key)!r} there, {new.get(key)!r} here" for key in keys)
 
 
-def check_against_schema(values: dict[str, Any]) -> None:
-    """Raise SettingsError for an unknown name (suggesting the closest known one) or a value the schema refuses."""
-    for key in sorted(set(values) - set(SETTING_NAMES)):
-        close = difflib.get_close_matches(key, SETTING_NAMES, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else "`normbench settings` lists them"
-        raise SettingsError(f"unknown setting {key!r}; {hint}")
+def check_names(names, known, what: str, where: str = "", listing: str = "`normbench settings` lists them") -> None:
+    """Raise SettingsError for the first unknown name, suggesting the closest known one."""
+    for name in sorted(set(names) - set(known)):
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else listing
+        raise SettingsError(f"{where}unknown {what} {name!r}; {hint}")
+
+
+def check_against_schema(values: dict[str, Any]) -> dict[str, Any]:
+    """The values in their schema types (32.0 for an integer is 32); SettingsError for an unknown name (suggesting
+    the closest known one) or a value the schema refuses."""
+    check_names(values, SETTING_NAMES, "setting")
+    values = {key: as_schema_type(value, settings_schema()["properties"][key]) for key, value in values.items()}
     validator = jsonschema.Draft202012Validator(settings_schema())
     for error in sorted(validator.iter_errors(values), key=lambda e: list(e.path)):
         key = error.path[0] if error.path else "?"
         raise SettingsError(f"setting {key!r}: {error.message}")
+    return values
 
 
 def parse_assignments(assignments: list[str]) -> dict[str, Any]:
@@ -133,8 +152,81 @@ def parse_assignments(assignments: list[str]) -> dict[str, Any]:
         if key in values:
             raise SettingsError(f"setting {key!r} is given twice ({format_assignment(key, values[key])} and "
                                 f"{assignment}); give each setting once")
-        values[key] = numbers_as_yaml12(yaml.safe_load(raw) if raw else "")
+        values[key] = yaml12_scalar(raw)
     return values
+
+
+_INTEGER = re.compile(r"^[-+]?[0-9]+$")
+_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+\.?[0-9]*)([eE][-+]?[0-9]+)?$")
+
+
+def yaml12_scalar(raw: str) -> Any:
+    """A command-line value as YAML 1.2 reads it: 010 is ten (PyYAML's YAML 1.1 reads eight), 1e-3 a number;
+    lists and strings as YAML reads them."""
+    if _INTEGER.match(raw):
+        return int(raw, 10)
+    if _FLOAT.match(raw):
+        return float(raw)
+    return numbers_as_yaml12(yaml.safe_load(raw)) if raw else ""
+
+
+def _types(schema: dict) -> set[str]:
+    kind = schema.get("type", [])
+    return set(kind) if isinstance(kind, list) else {kind}
+
+
+def as_schema_type(value: Any, schema: dict) -> Any:
+    """A scalar in the type its schema asks for, where that loses nothing: 32.0 for an integer is 32; '2000' (how
+    Snakemake's --config passes nested values) is 2000 for a number. Anything else is returned as it is, for the
+    schema to judge."""
+    types = _types(schema)
+    if isinstance(value, str) and types & {"integer", "number", "boolean"}:
+        parsed = yaml12_scalar(value)
+        value = parsed if isinstance(parsed, (int, float)) else value
+    if "integer" in types and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def normalize_workflow_config(config: dict[str, Any], workflow_schema: dict) -> dict[str, Any]:
+    """The workflow config with numbers as numbers (see numbers_as_yaml12 and as_schema_type), following the
+    workflow schema (and the settings schema for settings and grid axes); unknown names anywhere are refused with
+    the closest known one, before the schema's own validation (whose message would dump the schema)."""
+    settings = settings_schema()
+    config = numbers_as_yaml12(config)
+
+    def resolve(schema: dict) -> dict:
+        reference = schema.get("$ref")
+        if reference is None:
+            return schema
+        if reference.startswith("#/"):
+            node = workflow_schema
+            for part in reference[2:].split("/"):
+                node = node[part]
+            return resolve(node)
+        return settings  # the only file the workflow schema refers to
+
+    def walk(value: Any, schema: dict, where: str) -> Any:
+        schema = resolve(schema)
+        if isinstance(value, dict) and "properties" in schema:
+            if schema.get("additionalProperties") is False:
+                known = list(schema["properties"])
+                check_names(value, known, "setting" if schema is settings else "key", where,
+                            listing="`normbench settings` lists them" if schema is settings else
+                            f"known: {', '.join(known)}")
+            return {key: walk(item, schema["properties"].get(key, {}), f"{where}{key}: ") for key, item in value.items()}
+        if isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+            return {key: walk(item, schema["additionalProperties"], f"{where}{key}: ") for key, item in value.items()}
+        return as_schema_type(value, schema)
+
+    config = walk(config, workflow_schema, "")
+    for name, study in config.get("studies", {}).items():
+        for axes in ("grid", "linked"):
+            if isinstance(study.get(axes), dict):
+                check_names(study[axes], SETTING_NAMES, "setting", f"studies: {name}: {axes}: ")
+                study[axes] = {axis: [as_schema_type(v, settings["properties"][axis]) for v in values]
+                               if isinstance(values, list) else values for axis, values in study[axes].items()}
+    return config
 
 
 def format_assignment(key: str, value: Any) -> str:
@@ -162,6 +254,9 @@ def load_settings_file(path: str | Path) -> dict[str, Any]:
     """Read a cell's config.json (or any JSON/YAML mapping of settings); a missing or malformed file is a
     SettingsError that names the file (and the line)."""
     path = Path(path)
+    if path.is_dir():
+        hint = f"; did you mean {str(path / 'config.json')!r}?" if (path / "config.json").exists() else ""
+        raise SettingsError(f"settings file {str(path)!r} is a folder{hint}")
     try:
         text = path.read_text()
     except OSError as error:

@@ -141,16 +141,24 @@ def _titled(grid, panels: dict):
     return grid.figure
 
 
+def finished(cells: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The cells with `column` blanked where they diverged: a diverged cell's accuracy or throughput is no
+    measure of its norm, yet its settings keep their place on the axes (a study where every cell diverged
+    still draws, empty)."""
+    return cells.assign(**{column: cells[column].mask(cells["diverged"].astype(bool))})
+
+
 def accuracy_figure(cells: pd.DataFrame, x: str, facets: list[str]):
     """Final test accuracy against the study's x axis, mean and 95% CI over seeds; diverged cells as red crosses."""
-    finished = cells[~cells["diverged"].astype(bool)]
+    measured = finished(cells, "final_test_acc")
     numeric = pd.api.types.is_numeric_dtype(cells[x])
     panels = _panels(cells, facets)
     common = dict(x=x, y="final_test_acc", errorbar=t_interval, height=3.4, aspect=1.3, **_hue(cells), **panels)
-    if numeric:
-        grid = sns.relplot(finished, kind="line", marker="o", **common)
-    else:  # categories are not a scale: points with intervals, no lines between them
-        grid = sns.catplot(finished, kind="point", order=_order(cells, x), linestyle="none", dodge=0.3, **common)
+    if numeric:  # relplot fails on a column without a value (every cell diverged): it gets no rows instead
+        grid = sns.relplot(measured.dropna(subset=["final_test_acc"]), kind="line", marker="o", **common)
+    else:  # categories are not a scale: points with intervals, no lines between them, norms side by side
+        dodge = 0.3 if x != "norm" and cells["norm"].nunique() > 1 else False  # seaborn divides it by the norms less one
+        grid = sns.catplot(measured, kind="point", order=_order(cells, x), linestyle="none", dodge=dodge, **common)
         grid.tick_params(axis="x", labelrotation=30)
     diverged = cells[cells["diverged"].astype(bool)]
     # FacetGrid keys its panels by (row value, column value), or by the column value alone.
@@ -192,9 +200,10 @@ def curves_figure(curves: pd.DataFrame, x: str | None, facets: list[str]):
 
 
 def throughput_figure(cells: pd.DataFrame, x: str, facets: list[str]):
+    """Training throughput per norm against the study's x axis, diverged cells left out (see `finished`)."""
     panels = _panels(cells, facets[:1])
-    grid = sns.catplot(cells, kind="bar", x=x, y="train_samples_per_s", order=_order(cells, x), errorbar=t_interval,
-                       height=3.2, aspect=1.3, **_hue(cells), **panels)
+    grid = sns.catplot(finished(cells, "train_samples_per_s"), kind="bar", x=x, y="train_samples_per_s",
+                       order=_order(cells, x), errorbar=t_interval, height=3.2, aspect=1.3, **_hue(cells), **panels)
     grid.set(ylim=(0, None))  # a throughput is positive; a wide interval over few seeds is cut at zero
     grid.set_axis_labels(_label(x), _label("train_samples_per_s"))
     return _titled(grid, panels)
@@ -341,8 +350,7 @@ def step_time_ratios(cells: pd.DataFrame, keys: list[str]) -> dict | None:
     norms = _order(cells, "norm")
     if "bn" not in norms or len(norms) < 2:
         return None
-    finished = cells[~cells["diverged"].astype(bool)]
-    rates = finished.groupby([*keys, "norm"])["train_samples_per_s"].mean()
+    rates = finished(cells, "train_samples_per_s").groupby([*keys, "norm"])["train_samples_per_s"].mean()
     # With norm as the only axis there is one setting: a one-row table.
     rates = (rates.unstack("norm") if keys else rates.to_frame("every cell").T).reindex(columns=norms)
     ratios = rates.rdiv(rates["bn"], axis=0)
@@ -586,10 +594,43 @@ def harness_efficiency(cells: pd.DataFrame) -> str:
             f"included) was spent in training steps")
 
 
+# env.json's record of what decides float32 arithmetic and determinism (precision.numerics_record): said in words.
+ARITHMETIC_FIELDS = ("env_tf32", "env_deterministic_algorithms", "env_cudnn_benchmark", "env_cudnn_deterministic")
+
+
+def _share(flags: pd.Series) -> str:
+    """A flag over the cells that recorded it: on, off, or "on for N of M cells"."""
+    on = int(flags.eq(True).sum())
+    return "on" if on == len(flags) else "off" if on == 0 else f"on for {on} of {len(flags)} cells"
+
+
+def arithmetic(cells: pd.DataFrame) -> dict[str, str]:
+    """Whether fp32 matmuls and convolutions could use TF32 and whether kernels were deterministic, over the cells
+    whose env.json records it (older ones do not: they are counted, not guessed)."""
+    recorded = cells.dropna(subset=["env_deterministic_algorithms"]) if "env_deterministic_algorithms" in cells \
+        else cells.iloc[:0]
+    if recorded.empty:
+        return {}
+    tf32 = recorded.filter(like="env_tf32_").eq(True).any(axis=1)  # a CPU cell has none: its fp32 is IEEE
+    summary = {"TF32": "off (fp32 is IEEE float32)" if not tf32.any() else
+               f"{_share(tf32)} (fp32 matmuls and convolutions may round their inputs to 10 mantissa bits)",
+               "deterministic algorithms": _share(recorded["env_deterministic_algorithms"])}
+    cuda = recorded[recorded["device"] == "cuda"]
+    if len(cuda):  # cuDNN's flags mean nothing to a CPU cell
+        summary["cuDNN"] = (f"deterministic {_share(cuda['env_cudnn_deterministic'])}, "
+                            f"autotuner (benchmark) {_share(cuda['env_cudnn_benchmark'])}")
+    if len(recorded) < len(cells):
+        summary["TF32 and determinism not recorded"] = (f"{len(cells) - len(recorded)} of {len(cells)} cells "
+                                                        f"(older env.json)")
+    return summary
+
+
 def provenance(cells: pd.DataFrame) -> dict[str, str]:
-    """Each provenance field with every distinct value the cells report."""
-    fields = [c for c in cells.columns if c.startswith("env_") and c not in ("env_time", "env_host")]
+    """Each provenance field with every distinct value the cells report; TF32 and determinism in words."""
+    fields = [c for c in cells.columns if c.startswith("env_") and c not in ("env_time", "env_host")
+              and not c.startswith(ARITHMETIC_FIELDS)]
     summary = {c.removeprefix("env_"): ", ".join(sorted(map(str, cells[c].dropna().unique()))) for c in fields}
+    summary.update(arithmetic(cells))
     times = cells["env_time"].dropna()
     if len(times):
         summary["cells trained"] = f"{times.min()} to {times.max()}"

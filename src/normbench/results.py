@@ -69,6 +69,15 @@ def job_seconds(benchmark_file: Path) -> float | None:
     return float(pd.read_csv(benchmark_file, sep="\t")["s"].iloc[0])
 
 
+def columns(record: dict, prefix: str) -> dict:
+    """A JSON record as table columns, a nested record's keys joined to its own (env.json's tf32: {matmul: ...}
+    becomes env_tf32_matmul): a table cell holds one value, not a dict to parse back."""
+    flat = {}
+    for key, value in record.items():
+        flat.update(columns(value, f"{prefix}{key}_") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
 def aggregate(summary_paths: Iterable[str | Path], runs_root: str | Path,
               job_benchmarks: str | Path | None = None) -> dict[str, pd.DataFrame]:
     """Tidy tables from cell folders: `cells` (one row per cell), `curves` (one per evaluation)
@@ -88,7 +97,7 @@ def aggregate(summary_paths: Iterable[str | Path], runs_root: str | Path,
         # A list setting (probes) becomes one comma-separated value, as a table cell holds.
         settings = {key: ",".join(value) if isinstance(value, list) else value
                     for key, value in read_json(folder / CONFIG).items()}
-        env = {f"env_{key}": value for key, value in read_json(folder / ENV).items()}
+        env = columns(read_json(folder / ENV), "env_")
         # `device` is the kind of device the cell ran on (cpu, cuda), not the setting's `auto` (device_setting).
         used = {"device_setting": settings["device"], "device": env["env_device"].split(":")[0]}
         job = {"job_s": job_seconds(Path(job_benchmarks) / study / f"{identity['cell']}.tsv")} if job_benchmarks else {}

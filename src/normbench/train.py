@@ -70,6 +70,10 @@ def run_cell(settings: Settings, out_dir: str | Path, threads: int | None = None
     `time_limit_s` seconds the cell stops at its next sync point and is recorded as timed out.
     """
     check_cell_folder(settings, Path(out_dir), force)
+    local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if under_torchrun() else settings.world_size
+    if threads is not None and threads < local_workers:
+        raise SettingsError(f"--threads {threads} cannot be shared by {local_workers} workers on this node: each "
+                            f"needs a thread of its own; give --threads {local_workers} or more")
     if under_torchrun():
         return _worker(settings.to_dict(), str(out_dir), threads, timeout_s, time_limit_s)
     if settings.world_size == 1:
@@ -468,6 +472,7 @@ def _train(settings: Settings, out_dir: Path, worker: Worker, time_limit_s: floa
         "diverged_reason": diverged_reason,
         "timed_out": timed_out_reason is not None,
         "timed_out_reason": timed_out_reason,
+        "time_limit_s": time_limit_s,  # this session's: the workflow continues a timed-out cell when it rises
         "steps": progress.step,
         "skipped_steps": progress.skipped_steps,
         "total_steps": total_steps,

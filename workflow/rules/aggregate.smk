@@ -21,9 +21,13 @@ rule aggregate:
 rule numerics:
     output:
         f"{TABLES}/numerics.csv",
+    params:
+        device=lambda wildcards: layer_device(),
+    resources:
+        gpu=lambda wildcards: int(layer_device() == "cuda"),
     conda:
         CONDA_ENV
     log:
         "results/logs/numerics.log",
     shell:
-        "normbench numerics --out {output} > {log} 2>&1"
+        "normbench numerics --device {params.device} --out {output} > {log} 2>&1"

@@ -8,18 +8,22 @@ import sys
 import tempfile
 
 import pandas as pd
+import yaml
 from snakemake.utils import Paramspace, validate
 
 from normbench.cells import study_cells
 from normbench.claims import check_claims, claim_sections
-from normbench.config import Settings, format_assignment, numbers_as_yaml12
+from normbench.config import Settings, format_assignment, normalize_workflow_config
 from normbench.data import dataset_files
 from normbench.captions import FIGURE_CAPTIONS
-from normbench.results import write_json
+from normbench.results import read_json, write_json
 from normbench import warm
 
 
-config.update(numbers_as_yaml12(config))  # lr: 1e-3 is a number, as in YAML 1.2 (PyYAML's 1.1 reads a string)
+# Numbers as numbers (lr: 1e-3 as in YAML 1.2, width: 16.0 as 16, --config's nested '2000' as 2000) and a
+# "did you mean" for a mistyped name anywhere, then the schema's own validation.
+with open(os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")) as schema_file:
+    config.update(normalize_workflow_config(config, yaml.safe_load(schema_file)))
 validate(config, schema="../schemas/config.schema.yaml")
 
 # Jobs call the normbench installed beside the Python that runs Snakemake, so that .venv/bin/snakemake works
@@ -135,11 +139,54 @@ def cell_mem_mb(wildcards):
     return study_resources(wildcards.study)["mem_mb"]
 
 
+def cuda_at_plan():
+    """Whether `device: auto` means CUDA: torch sees a GPU on the machine that plans the workflow. (A cluster whose
+    login node has none, but whose nodes do, says `device: cuda` in the config.) Asked once, in this process,
+    which forks no jobs (the warm server is a process of its own)."""
+    global CUDA_AT_PLAN
+    if CUDA_AT_PLAN is None:
+        import torch
+
+        CUDA_AT_PLAN = torch.cuda.is_available()
+    return CUDA_AT_PLAN
+
+
+CUDA_AT_PLAN = None
+
+
+def on_cuda(device_setting):
+    return device_setting == "cuda" or (device_setting == "auto" and cuda_at_plan())
+
+
 def cell_gpus(wildcards):
-    """One GPU per data-parallel worker, unless the cell is pinned to the CPU (a profile's `resources: gpu: N`
-    caps the GPUs in use; without one the resource is unlimited)."""
+    """One GPU per data-parallel worker for a cell that runs on CUDA, none otherwise (SLURM: --gpus; a profile's
+    `resources: gpu: N` caps the GPUs in use on one machine)."""
     settings = cell_settings(wildcards)
-    return 0 if settings.device == "cpu" else settings.world_size
+    return settings.world_size if on_cuda(settings.device) else 0
+
+
+def layer_device():
+    """Where the micro-benchmarks and the numerics table run: CUDA when the config's cells do (so C12 and the
+    error table describe the device that trained), else the CPU."""
+    devices = {Settings(**{**study_settings(study), **cell}).device for study, cells in GRIDS.items() for cell in cells}
+    return "cuda" if any(on_cuda(device) for device in devices) else "cpu"
+
+
+def timed_out_marker(wildcards):
+    """A timed-out cell continues when its time limit rises: at planning, such a cell gets (or renews) a file
+    `time_limit_raised` in its folder, an input of its train job that is then newer than its outputs. Once a
+    cell has one it stays an input, so the job's input set never changes by itself."""
+    folder = f"{RUNS}/{wildcards.study}/{wildcards.cell}"
+    marker = f"{folder}/time_limit_raised"
+    summary_path = f"{folder}/summary.json"
+    limit_s = cell_time_limit_s(wildcards)
+    if os.path.exists(summary_path):
+        summary = read_json(summary_path)
+        stopped_under = summary.get("time_limit_s")
+        asked = read_json(marker)["time_limit_s"] if os.path.exists(marker) else None
+        if summary.get("timed_out") and stopped_under is not None and limit_s > stopped_under and asked != limit_s:
+            write_json(marker, {"time_limit_s": limit_s, "stopped_under_s": stopped_under})
+    return [marker] if os.path.exists(marker) else []
 
 
 def cell_dataset_files(wildcards):

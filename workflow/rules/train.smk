@@ -24,6 +24,7 @@ for image_dataset in ("fashion_mnist", "cifar10"):
 rule train:
     input:
         cell_dataset_files,
+        timed_out_marker,
     output:
         summary=f"{RUNS}/{{study}}/{{cell}}/summary.json",
         metrics=f"{RUNS}/{{study}}/{{cell}}/metrics.jsonl",

@@ -1,0 +1,52 @@
+"""Cell folders aggregated into tables, and the report's provenance read from them."""
+
+import pandas as pd
+
+from normbench.report import provenance
+from normbench.results import CONFIG, ENV, METRICS, PROBES, aggregate, write_json, write_table
+
+# What env.json held before it recorded TF32 and determinism.
+OLD_ENV = {"device": "cpu", "torch": "2.14.1", "host": "h", "time": "2026-01-01T00:00:00+00:00"}
+CPU = {"tf32": None, "deterministic_algorithms": False, "cudnn_benchmark": False, "cudnn_deterministic": False}
+
+
+def cell(runs, name: str, env: dict):
+    """A finished cell's folder with the given env.json; returns its summary.json."""
+    folder = runs / "s" / name
+    write_json(folder / CONFIG, {"device": "auto", "norm": "bn", "seed": 0})
+    write_json(folder / ENV, env)
+    for rows in (METRICS, PROBES):
+        (folder / rows).write_text("")
+    write_json(folder / "summary.json", {"final_test_acc": 0.8, "diverged": False})
+    return folder / "summary.json"
+
+
+def provenance_of(tmp_path, envs: dict) -> dict:
+    """The provenance of cells with these env.json files, through cells.csv as the report reads it."""
+    runs = tmp_path / "runs"
+    write_table(aggregate([cell(runs, name, env) for name, env in envs.items()], runs)["cells"], tmp_path / "cells.csv")
+    return provenance(pd.read_csv(tmp_path / "cells.csv"))
+
+
+def test_provenance_says_whether_tf32_and_deterministic_kernels_were_on(tmp_path):
+    cuda = {**OLD_ENV, "device": "cuda:0"}
+    shown = provenance_of(tmp_path, {
+        "old": OLD_ENV,
+        "cpu": {**OLD_ENV, **CPU},
+        "tf32": {**cuda, **CPU, "tf32": {"matmul": True, "cudnn_conv": True}, "cudnn_benchmark": True},
+        "deterministic": {**cuda, **CPU, "tf32": {"matmul": False, "cudnn_conv": False},
+                          "deterministic_algorithms": True, "cudnn_deterministic": True},
+    })
+    assert shown["TF32"].startswith("on for 1 of 3 cells")
+    assert shown["deterministic algorithms"] == "on for 1 of 3 cells"
+    assert shown["cuDNN"] == "deterministic on for 1 of 2 cells, autotuner (benchmark) on for 1 of 2 cells"
+    assert shown["TF32 and determinism not recorded"] == "1 of 4 cells (older env.json)"
+    assert not {"tf32", "tf32_matmul", "deterministic_algorithms", "cudnn_benchmark"} & set(shown)
+
+
+def test_provenance_of_cpu_cells_and_of_older_ones(tmp_path):
+    cpu = provenance_of(tmp_path / "cpu", {"a": {**OLD_ENV, **CPU}})
+    assert cpu["TF32"] == "off (fp32 is IEEE float32)" and cpu["deterministic algorithms"] == "off"
+    assert "cuDNN" not in cpu  # no cuDNN on the CPU
+    old = provenance_of(tmp_path / "old", {"a": OLD_ENV})  # aggregates, and says nothing it did not record
+    assert old.keys() == cpu.keys() - {"TF32", "deterministic algorithms"}
