@@ -75,8 +75,6 @@ def test_integral_floats_and_leading_zeros_are_the_integers_they_spell(tmp_path,
     (["train", "--out", "x", "--from", "{cell}"], r"settings file '.*cell' is a folder; did you mean '.*cell/config.json'\?"),
     (["studies", "{cell}/config.json"], r"has no `studies` mapping: `normbench studies` reads a workflow config"),
     (["aggregate", "{cell}/summary.json", "--runs-root", "{tmp}/elsewhere"], r"is not under --runs-root"),
-    (["train", "--out", "y", "--threads", "1", "--set", "world_size=2", "norm=gn"],
-     r"--threads 1 cannot be shared by 2 workers on this node"),
 ])
 def test_commands_on_the_wrong_input_say_so(tmp_path, monkeypatch, mlp_words, command, message):
     cell = tmp_path / "cell"
@@ -84,6 +82,12 @@ def test_commands_on_the_wrong_input_say_so(tmp_path, monkeypatch, mlp_words, co
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=message):
         main([word.format(cell=cell, tmp=tmp_path) for word in command])
+
+
+def test_fewer_threads_than_workers_runs_one_thread_each_and_says_so(tmp_path, mlp_words, capsys):
+    main(["train", "--out", str(tmp_path / "cell"), "--threads", "1", "--set", *mlp_words, "world_size=2", "norm=gn"])
+    assert "--threads 1 cannot be shared by 2 workers on this node; each runs one thread" in capsys.readouterr().err
+    assert read_json(tmp_path / "cell/summary.json")["steps"] == 2
 
 
 def test_a_study_without_a_grid_is_listed(tmp_path, capsys):

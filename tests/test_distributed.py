@@ -173,3 +173,15 @@ def test_a_hung_worker_is_bounded_by_the_collective_timeout(tmp_path):
         worker.kill()
     outcome, seconds = (tmp_path / "outcome").read_text().rsplit(" after ", 1)
     assert outcome.startswith("raised") and float(seconds) < 25  # well before the silent peer would wake
+
+
+def test_a_two_worker_cell_resumes_to_the_numbers_of_an_uninterrupted_one(cell, tmp_path):
+    """Each rank's random states are gathered into the checkpoint and every rank resumes at the same step."""
+    settings = cell(norm="syncbn", world_size=2, batch_size=8, evals_per_epoch=2, epochs=2)
+    run_cell(settings, tmp_path / "whole", threads=2)
+    run_cell(settings, tmp_path / "cut", threads=2, time_limit_s=0.0)  # stops at the first evaluation
+    state = torch.load(tmp_path / "cut/checkpoint.pt", weights_only=True)
+    assert len(state["cpu_rng_by_rank"]) == 2 and state["cuda_rng_by_rank"] == [None, None]
+    resumed = run_cell(settings, tmp_path / "cut", threads=2)
+    assert resumed["resumed_from_step"] == 1 and resumed["steps"] == 4
+    assert max_difference(final_parameters(tmp_path / "cut"), final_parameters(tmp_path / "whole")) == 0

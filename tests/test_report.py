@@ -1,6 +1,7 @@
 """The report from synthetic tables whose truth is known: axes, learning-rate table, escaping, self-containment."""
 
 import itertools
+import re
 
 import pandas as pd
 import pytest
@@ -75,6 +76,7 @@ def test_report_is_self_contained_and_escapes_config_text(tmp_path):
     assert html.count("data:image/png;base64,") == 3
     assert sorted(p.name for p in (tmp_path / "figures/lr").iterdir()) == ["accuracy.png", "curves.png", "throughput.png"]
     assert "Learning-rate range and speed to target" in html and "Numerical error of the norm layers" in html
+    assert re.search(r"Computed on\s+\S", html) and "Computed on\nnot recorded" not in html  # the device it ran on
     assert "https://" not in html and "http://" not in html
     # The claims table comes first: bn stable from 0.01 to 1, none only at 0.1 (two seeds agree exactly).
     assert html.index('id="claims"') < html.index('id="study-lr"')

@@ -239,10 +239,10 @@ def test_rng_states_are_restored_per_rank_onto_the_workers_own_device(monkeypatc
     assert train_module.rng_states(torch.device("cpu"), train_module.Worker())["cuda_rng_by_rank"] == [None]
 
 
-def test_probes_leave_training_untouched(tiny, tmp_path):
-    """The ICS probe draws dropout and reseeds inside a forked RNG: the trained numbers are those of a cell
-    without it."""
-    settings = dict(model="mlp", width=32, depth=2, dropout=0.3, epochs=1)
+def test_probes_leave_training_untouched(tiny, tmp_path, device):
+    """The ICS probe draws dropout and reseeds inside a forked RNG (the CUDA one too): the trained numbers are
+    those of a cell without it."""
+    settings = dict(model="mlp", width=32, depth=2, dropout=0.3, epochs=1, device=device)
     plain = train(tiny(**settings), tmp_path / "plain")
     probed = train(tiny(**settings, probes=["ics"]), tmp_path / "probed")
     keep = ("final_test_acc", "final_test_loss", "final_train_loss", "steps")

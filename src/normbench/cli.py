@@ -43,9 +43,7 @@ def _settings(args: argparse.Namespace) -> None:
 
 def _studies(args: argparse.Namespace) -> None:
     from normbench.cells import studies_table
-    from normbench.config import load_settings_file
-
-    from normbench.config import SettingsError
+    from normbench.config import SettingsError, load_settings_file
 
     config = load_settings_file(args.config)
     if not isinstance(config.get("studies"), dict):
@@ -62,9 +60,8 @@ def _data(args: argparse.Namespace) -> None:
 
 
 def _aggregate(args: argparse.Namespace) -> None:
-    from normbench.results import aggregate, write_table
-
     from normbench.config import SettingsError
+    from normbench.results import aggregate, write_table
 
     root = Path(args.runs_root).resolve()
     for summary in args.summaries:
@@ -220,8 +217,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"normbench: error: {error}")
     except FileNotFoundError as error:  # a path given on the command line that is not there
         sys.exit(f"normbench: error: {error.filename}: no such file; check the path")
-    except BrokenPipeError:  # output piped into a reader that stopped early (| head)
-        sys.stderr.close()
+    except BrokenPipeError:  # output piped into a reader that stopped early (| head): Python's documented recipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -220,9 +220,10 @@ def normalize_workflow_config(config: dict[str, Any], workflow_schema: dict) -> 
         return as_schema_type(value, schema)
 
     config = walk(config, workflow_schema, "")
-    for name, study in config.get("studies", {}).items():
+    studies = config.get("studies")
+    for name, study in (studies.items() if isinstance(studies, dict) else ()):
         for axes in ("grid", "linked"):
-            if isinstance(study.get(axes), dict):
+            if isinstance(study, dict) and isinstance(study.get(axes), dict):
                 check_names(study[axes], SETTING_NAMES, "setting", f"studies: {name}: {axes}: ")
                 study[axes] = {axis: [as_schema_type(v, settings["properties"][axis]) for v in values]
                                if isinstance(values, list) else values for axis, values in study[axes].items()}

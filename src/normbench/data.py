@@ -5,15 +5,15 @@ decoded by torchvision, normalized with the training split's statistics
 and kept as one tensor on the device: batches are index lookups, with no
 DataLoader workers to become the bottleneck (airbench's discipline).
 `normbench data` keeps torchvision's decoded tensors in a cache beside the
-files (<root>/normbench/<name>.pt): a cell then loads them in milliseconds and
-never imports torchvision, whose import alone costs more than a second.
+files (<root>/normbench/<name>.pt, its SHA-256 beside it): a cell checks and maps them in a fraction of a
+second and never imports torchvision, whose import alone costs more than a second.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import io
+import pickle
 import shutil
 from dataclasses import dataclass
 from functools import cache
@@ -107,27 +107,29 @@ def _decode(name: str, root: str | Path) -> dict[str, torch.Tensor]:
             "std": scaled.std(dim=(0, 2, 3), keepdim=True).float()}
 
 
-def _read_cache(name: str, root: str | Path) -> bytes | None:
-    """The tensor cache's bytes when they match their checksum; None when there is no cache; DatasetMissing when
+def _read_cache(name: str, root: str | Path) -> dict[str, torch.Tensor] | None:
+    """The tensor cache when its bytes match their checksum; None when there is no cache; DatasetMissing when
     there is one that does not match (cut short, overwritten, or written by a normbench without checksums)."""
     cached, checksum = tensor_cache(name, root), cache_checksum(name, root)
     if not cached.exists():
         return None
-    data = cached.read_bytes()
     expected = checksum.read_text().strip() if checksum.exists() else None
-    if hashlib.sha256(data).hexdigest() != expected:
+    if _sha256(cached) != expected:
         found = f"does not match its checksum {checksum}" if expected else f"has no checksum file {checksum}"
         raise DatasetMissing(f"the tensor cache {cached} {found}: it is damaged or incomplete; rebuild it with "
                              f"`normbench data {name} --root {root}` (`make setup` does this)")
-    return data
+    return torch.load(cached, weights_only=True, mmap=True)  # mapped: subsets copy only what they keep
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _decoded(name: str, root: str | Path) -> dict[str, torch.Tensor]:
     """Both splits from the tensor cache that `normbench data` writes (checked), or else decoded by torchvision."""
-    data = _read_cache(name, root)
-    if data is None:
-        return _decode(name, root)
-    return torch.load(io.BytesIO(data), weights_only=True)
+    cached = _read_cache(name, root)
+    return _decode(name, root) if cached is None else cached
 
 
 def load_splits(name: str, root: str | Path, train_subset: int | None, test_subset: int | None,
@@ -217,10 +219,10 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = 2
 def dataset_files(name: str) -> list[str]:
     """The files, relative to the data root, that `normbench data` makes: those torchvision's loader reads for
     `name`, and the tensor cache."""
-    cache_files = [str(tensor_cache(name, ".")), str(cache_checksum(name, "."))]
+    cache_file = str(tensor_cache(name, "."))  # its checksum file comes with it (not a workflow input)
     if name == "fashion_mnist":
-        return [*(f"FashionMNIST/raw/{file}" for file in FASHION_MNIST_MD5), *cache_files]
-    return [*(f"cifar-10-batches-py/{file}" for file in CIFAR10_FILES), *cache_files]
+        return [*(f"FashionMNIST/raw/{file}" for file in FASHION_MNIST_MD5), cache_file]
+    return [*(f"cifar-10-batches-py/{file}" for file in CIFAR10_FILES), cache_file]
 
 
 # What torchvision's CIFAR10 reads (its base_folder, train_list and test_list; a test checks they agree), named here
@@ -271,9 +273,9 @@ def prepare_fashion_mnist(root: str | Path, source: Path = DEBIAN_FASHION_MNIST)
 
 def fetch(name: str, root: str | Path, download: bool) -> bool:
     """Make `name` loadable from `root` (already there, from Debian's package, or, if allowed, downloaded), then
-    write the tensor cache of what torchvision's loader reads. The cache is an input of every cell, so it is
-    rewritten only when its content changes (checked by its SHA-256): a repeated set-up leaves finished cells up to
-    date. True when the cache was (re)written."""
+    write the tensor cache of what torchvision's loader reads, with its SHA-256 beside it. The cache is an input
+    of every cell, so it is rewritten only when its tensors change: a repeated set-up (or a torch that serializes
+    the same tensors to other bytes) leaves finished cells up to date. True when the cache was (re)written."""
     Path(root).mkdir(parents=True, exist_ok=True)
     try:
         decoded = _decode(name, root)
@@ -287,15 +289,16 @@ def fetch(name: str, root: str | Path, download: bool) -> bool:
             except Exception as error:  # no network, a mirror down, a bad archive: all end the same way
                 raise DatasetMissing(f"downloading {name} failed ({error}); {DATASETS[name].how_to_get}") from None
         decoded = _decode(name, root)
-    buffer = io.BytesIO()
-    torch.save(decoded, buffer)  # byte-identical for identical tensors (a test checks), so the digest compares them
-    digest = hashlib.sha256(buffer.getvalue()).hexdigest()
-    try:
-        unchanged = _read_cache(name, root) is not None and cache_checksum(name, root).read_text().strip() == digest
-    except DatasetMissing:
-        unchanged = False
-    if unchanged:
-        return False
-    write_atomic(tensor_cache(name, root), lambda f: f.write(buffer.getvalue()), mode="wb")
-    write_atomic(cache_checksum(name, root), lambda f: f.write(digest + "\n"))
-    return True
+    cached, checksum = tensor_cache(name, root), cache_checksum(name, root)
+    try:  # unchecked: a cache without a checksum (an older normbench) is still compared tensor by tensor
+        existing = torch.load(cached, weights_only=True) if cached.exists() else None
+    except (RuntimeError, EOFError, pickle.UnpicklingError):  # cut short or damaged: rewritten below
+        existing = None
+    unchanged = existing is not None and existing.keys() == decoded.keys() and all(
+        torch.equal(existing[key], decoded[key]) for key in decoded)
+    if not unchanged:
+        write_atomic(cached, lambda f: torch.save(decoded, f), mode="wb")
+    digest = _sha256(cached)
+    if not checksum.exists() or checksum.read_text().strip() != digest:  # not an input of the cells: no rerun
+        write_atomic(checksum, lambda f: f.write(digest + "\n"))
+    return not unchanged

@@ -68,7 +68,8 @@ def fp32_mode(tf32: bool = False, deterministic: bool = False) -> Iterator[None]
     for a deterministic algorithm (an error names any op that has none) and turns cuDNN's autotuner off, so a
     rerun on the same GPU is bit-identical."""
     backends = _fp32_backends()
-    saved = ([b.fp32_precision for b in backends], torch.are_deterministic_algorithms_enabled(),
+    saved = ([b.fp32_precision for b in backends], (torch.are_deterministic_algorithms_enabled(),
+                                                    torch.is_deterministic_algorithms_warn_only_enabled()),
              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
     try:
@@ -82,7 +83,7 @@ def fp32_mode(tf32: bool = False, deterministic: bool = False) -> Iterator[None]
     finally:
         for backend, value in zip(backends, saved[0]):
             backend.fp32_precision = value
-        torch.use_deterministic_algorithms(saved[1])
+        torch.use_deterministic_algorithms(saved[1][0], warn_only=saved[1][1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
         if saved[4] is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

@@ -643,7 +643,8 @@ def numerics_table(numerics: pd.DataFrame) -> dict | None:
     if numerics.empty:
         return None
     wide = numerics.pivot_table(index=["norm", "mean_offset"], columns="dtype", values="max_abs_error", sort=False)
-    return {"columns": ["norm", "input mean offset", *wide.columns],
+    devices = sorted(numerics["device"].dropna().unique()) if "device" in numerics else []
+    return {"device": ", ".join(devices) or "not recorded", "columns": ["norm", "input mean offset", *wide.columns],
             "rows": [[norm, _format(offset), *map(_format, row)] for (norm, offset), row in wide.iterrows()]}
 
 

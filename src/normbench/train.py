@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import pickle
 import resource
 import sys
 import time
@@ -71,9 +72,9 @@ def run_cell(settings: Settings, out_dir: str | Path, threads: int | None = None
     """
     check_cell_folder(settings, Path(out_dir), force)
     local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if under_torchrun() else settings.world_size
-    if threads is not None and threads < local_workers:
-        raise SettingsError(f"--threads {threads} cannot be shared by {local_workers} workers on this node: each "
-                            f"needs a thread of its own; give --threads {local_workers} or more")
+    if threads is not None and threads < local_workers:  # e.g. Snakemake capped the job's threads at --cores
+        print(f"normbench: warning: --threads {threads} cannot be shared by {local_workers} workers on this node; "
+              f"each runs one thread ({local_workers} in all)", file=sys.stderr)
     if under_torchrun():
         return _worker(settings.to_dict(), str(out_dir), threads, timeout_s, time_limit_s)
     if settings.world_size == 1:
@@ -210,7 +211,8 @@ def read_checkpoint(path: Path, settings: Settings) -> dict | None:
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers and containers only
-    except Exception as error:  # zip, pickle and storage errors all mean the same: the file is unusable
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # the zip or pickle reader: an unusable file
+        # (an OSError, e.g. a network filesystem failing, is no verdict on the file: it stops the cell instead)
         print(f"normbench: warning: cannot read the checkpoint {path} ({type(error).__name__}: {error}); it is "
               f"damaged or incomplete, so the cell starts afresh", file=sys.stderr)
         return None
@@ -318,6 +320,12 @@ def _train(settings: Settings, out_dir: Path, worker: Worker, time_limit_s: floa
     checkpoint_path = out_dir / results.CHECKPOINT
     progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler, precision.scaler, settings, device,
                                worker) or Progress()
+    if worker.world_size > 1:  # every rank read the checkpoint itself: they must resume at the same step
+        steps = [None] * worker.world_size
+        dist.all_gather_object(steps, progress.step)
+        if len(set(steps)) > 1:
+            raise SettingsError(f"the workers of this cell read {checkpoint_path} differently (resuming at steps "
+                                f"{steps}); the cell folder must be one file system that every rank sees")
     if worker.is_main:
         results.write_json(out_dir / results.CONFIG, settings.to_dict())
         results.write_json(out_dir / results.ENV, {**environment(device), **numerics_record(device),

@@ -165,11 +165,15 @@ def cell_gpus(wildcards):
     return settings.world_size if on_cuda(settings.device) else 0
 
 
+# The device settings of every cell, gathered once from the expanded grids.
+CELL_DEVICES = {cell.get("device", study_settings(study).get("device", Settings.device))
+                for study, cells in GRIDS.items() for cell in cells}
+
+
 def layer_device():
     """Where the micro-benchmarks and the numerics table run: CUDA when the config's cells do (so C12 and the
     error table describe the device that trained), else the CPU."""
-    devices = {Settings(**{**study_settings(study), **cell}).device for study, cells in GRIDS.items() for cell in cells}
-    return "cuda" if any(on_cuda(device) for device in devices) else "cpu"
+    return "cuda" if any(on_cuda(device) for device in CELL_DEVICES) else "cpu"
 
 
 def timed_out_marker(wildcards):
