@@ -9,7 +9,7 @@ import pytest
 from normbench.captions import FIGURE_CAPTIONS
 from normbench.config import Settings
 from normbench.numerics import output_errors
-from normbench.report import (geometric_mean, learning_rate_table, log_t_interval, render_report, step_time_ratios,
+from normbench.report import (geometric_mean, setup, learning_rate_table, log_t_interval, render_report, step_time_ratios,
                               study_axes, t_interval, throughput_figure)
 
 
@@ -183,3 +183,10 @@ def test_throughput_leaves_out_diverged_cells():
     assert [bar.get_height() for bar in figure.axes[0].patches] == pytest.approx([1000.0, 1000.0])
     assert step_time_ratios(cells, [])["rows"][0]["values"] == ["1", "1"]
     assert "Diverged cells are left out" in FIGURE_CAPTIONS["throughput"]
+
+
+def test_the_setup_box_names_the_memory_format():
+    """channels_last speeds BN more than GN: a study's box says which format its step times were taken in."""
+    cells = synthetic_cells()
+    assert dict(setup({}, cells))["memory format"] == "contiguous (NCHW)"
+    assert dict(setup({}, cells.assign(channels_last=True)))["memory format"].startswith("channels_last (NHWC)")

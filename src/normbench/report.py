@@ -406,6 +406,13 @@ def describe_model(settings: dict) -> str:
     return f"{settings['model']}{depth}, width {settings['width']}"
 
 
+def memory_format(cells: pd.DataFrame) -> str:
+    """The study's memory format, said because channels_last speeds some norms more than others (README, Speed)."""
+    if "channels_last" in cells and cells["channels_last"].astype(bool).any():
+        return "channels_last (NHWC): it speeds some norms more than others, so step times here compare norms in it"
+    return "contiguous (NCHW)"
+
+
 def setup(spec: dict, cells: pd.DataFrame) -> list[tuple[str, str]]:
     """A study's fixed setup, as its section's box shows it: what every cell shares."""
     first = cells.iloc[0]
@@ -421,6 +428,7 @@ def setup(spec: dict, cells: pd.DataFrame) -> list[tuple[str, str]]:
             ("batch", f"{shared('batch_size')} per worker, on {shared('world_size')} worker(s)"),
             ("training", f"{shared('epochs')} epochs, {shared('total_steps')} steps per cell, {first['optimizer']} "
                          f"at peak lr {shared('lr')}, {first['schedule']} schedule, {shared('precision')}"),
+            ("memory format", memory_format(cells)),
             ("cells", f"{len(cells)} over {cells['seed'].nunique()} seeds, paired by seed (same initialization "
                       f"and batches)")]
     if spec.get("differs_from_anchor"):
