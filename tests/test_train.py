@@ -194,8 +194,7 @@ def test_checkpoints_load_without_running_code(tiny, tmp_path, capsys):
         def __reduce__(self):
             return (print, ("code ran",))
 
-    with open(tmp_path / "checkpoint.pt", "wb") as handle:
-        pickle.dump({"settings": Payload()}, handle, protocol=2)  # torch.save's protocol
+    torch.save({"settings": Payload()}, tmp_path / "checkpoint.pt")  # a whole, valid file that would run code
     assert train_module.read_checkpoint(tmp_path / "checkpoint.pt", tiny()) is None
     captured = capsys.readouterr()
     assert "code ran" not in captured.out and "Weights only load failed" in captured.err

@@ -17,6 +17,7 @@ import pickle
 import resource
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -210,8 +211,12 @@ def read_checkpoint(path: Path, settings: Settings) -> dict | None:
     if not path.exists():
         return None
     try:
+        with zipfile.ZipFile(path) as archive:  # torch.save's format: every record carries a CRC-32
+            bad_record = archive.testzip()
+        if bad_record is not None:
+            raise zipfile.BadZipFile(f"record {bad_record} fails its CRC-32")
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers and containers only
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # the zip or pickle reader: an unusable file
+    except (zipfile.BadZipFile, RuntimeError, EOFError, pickle.UnpicklingError) as error:  # an unusable file
         # (an OSError, e.g. a network filesystem failing, is no verdict on the file: it stops the cell instead)
         print(f"normbench: warning: cannot read the checkpoint {path} ({type(error).__name__}: {error}); it is "
               f"damaged or incomplete, so the cell starts afresh", file=sys.stderr)
