@@ -34,6 +34,7 @@ def _syncbn_rank(rank: int, store: str, shape: tuple, out: str) -> None:
     y.backward(upstream[local])
     torch.save({"y": y.detach(), "x_grad": x_local.grad, "weight_grad": layer.weight.grad, "bias_grad": layer.bias.grad,
                 "running_mean": layer.running_mean, "running_var": layer.running_var}, f"{out}/{rank}.pt")
+    dist.barrier()  # both ranks done before either tears gloo down (a rank leaving early can abort the other)
     dist.destroy_process_group()
 
 
