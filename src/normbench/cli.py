@@ -20,6 +20,10 @@ def _train(args: argparse.Namespace) -> None:
     values = load_settings_file(args.from_file) if args.from_file else {}
     values.update(parse_assignments(args.set))
     settings = make_settings(values)
+    if not under_torchrun():  # an outer torchrun (several nodes) places its own workers
+        from normbench.devices import assign_gpus
+
+        assign_gpus(settings.world_size, settings.device)  # before anything starts CUDA
     summary = run_cell(settings, args.out, args.threads, args.timeout, args.time_limit, args.force)
     if under_torchrun() and int(os.environ["RANK"]) != 0:
         return

@@ -58,6 +58,9 @@ def environment(device: torch.device) -> dict:
         "cpu": cpu_model(),
         "device": str(device),
         "device_name": device_name(device),
+        # Which physical GPUs the cell saw (the workflow gives each cell its own) and the one it used.
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "device_uuid": str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0],  # what else ran on the machine as the cell started

@@ -17,7 +17,7 @@ from normbench.config import Settings, format_assignment, normalize_workflow_con
 from normbench.data import dataset_files
 from normbench.captions import FIGURE_CAPTIONS
 from normbench.results import read_json, write_json
-from normbench import warm
+from normbench import devices, warm
 
 
 # Numbers as numbers (lr: 1e-3 as in YAML 1.2, width: 16.0 as 16, --config's nested '2000' as 2000) and a
@@ -80,9 +80,14 @@ onstart:
     # Jobs on this machine run their cells in a warm server (torch imported once); on a cluster each job starts
     # its own process. A Unix socket path must be short: it lives in a fresh temporary folder.
     if workflow.local_exec:
-        warm_socket = os.path.join(tempfile.mkdtemp(prefix="normbench-"), "warm.sock")
+        run_folder = tempfile.mkdtemp(prefix="normbench-")
+        warm_socket = os.path.join(run_folder, "warm.sock")
         if warm.start_server(warm_socket, WARM_LOG):
             os.environ[warm.SOCKET_ENV] = warm_socket
+        # Each train job claims GPUs of its own among these (normbench.devices), instead of all taking cuda:0.
+        if cuda_at_plan():
+            os.environ[devices.GPUS_ENV] = ",".join(machine_gpus())
+            os.environ[devices.LOCKS_ENV] = os.path.join(run_folder, "gpu-locks")
 
 
 def report_inputs():
@@ -152,6 +157,14 @@ def cuda_at_plan():
 
 
 CUDA_AT_PLAN = None
+
+
+def machine_gpus():
+    """The GPUs this workflow may use: those CUDA_VISIBLE_DEVICES names, else every one torch sees."""
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",") if visible else [str(index) for index in range(torch.cuda.device_count())]
 
 
 def on_cuda(device_setting):
