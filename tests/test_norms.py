@@ -3,11 +3,15 @@
 import pytest
 import torch
 
-from normbench.norms import NORM_NAMES, ChannelRMSNorm, NoisyBatchNorm, norm_factory
+from normbench.norms import (NORM_NAMES, BatchRenorm, ChannelRMSNorm, DynamicTanh, NoisyBatchNorm, norm_factory,
+                             standardize_conv_weights)
 
 EPS = 1e-5
 GHOST_BATCH = 3
-DETERMINISTIC_NORMS = [name for name in NORM_NAMES if name != "noisybn"]  # noisybn: tested on its own below
+# noisybn and dyt have parameters of their own and are tested on their own below; brn at its first step is BN,
+# and gn+ws's norm layer is GN (its weight standardization is in the convs, tested below).
+DETERMINISTIC_NORMS = [name for name in NORM_NAMES if name not in ("noisybn", "dyt")]
+CONV_ONLY = ("in", "gn+ws")
 
 
 def reference(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
@@ -21,12 +25,12 @@ def reference(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return y * weight.view(1, c, *[1] * (x.ndim - 2))
     if name == "ghostbn":  # BN of each virtual batch
         return torch.cat([reference("bn", chunk, weight, bias, groups) for chunk in x.split(GHOST_BATCH)])
-    if name in ("bn", "syncbn"):  # syncbn is plain BatchNorm in a single process
+    if name in ("bn", "syncbn", "brn"):  # syncbn is plain BatchNorm in a single process; brn at rmax 1, dmax 0
         dims = (0, *range(2, x.ndim))
         mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
         y = (x - mean) / torch.sqrt(var + EPS)
     else:
-        g = {"gn": groups, "ln": 1, "in": c}[name]
+        g = {"gn": groups, "gn+ws": groups, "ln": 1, "in": c}[name]
         grouped = x.reshape(n, g, -1)
         mean, var = grouped.mean(-1, keepdim=True), grouped.var(-1, unbiased=False, keepdim=True)
         y = ((grouped - mean) / torch.sqrt(var + EPS)).reshape(x.shape)
@@ -35,7 +39,7 @@ def reference(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 CASES = [(name, "channels", (6, 8, 5, 5)) for name in DETERMINISTIC_NORMS] + [
-    (name, "features", (18, 8)) for name in DETERMINISTIC_NORMS if name != "in"
+    (name, "features", (18, 8)) for name in DETERMINISTIC_NORMS if name not in CONV_ONLY
 ]
 
 
@@ -72,7 +76,7 @@ def test_float32_norms_stay_close_to_float64(layout, shape):
     torch.manual_seed(1)
     x = torch.randn(shape, dtype=torch.float64) * 2 + 5
     for name in DETERMINISTIC_NORMS:
-        if name == "in" and layout == "features":
+        if name in CONV_ONLY and layout == "features":
             continue
         layer = norm_factory(name, layout, gn_groups=4, ghost_batch=GHOST_BATCH)(shape[1])
         expected = layer.double()(x)
@@ -112,7 +116,7 @@ def test_channel_rmsnorm_matches_torch_rmsnorm_with_per_channel_gain():
 
 
 def test_unknown_norm_lists_known_names():
-    with pytest.raises(ValueError, match=r"unknown norm 'batchnorm'; known norms: bn, syncbn, ghostbn, noisybn, gn"):
+    with pytest.raises(ValueError, match=r"unknown norm 'batchnorm'; known norms: bn, syncbn, ghostbn, noisybn, brn, gn"):
         norm_factory("batchnorm")
 
 
@@ -169,3 +173,71 @@ def test_noisy_batchnorm_holds_one_draw_until_released():
     torch.testing.assert_close(layer(x), layer(x))
     layer.release()
     assert not torch.allclose(layer(x), layer(x))
+
+
+def test_batch_renorm_relaxes_on_the_papers_schedule_and_corrects_towards_running_statistics():
+    layer = BatchRenorm(4, relax_steps=800, momentum=0.5).double().train()
+    schedule = {}
+    for step in (0, 100, 450, 500, 800, 5000):  # plain BN until 1/8; dmax full at 5/8; rmax full at the end
+        layer.num_batches_tracked.fill_(step)
+        schedule[step] = layer.limits()
+    assert schedule[0] == schedule[100] == (1.0, 0.0)
+    assert schedule[450] == pytest.approx((2.0, 5.0 * 350 / 400)) and schedule[500][1] == 5.0
+    assert schedule[800] == schedule[5000] == (3.0, 5.0)
+
+    torch.manual_seed(5)
+    x = (torch.randn(6, 4, 3, 3, dtype=torch.float64) * 2 + 1).requires_grad_()
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([0.5, 1.0, 1.5, -30.0]))
+        layer.running_var.copy_(torch.tensor([1.0, 9.0, 0.25, 4.0]))
+        layer.weight.copy_(torch.randn(4))
+        layer.bias.copy_(torch.randn(4))
+    layer.num_batches_tracked.fill_(450)  # rmax 2, dmax 4.375
+    mu, sigma = layer.running_mean.clone(), (layer.running_var + layer.eps).sqrt()
+    mean, std = x.detach().mean((0, 2, 3)), (x.detach().var((0, 2, 3), unbiased=False) + layer.eps).sqrt()
+    r, d = (std / sigma).clamp(0.5, 2.0), ((mean - mu) / sigma).clamp(-4.375, 4.375)
+    assert (r != std / sigma).any() and (d != (mean - mu) / sigma).any()  # the clips bite in this case
+    shape = (1, 4, 1, 1)
+    x_ref = x.detach().clone().requires_grad_()
+    batch_mean, batch_std = x_ref.mean((0, 2, 3)), (x_ref.var((0, 2, 3), unbiased=False) + layer.eps).sqrt()
+    expected = ((x_ref - batch_mean.view(shape)) / batch_std.view(shape) * r.view(shape) + d.view(shape)) \
+        * layer.weight.detach().view(shape) + layer.bias.detach().view(shape)
+    out = layer(x)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    expected.backward(upstream)  # r and d are constants of the backward pass
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-9)
+    assert int(layer.num_batches_tracked) == 451
+    torch.testing.assert_close(layer.running_mean, 0.5 * mu + 0.5 * mean)
+    layer.eval()  # inference: the running statistics, as BN
+    torch.testing.assert_close(layer(x.detach()), torch.nn.functional.batch_norm(
+        x.detach(), layer.running_mean, layer.running_var, layer.weight, layer.bias, eps=layer.eps))
+
+
+@pytest.mark.parametrize("layout, shape", [("channels", (3, 4, 5, 5)), ("features", (3, 4)), ("tokens", (3, 7, 4))])
+def test_dynamic_tanh_matches_its_definition_with_alpha_from_one_half(layout, shape):
+    layer = norm_factory("dyt", layout)(4).double()
+    assert isinstance(layer, DynamicTanh) and layer.alpha.item() == 0.5 and layer.alpha.numel() == 1
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(1.0, 5.0))
+        layer.bias.copy_(torch.arange(4.0))
+    x = torch.randn(shape, dtype=torch.float64) * 4
+    feature_shape = (1, 4, 1, 1) if layout == "channels" else (4,)
+    expected = torch.tanh(0.5 * x) * torch.arange(1.0, 5.0).view(feature_shape) + torch.arange(4.0).view(feature_shape)
+    torch.testing.assert_close(layer(x), expected.double(), rtol=1e-12, atol=1e-12)
+
+
+def test_weight_standardization_gives_each_output_channel_zero_mean_and_unit_variance():
+    torch.manual_seed(7)
+    model = standardize_conv_weights(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 5, 1)))
+    for conv in model:
+        raw = conv.parametrizations.weight.original
+        with torch.no_grad():
+            raw.mul_(7).add_(3)  # any scale and offset of the raw weights
+        weight = conv.weight.double()  # what the forward pass uses
+        flat = weight.flatten(1)
+        torch.testing.assert_close(flat.mean(1), torch.zeros(len(flat), dtype=torch.float64), atol=1e-6, rtol=0)
+        torch.testing.assert_close(flat.var(1, unbiased=False), torch.ones(len(flat), dtype=torch.float64),
+                                   atol=1e-4, rtol=0)
+    assert any(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in model.parameters())

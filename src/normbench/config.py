@@ -47,6 +47,7 @@ class Settings:
     norm: str = "bn"
     ghost_batch: int | None = None
     dropout: float = 0.0
+    brn_relax_steps: int = 40_000
     gn_groups: int = 8
     norm_eps: float = 1e-5
     bn_momentum: float = 0.1

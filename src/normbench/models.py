@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normbench.norms import NormLayer, norm_factory
+from normbench.norms import NormLayer, norm_factory, standardize_conv_weights
 
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 
@@ -138,8 +138,9 @@ def build_model(settings, input_shape: tuple[int, ...], num_classes: int) -> nn.
     """Build the model a cell's settings name, for inputs of shape (C, H, W), or (context,) token ids
     for the language model, whose `num_classes` is the vocabulary size."""
     layout = {"mlp": "features", "vit": "tokens", "gpt": "tokens"}.get(settings.model, "channels")
-    norm_layer = norm_factory(settings.norm, layout, gn_groups=settings.gn_groups,
-                              eps=settings.norm_eps, momentum=settings.bn_momentum, ghost_batch=settings.ghost_batch)
+    norm_layer = norm_factory(settings.norm, layout, gn_groups=settings.gn_groups, eps=settings.norm_eps,
+                              momentum=settings.bn_momentum, ghost_batch=settings.ghost_batch,
+                              brn_relax_steps=settings.brn_relax_steps)
     if settings.model == "mlp":
         channels, height, width = input_shape
         model = MLP(settings.depth or 3, settings.width, channels * height * width, num_classes,
@@ -165,7 +166,7 @@ def build_model(settings, input_shape: tuple[int, ...], num_classes: int) -> nn.
             raise ValueError("model 'resnet' needs depth=6n+2 (e.g. depth=44); or name resnet20/32/56")
         model = ResNet(depth, settings.width, input_shape[0], num_classes, norm_layer, settings.dropout)
     initialize(model, settings.init)
-    return model
+    return standardize_conv_weights(model) if settings.norm == "gn+ws" else model
 
 
 class SelfAttention(nn.Module):

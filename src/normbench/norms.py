@@ -139,6 +139,88 @@ class NoisyBatchNorm(AnyRankBatchNorm):
         return y * scale.view(shape) + shift.view(shape)
 
 
+class BatchRenorm(AnyRankBatchNorm):
+    """Batch Renormalization (Ioffe 2017): BN's batch statistics corrected towards the running ones,
+    x_hat = (x - mu_B) / sigma_B * r + d, with r = sigma_B / sigma and d = (mu_B - mu) / sigma clipped to
+    [1/rmax, rmax] and [-dmax, dmax] and treated as constants in the backward pass. The paper's schedule: plain BN
+    (rmax 1, dmax 0) for the first `relax_steps` / 8 steps, then rmax rising linearly to 3 by `relax_steps` and dmax
+    to 5 by 5/8 of it (5k, 40k and 25k steps in the paper). Steps are this layer's training batches
+    (num_batches_tracked, which checkpoints keep)."""
+
+    RMAX, DMAX = 3.0, 5.0
+
+    def __init__(self, num_features: int, relax_steps: int = 40_000, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.relax_steps = relax_steps
+
+    def limits(self) -> tuple[float, float]:
+        """(rmax, dmax) at this layer's current step."""
+        step, start = int(self.num_batches_tracked), self.relax_steps / 8
+        ramp = lambda end: min(max((step - start) / (end - start), 0.0), 1.0)  # noqa: E731
+        return 1.0 + (self.RMAX - 1.0) * ramp(self.relax_steps), self.DMAX * ramp(self.relax_steps * 5 / 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        rmax, dmax = self.limits()
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        mean = x.mean(dims)
+        std = (x.var(dims, unbiased=False) + self.eps).sqrt()
+        running_std = (self.running_var + self.eps).sqrt()
+        r = (std.detach() / running_std).clamp(1 / rmax, rmax)
+        d = ((mean.detach() - self.running_mean) / running_std).clamp(-dmax, dmax)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            count = x.numel() / x.shape[1]
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(x.var(dims, unbiased=False) * count / max(count - 1, 1), self.momentum)
+        y = (x - mean.view(shape)) / std.view(shape) * r.view(shape) + d.view(shape)
+        return y * self.weight.view(shape) + self.bias.view(shape)
+
+
+class DynamicTanh(nn.Module):
+    """Dynamic Tanh (Zhu et al. 2025), a drop-in for a norm layer without statistics: gamma * tanh(alpha * x) +
+    beta, alpha one learnable scalar (0.5 at start, as in the paper), gamma and beta per channel or feature."""
+
+    def __init__(self, num_features: int, channels_first: bool, alpha: float = 0.5) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(alpha))
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.channels_first = channels_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1, -1] + [1] * (x.dim() - 2) if self.channels_first else [-1]
+        return torch.tanh(self.alpha * x) * self.weight.view(shape) + self.bias.view(shape)
+
+
+class _Standardized(nn.Module):
+    """The parametrization of Weight Standardization: each output channel's weights with zero mean and unit
+    variance (over in-channels x kernel), computed afresh from the raw weights at every use."""
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(1, weight.dim()))
+        mean = weight.mean(dims, keepdim=True)
+        var = weight.var(dims, unbiased=False, keepdim=True)
+        return (weight - mean) / (var + self.eps).sqrt()
+
+
+def standardize_conv_weights(model: nn.Module) -> nn.Module:
+    """Weight Standardization (Qiao et al. 2019) of every conv in `model`, through torch's parametrizations: the
+    optimizer updates the raw weights, every forward pass sees them standardized."""
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            parametrize.register_parametrization(module, "weight", _Standardized())
+    return model
+
+
 class FeaturesFirst(nn.Module):
     """Apply a channels-first norm (BatchNorm1d) to (N, T, F) tokens: BN then
     normalizes each feature over batch x tokens, as BN in a transformer does (Shen et al. 2020)."""
@@ -159,6 +241,7 @@ def norm_factory(
     eps: float = 1e-5,
     momentum: float = 0.1,
     ghost_batch: int | None = None,
+    brn_relax_steps: int = 40_000,
 ) -> NormLayer:
     """Return a callable `num_features -> nn.Module` for the named norm.
 
@@ -171,9 +254,11 @@ def norm_factory(
         raise ValueError(f"unknown layout {layout!r}; known layouts: {', '.join(LAYOUTS)}")
     if name == "in" and layout != "channels":
         raise ValueError(f"norm 'in' (instance norm) needs spatial maps; it is undefined for {layout}")
-    if name == "gn" and layout == "tokens":
-        raise ValueError("norm 'gn' on tokens would pool statistics over positions (a decoder would see the "
+    if name in ("gn", "gn+ws") and layout == "tokens":
+        raise ValueError(f"norm {name!r} on tokens would pool statistics over positions (a decoder would see the "
                          "future even at inference); use ln, rms or bn")
+    if name == "gn+ws" and layout != "channels":
+        raise ValueError("norm 'gn+ws' standardizes conv weights; use it with conv models (resnet, cnn)")
 
     def group_norm(num_features: int) -> nn.Module:
         if num_features % gn_groups:
@@ -188,6 +273,7 @@ def norm_factory(
         "syncbn": lambda c: CrossProcessBatchNorm(c, eps=eps, momentum=momentum),
         "ghostbn": lambda c: GhostBatchNorm(c, ghost_batch, eps=eps, momentum=momentum),
         "noisybn": lambda c: NoisyBatchNorm(c, eps=eps, momentum=momentum),
+        "brn": lambda c: BatchRenorm(c, brn_relax_steps, eps=eps, momentum=momentum),
         "gn": group_norm,
         "none": lambda c: nn.Identity(),
     }
@@ -197,17 +283,20 @@ def norm_factory(
         "ln": lambda c: nn.GroupNorm(1, c, eps=eps),
         "in": lambda c: nn.GroupNorm(c, c, eps=eps),
         "rms": lambda c: ChannelRMSNorm(c, eps=eps),
+        "gn+ws": group_norm,  # with standardize_conv_weights on the model's convs
+        "dyt": lambda c: DynamicTanh(c, channels_first=True),
     }
     feature_layers: dict[str, NormLayer] = {
         **any_rank_layers,
         "bn": lambda f: nn.BatchNorm1d(f, eps=eps, momentum=momentum),
         "ln": lambda f: nn.LayerNorm(f, eps=eps),
         "rms": lambda f: nn.RMSNorm(f, eps=eps),
+        "dyt": lambda f: DynamicTanh(f, channels_first=False),
     }
     if name == "ghostbn" and ghost_batch is None:
         raise ValueError("norm 'ghostbn' needs ghost_batch (the samples of each virtual batch)")
     if layout == "tokens" and name in ("ghostbn", "noisybn"):
         raise ValueError(f"norm {name!r} is for conv maps and MLP features; use bn on tokens")
-    if layout == "tokens" and name in ("bn", "syncbn"):
+    if layout == "tokens" and name in ("bn", "syncbn", "brn"):
         return lambda f: FeaturesFirst(feature_layers[name](f))
     return (channel_layers if layout == "channels" else feature_layers)[name]
