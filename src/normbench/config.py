@@ -99,17 +99,24 @@ def settings_schema() -> dict:
     return yaml.safe_load(files("normbench").joinpath("settings.schema.yaml").read_text())
 
 
+def choices(setting: str) -> list | None:
+    """The values the settings schema lists for `setting` (for norm: the built-in names beside plugin references)."""
+    schema = settings_schema()["properties"].get(setting, {})
+    return schema.get("enum") or next((branch["enum"] for branch in schema.get("anyOf", []) if "enum" in branch), None)
+
+
 def settings_help() -> list[tuple[str, str, str]]:
     """(name, default, description) of every setting, in the order of Settings, for `normbench settings`: the
     schema's description with its allowed values and bounds, so that the command says all the schema says."""
     properties = settings_schema()["properties"]
 
     def describe(schema: dict) -> str:
-        allowed = schema.get("enum") or schema.get("items", {}).get("enum")
+        allowed = schema.get("enum") or schema.get("items", {}).get("enum") or next(
+            (branch["enum"] for branch in schema.get("anyOf", []) if "enum" in branch), None)
         limits = [f"{word} {schema[key]}" for key, word in (("minimum", ">="), ("exclusiveMinimum", ">"),
                                                              ("maximum", "<=")) if key in schema]
         kinds = "/".join(sorted(_types(schema) - {"null"}))
-        facts = ([f"one of: {', '.join(allowed)}" if "enum" in schema else f"any of: {', '.join(allowed)}"]
+        facts = ([f"one of: {', '.join(allowed)}" if "items" not in schema else f"any of: {', '.join(allowed)}"]
                  if allowed else [kinds] if kinds else []) + limits + (["or null"] if "null" in _types(schema) else [])
         return f"{schema.get('description', '')} [{'; '.join(facts)}]" if facts else schema.get("description", "")
 
@@ -138,7 +145,9 @@ def check_against_schema(values: dict[str, Any]) -> dict[str, Any]:
     validator = jsonschema.Draft202012Validator(settings_schema())
     for error in sorted(validator.iter_errors(values), key=lambda e: list(e.path)):
         key = error.path[0] if error.path else "?"
-        raise SettingsError(f"setting {key!r}: {error.message}")
+        # anyOf (a built-in name, or a plugin reference): say what each alternative wanted
+        message = "; or ".join(sub.message for sub in error.context) if error.context else error.message
+        raise SettingsError(f"setting {key!r}: {message}")
     return values
 
 

@@ -17,13 +17,14 @@ from torch import nn
 
 from normbench.config import settings_schema
 from normbench.distributed import multi_process
+from normbench.plugins import PluginError, is_plugin, load_object
 
 NormLayer = Callable[[int], nn.Module]
 
 # Layouts: "channels" is (N, C, H, W) conv maps, "features" is (N, F) MLP activations,
 # "tokens" is (N, T, F) transformer activations.
 LAYOUTS = ("channels", "features", "tokens")
-NORM_NAMES = tuple(settings_schema()["properties"]["norm"]["enum"])  # the one list of names
+NORM_NAMES = tuple(settings_schema()["properties"]["norm"]["anyOf"][0]["enum"])  # the one list of built-in names
 
 
 class ChannelRMSNorm(nn.Module):
@@ -233,6 +234,28 @@ class FeaturesFirst(nn.Module):
         return self.norm(x.transpose(1, 2)).transpose(1, 2)
 
 
+def plugin_norm(reference: str, layout: str) -> NormLayer:
+    """A user's norm through the same door as the built-ins: called as `obj(num_features, layout=layout)`. An
+    object may declare `layouts`, the ones it supports; anything else is refused here, at plan time."""
+    norm = load_object(reference)
+    supported = tuple(getattr(norm, "layouts", LAYOUTS))
+    if layout not in supported:
+        raise PluginError(f"norm {reference!r} supports the layouts {', '.join(supported)}, not {layout} "
+                          f"(its `layouts`)")
+
+    def make(num_features: int) -> nn.Module:
+        try:
+            module = norm(num_features, layout=layout)
+        except Exception as error:  # noqa: BLE001  the user's code: say what call failed
+            raise PluginError(f"norm {reference!r}: calling it with ({num_features}, layout={layout!r}) raised "
+                              f"{type(error).__name__}: {error}") from None
+        if not isinstance(module, nn.Module):
+            raise PluginError(f"norm {reference!r} returned a {type(module).__name__}, not a torch.nn.Module")
+        return module
+
+    return make
+
+
 def norm_factory(
     name: str,
     layout: str = "channels",
@@ -248,10 +271,13 @@ def norm_factory(
     ln and in on conv maps are GroupNorm with 1 and C groups (Wu & He 2018's
     definitions: statistics over (C,H,W) and (H,W), a gain and bias per channel).
     """
-    if name not in NORM_NAMES:
-        raise ValueError(f"unknown norm {name!r}; known norms: {', '.join(NORM_NAMES)}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known layouts: {', '.join(LAYOUTS)}")
+    if is_plugin(name):
+        return plugin_norm(name, layout)
+    if name not in NORM_NAMES:
+        raise ValueError(f"unknown norm {name!r}; known norms: {', '.join(NORM_NAMES)}, or your own as "
+                         f"path/to/file.py:Name")
     if name == "in" and layout != "channels":
         raise ValueError(f"norm 'in' (instance norm) needs spatial maps; it is undefined for {layout}")
     if name in ("gn", "gn+ws") and layout == "tokens":

@@ -28,12 +28,15 @@ import seaborn as sns  # noqa: E402
 
 from normbench import claims  # noqa: E402
 from normbench.captions import FIGURE_CAPTIONS  # noqa: E402
-from normbench.config import settings_schema  # noqa: E402
+from normbench.config import choices  # noqa: E402
+from normbench.plugins import is_plugin, short_name  # noqa: E402
 from normbench.results import benchmark_rounds, read_json, write_atomic, write_table  # noqa: E402
 
-NORM_ORDER = settings_schema()["properties"]["norm"]["enum"]
+NORM_ORDER = choices("norm")  # the built-in norms; plugged-in ones follow them, sorted
 MODE_PALETTE = dict(zip(("ema", "precise", "batch"), sns.color_palette("dark", 3)))
-NORM_PALETTE = {**dict(zip(NORM_ORDER, sns.color_palette("colorblind"))), "none": (0.45, 0.45, 0.45)}
+NORM_PALETTE = {**dict(zip(NORM_ORDER, sns.color_palette("colorblind") + sns.color_palette("dark"))),
+                "none": (0.45, 0.45, 0.45)}
+PLUGIN_PALETTE = sns.color_palette("pastel")
 # Which varying setting becomes the x axis of a study's figures, and which become panels, by preference.
 X_AXIS_PREFERENCE = ("statistics_batch", "world_size", "batch_size", "lr", "dropout", "precision", "init", "norm_placement", "width", "depth",
                      "bn_momentum")
@@ -108,15 +111,17 @@ def _label(name: str) -> str:
 
 
 def _order(cells: pd.DataFrame, axis: str) -> list:
-    """Values of an axis in the order the settings schema lists them (or sorted)."""
-    enum = settings_schema()["properties"].get(axis, {}).get("enum")
+    """Values of an axis in the order the settings schema lists them (or sorted), then any others (plugins) sorted."""
+    enum = choices(axis) or []
     present = set(cells[axis].dropna())
-    return [v for v in enum if v in present] if enum else sorted(present)
+    return [v for v in enum if v in present] + sorted(present - set(enum), key=str)
 
 
 def _hue(cells: pd.DataFrame) -> dict:
     norms = _order(cells, "norm")
-    return {"hue": "norm", "hue_order": norms, "palette": {norm: NORM_PALETTE[norm] for norm in norms}}
+    plugins = [norm for norm in norms if norm not in NORM_PALETTE]
+    colors = {**NORM_PALETTE, **dict(zip(plugins, PLUGIN_PALETTE * (1 + len(plugins) // len(PLUGIN_PALETTE))))}
+    return {"hue": "norm", "hue_order": norms, "palette": {norm: colors[norm] for norm in norms}}
 
 
 def _panels(cells: pd.DataFrame, facets: list[str]) -> dict:
@@ -673,6 +678,9 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
     that start are marked as trained in this run, the others as reused.
     """
     cells, curves, probes, numerics = (_read(tables / f"{name}.csv") for name in ("cells", "curves", "probes", "numerics"))
+    for table in (cells, curves, probes):  # a plugged-in norm by its short name: a path would swamp every label
+        if "norm" in table:
+            table["norm"] = table["norm"].map(lambda norm: short_name(norm) if is_plugin(norm) else norm)
     run = read_json(invocation) if invocation and invocation.exists() else {}
     origin = origins(cells, run.get("started"))
     cells["trained"] = trained(cells, origin)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from normbench import results
+from normbench import plugins, results
 from normbench.config import Settings, SettingsError, describe_differences
 from normbench.data import Split, augment_batch, load_data, model_io
 from normbench.distributed import (Worker, all_reduce_sum, any_worker, join_process_group, launch, mean_over_workers,
@@ -334,7 +334,8 @@ def _train(settings: Settings, out_dir: Path, worker: Worker, time_limit_s: floa
     if worker.is_main:
         results.write_json(out_dir / results.CONFIG, settings.to_dict())
         results.write_json(out_dir / results.ENV, {**environment(device), **numerics_record(device),
-                                                   "world_size": worker.world_size})
+                                                   "world_size": worker.world_size,
+                                                   "plugins": plugins.provenance([settings.norm])})
 
     diverged_reason = timed_out_reason = None
     # Each step's loss stays on the device until the next sync point (each evaluation and every SYNC_EVERY_STEPS

@@ -16,6 +16,7 @@ from normbench.claims import check_claims, claim_sections
 from normbench.config import Settings, format_assignment, normalize_workflow_config
 from normbench.data import dataset_files
 from normbench.captions import FIGURE_CAPTIONS
+from normbench.plugins import is_plugin, short_name, source_file as plugin_source
 from normbench.results import read_json, write_json
 from normbench import devices, warm
 
@@ -53,9 +54,17 @@ def study_settings(study):
     return {**config.get("defaults", {}), **config["studies"][study].get("fixed", {})}
 
 
-# One Paramspace per study; a cell's folder spells its grid values (norm~gn/batch_size~4/...).
+# One Paramspace per study; a cell's folder spells its grid values (norm~gn/batch_size~4/...), a plugin by its short
+# name (norm~my_norm.MyNorm: a path would nest folders); config.json keeps the whole reference.
 GRIDS = {study: study_cells(study, {**spec, "fixed": study_settings(study)}) for study, spec in config["studies"].items()}
-SPACES = {study: Paramspace(pd.DataFrame(cells, dtype=object), single_wildcard="cell") for study, cells in GRIDS.items()}
+SPACES = {
+    study: Paramspace(
+        pd.DataFrame([{axis: short_name(v) if is_plugin(v) else v for axis, v in cell.items()} for cell in cells],
+                     dtype=object),
+        single_wildcard="cell",
+    )
+    for study, cells in GRIDS.items()
+}
 # Each cell's axis values by its folder pattern, as the config gave them: a 1,000-cell plan reads them by lookup
 # (Paramspace.instance would parse every folder name back, once per job attribute).
 CELL_AXES = {study: dict(zip(SPACES[study].instance_patterns, cells)) for study, cells in GRIDS.items()}
@@ -206,8 +215,10 @@ def timed_out_marker(wildcards):
     return [marker] if os.path.exists(marker) else []
 
 
-def cell_dataset_files(wildcards):
+def cell_input_files(wildcards):
+    """The data a cell reads, and the file of a plugged-in norm: a changed plugin makes its cells out of date."""
     settings = cell_settings(wildcards)
+    plugin = [str(plugin_source(settings.norm))] if is_plugin(settings.norm) else []
     if settings.dataset == "text":
-        return [settings.text_path]
-    return [f"{settings.data_root}/{path}" for path in dataset_files(settings.dataset)]
+        return [settings.text_path, *plugin]
+    return [f"{settings.data_root}/{path}" for path in dataset_files(settings.dataset)] + plugin

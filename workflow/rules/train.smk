@@ -23,7 +23,7 @@ for image_dataset in ("fashion_mnist", "cifar10"):
 
 rule train:
     input:
-        cell_dataset_files,
+        cell_input_files,
         timed_out_marker,
     output:
         summary=f"{RUNS}/{{study}}/{{cell}}/summary.json",

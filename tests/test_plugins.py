@@ -1,0 +1,95 @@
+"""A user's own norm through the built-ins' door: by file path or module name, checked before any job, traced by
+its file's SHA-256 (the shipped example, examples/mean_only_bn.py, against its definition)."""
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from normbench.cells import make_settings
+from normbench.config import SettingsError
+from normbench.norms import norm_factory
+from normbench.plugins import PluginError, provenance, short_name
+from normbench.results import read_json
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = f"{REPO}/examples/mean_only_bn.py:MeanOnlyBatchNorm"
+
+
+@pytest.mark.parametrize("layout, shape, dims", [("channels", (6, 4, 3, 3), (0, 2, 3)), ("features", (6, 4), (0,))])
+def test_the_example_norm_is_mean_only_batch_norm(layout, shape, dims):
+    layer = norm_factory(EXAMPLE, layout)(4).double().train()
+    with torch.no_grad():
+        layer.bias.copy_(torch.arange(4.0))
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 1
+    view = [1, 4] + [1] * (len(shape) - 2)
+    torch.testing.assert_close(layer(x), x - x.mean(dims, keepdim=True) + torch.arange(4.0).view(view).double())
+    torch.testing.assert_close(layer.running_mean, 0.1 * x.mean(dims))
+
+
+def test_a_module_reference_loads_like_a_file(tmp_path, monkeypatch):
+    (tmp_path / "mynorms").mkdir()
+    (tmp_path / "mynorms/__init__.py").write_text("")
+    (tmp_path / "mynorms/layers.py").write_text(
+        "import torch\ndef Scale(num_features, layout):\n    return torch.nn.Identity()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert isinstance(norm_factory("mynorms.layers:Scale", "tokens")(8), torch.nn.Identity)
+    assert short_name("mynorms.layers:Scale") == "layers.Scale"
+    record = provenance(["mynorms.layers:Scale", "bn"])
+    assert list(record) == ["mynorms.layers:Scale"]
+    assert record["mynorms.layers:Scale"]["sha256"] == hashlib.sha256(
+        (tmp_path / "mynorms/layers.py").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("source, name, message", [
+    (None, "Missing", r"plugin '.*bad.py:Missing': no file .*bad.py \(a relative path counts from"),
+    ("x = 1\n", "Missing", r"plugin '.*bad.py:Missing': file .*bad.py has no 'Missing'"),
+    ("raise RuntimeError('broken at import')\n", "Norm", r"loading .*bad.py failed: RuntimeError: broken at import"),
+    ("def Norm(n, layout):\n    raise TypeError('no')\n", "Norm",
+     r"norm '.*bad.py:Norm': calling it with \(16, layout='channels'\) raised TypeError: no"),
+    ("def Norm(n, layout):\n    return 3\n", "Norm", r"norm '.*bad.py:Norm' returned a int, not a torch.nn.Module"),
+    ("def Norm(n, layout):\n    pass\nNorm.layouts = ('tokens',)\n", "Norm",
+     r"supports the layouts tokens, not channels"),
+])
+def test_a_broken_plugin_is_refused_before_training_naming_the_file_and_object(tmp_path, source, name, message):
+    path = tmp_path / f"bad{len(str(source))}" / "bad.py"  # a fresh file per case: loading is cached per process
+    path.parent.mkdir()
+    if source is not None:
+        path.write_text(source)
+    with pytest.raises(SettingsError, match=message):
+        make_settings({"model": "resnet", "depth": 8, "width": 16, "norm": f"{path}:{name}"})
+
+
+def test_a_plugin_trains_through_the_workflow_and_is_traced_to_its_file(tmp_path, fashion_root):
+    from test_workflow import snakemake  # the venv's snakemake, as a user without an activated venv runs it
+
+    plugin = tmp_path / "my_norm.py"
+    shutil.copy(REPO / "examples/mean_only_bn.py", plugin)
+    reference = f"{plugin}:MeanOnlyBatchNorm"
+    config = {"defaults": {"data_root": str(fashion_root), "device": "cpu"},
+              "studies": {"mine": {"fixed": {"model": "mlp", "width": 16, "train_subset": 1024, "test_subset": 200,
+                                             "batch_size": 32, "epochs": 1, "lr": 0.05},
+                                   "grid": {"norm": ["bn", reference]}}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = snakemake(tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    cell = tmp_path / "results/runs/mine/norm~my_norm.MeanOnlyBatchNorm"
+    assert read_json(cell / "config.json")["norm"] == reference
+    assert read_json(cell / "env.json")["plugins"][reference]["sha256"] == hashlib.sha256(plugin.read_bytes()).hexdigest()
+    cells = pd.read_csv(tmp_path / "results/tables/cells.csv")
+    assert set(cells["norm"]) == {"bn", reference} and cells["final_test_acc"].gt(0.3).all()
+    assert "my_norm.MeanOnlyBatchNorm" in (tmp_path / "reports/report.html").read_text()  # its short name
+
+    plugin.write_text(plugin.read_text() + "\n# changed\n")  # a changed plugin makes its cells, and only those, stale
+    planned = snakemake(tmp_path, "--dry-run")
+    assert re.search(r"^train\s+1$", planned.stdout, re.MULTILINE), planned.stdout[-3000:]
+
+    config["studies"]["mine"]["grid"]["norm"] = ["bn", f"{tmp_path}/missing.py:Norm"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    refused = snakemake(tmp_path, "--dry-run")
+    assert refused.returncode != 0 and f"no file {tmp_path}/missing.py" in refused.stderr + refused.stdout
