@@ -309,3 +309,38 @@ def test_a_condition_that_disagrees_is_named_beside_the_verdict():
     assert result.verdict == "supported"
     assert "except activation sigmoid, init normal-0.01: refuted (" in result.note
     assert result.note.count("except") == 1 and "relu" not in result.note
+
+
+def batch_size_study(accuracy_of: dict, spread=0.003, rng_seed=3) -> Tables:
+    """The default batch_size study's shape: ghost batches of 2 for BN and BRN, BN and GN+WS over all 32."""
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for (norm, ghost), seed in itertools.product([("ghostbn", 2), ("brn", 2), ("bn", None), ("gn", None),
+                                                  ("gn+ws", None)], SEEDS):
+        rows.append({"cell": f"{norm}/{seed}", "norm": norm, "ghost_batch": ghost, "batch_size": 32, "seed": seed,
+                     "diverged": False, "final_test_acc": accuracy_of[norm] + rng.normal(0, spread)})
+    return Tables(pd.DataFrame(rows))
+
+
+@pytest.mark.parametrize("brn, expected", [(0.80, "supported"), (0.70, "refuted")])
+def test_batch_renorm_is_compared_with_bn_over_the_same_ghost_batch(brn, expected):
+    tables = batch_size_study({"ghostbn": 0.70, "brn": brn, "bn": 0.85, "gn": 0.84, "gn+ws": 0.85})
+    result = verdict("batch_size", "C15", tables)
+    assert result.verdict == expected and result.estimate.value == pytest.approx(brn - 0.70, abs=0.01)
+    assert "statistics over 2 images" in result.estimate.note
+
+
+@pytest.mark.parametrize("gn_ws, expected", [(0.85, "supported"), (0.80, "refuted")])
+def test_gn_ws_is_compared_with_bn_over_its_largest_batch(gn_ws, expected):
+    tables = batch_size_study({"ghostbn": 0.70, "brn": 0.75, "bn": 0.85, "gn": 0.84, "gn+ws": gn_ws})
+    result = verdict("batch_size", "C16", tables)
+    assert result.verdict == expected and result.estimate.value == pytest.approx(gn_ws - 0.85, abs=0.01)
+    assert "BN over 32 images" in result.estimate.note
+
+
+@pytest.mark.parametrize("dyt, expected", [(0.85, "supported"), (0.75, "refuted")])
+def test_dyt_matches_ln_within_two_points(dyt, expected):
+    cells = cells_table({"norm": ["ln", "dyt", "bn"]}, lambda point, rng: {"ln": 0.85, "dyt": dyt, "bn": 0.8}[
+        point["norm"]] + rng.normal(0, 0.002))
+    result = verdict("transformer", "C14", Tables(cells))
+    assert result.verdict == expected and result.estimate.value == pytest.approx(0.85 - dyt, abs=0.01)

@@ -84,15 +84,15 @@ def test_the_check_fails_on_a_changed_threshold_or_a_missing_claim():
     dropped = re.sub(r"^\| C9 \|.*\| above \| 0\.02 \| measured \|\n", "", text, count=1, flags=re.M)
     assert dropped != text
     assert any(problem.startswith("C9 is judged by normbench but missing") for problem in mismatches(dropped))
-    unmarked = text.replace(f"| 0.02 | {NOT_YET} |", "| 0.02 | measured |", 1)
-    assert any("not marked" in problem for problem in mismatches(unmarked))
+    marked = text.replace("| 0.02 | measured |", f"| 0.02 | {NOT_YET} |", 1)
+    assert any(f"the doc says it is {NOT_YET}" in problem for problem in mismatches(marked))
 
 
 def test_the_claims_the_doc_marks_not_yet_measured_are_exactly_those_the_package_lacks():
     doc = thresholds(DOC.read_text())
     not_yet = {claim_id for claim_id, row in doc.items() if row["status"] == NOT_YET}
     assert set(doc) - set(claims.CLAIMS_BY_ID) == not_yet
-    assert {row["status"] for row in doc.values()} == {"measured", NOT_YET}
+    assert {row["status"] for row in doc.values()} <= {"measured", NOT_YET}
 
 
 def test_the_claims_table_lists_each_judged_claim_and_marks_the_others():

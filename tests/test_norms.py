@@ -46,7 +46,8 @@ CASES = [(name, "channels", (6, 8, 5, 5)) for name in DETERMINISTIC_NORMS] + [
 @pytest.mark.parametrize("name,layout,shape", CASES)
 def test_norm_matches_float64_reference(name, layout, shape):
     torch.manual_seed(0)
-    layer = norm_factory(name, layout, gn_groups=4, eps=EPS, ghost_batch=GHOST_BATCH)(shape[1]).double().train()
+    ghost_batch = GHOST_BATCH if name == "ghostbn" else None
+    layer = norm_factory(name, layout, gn_groups=4, eps=EPS, ghost_batch=ghost_batch)(shape[1]).double().train()
     params = dict(layer.named_parameters())
     with torch.no_grad():
         for p in params.values():
@@ -78,7 +79,8 @@ def test_float32_norms_stay_close_to_float64(layout, shape):
     for name in DETERMINISTIC_NORMS:
         if name in CONV_ONLY and layout == "features":
             continue
-        layer = norm_factory(name, layout, gn_groups=4, ghost_batch=GHOST_BATCH)(shape[1])
+        ghost_batch = GHOST_BATCH if name == "ghostbn" else None
+        layer = norm_factory(name, layout, gn_groups=4, ghost_batch=ghost_batch)(shape[1])
         expected = layer.double()(x)
         torch.testing.assert_close(layer.float()(x.float()).double(), expected, rtol=1e-4, atol=1e-4)
 
@@ -241,3 +243,13 @@ def test_weight_standardization_gives_each_output_channel_zero_mean_and_unit_var
         torch.testing.assert_close(flat.var(1, unbiased=False), torch.ones(len(flat), dtype=torch.float64),
                                    atol=1e-4, rtol=0)
     assert any(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in model.parameters())
+
+
+def test_batch_renorm_over_ghost_batches_is_ghost_batch_norm_before_it_relaxes():
+    torch.manual_seed(8)
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64) * 2 + 1
+    brn = norm_factory("brn", ghost_batch=GHOST_BATCH, brn_relax_steps=800)(4).double().train()
+    ghost = norm_factory("ghostbn", ghost_batch=GHOST_BATCH)(4).double().train()
+    torch.testing.assert_close(brn(x), ghost(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(brn.running_mean, ghost.running_mean)  # each virtual batch updated them in turn
+    assert int(brn.num_batches_tracked) == 1  # one step of the schedule, however many virtual batches

@@ -51,10 +51,11 @@ def _check_consistency(settings: Settings) -> None:
         raise SettingsError("settings 'augment' and 'channels_last' apply to images, not to text")
     if settings.dropout and transformer:
         raise SettingsError(f"setting 'dropout': applies to mlp, cnn and resnet models, not {settings.model!r}")
-    if (settings.norm == "ghostbn") != (settings.ghost_batch is not None):
-        raise SettingsError(f"setting 'ghost_batch': set it for norm ghostbn, and only for it (norm is "
-                            f"{settings.norm!r}, ghost_batch {settings.ghost_batch!r})")
-    if settings.norm == "ghostbn" and settings.batch_size % settings.ghost_batch:
+    if (settings.norm == "ghostbn" and settings.ghost_batch is None) or (
+            settings.ghost_batch is not None and settings.norm not in ("ghostbn", "brn")):
+        raise SettingsError(f"setting 'ghost_batch': set it for norm ghostbn (brn may take it too), and only for "
+                            f"them (norm is {settings.norm!r}, ghost_batch {settings.ghost_batch!r})")
+    if settings.ghost_batch is not None and settings.batch_size % settings.ghost_batch:
         raise SettingsError(f"setting 'ghost_batch': {settings.ghost_batch} does not divide batch_size "
                             f"{settings.batch_size}; ghost batches must split each batch evenly")
     _check_probes(settings)

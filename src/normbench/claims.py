@@ -304,6 +304,33 @@ def _bn_gap_at_small_batch(tables: Tables, spec: dict) -> Estimate:
     return mean_interval(effects, len(smallest) + int((cells["norm"] == "gn").sum()), note)
 
 
+def _brn_beats_bn_at_small_batch(tables: Tables, spec: dict) -> Estimate:
+    """Batch Renorm minus BN with statistics over the same, smallest number of images, paired by seed."""
+    cells = tables.cells.assign(statistics_batch=statistics_batch(tables.cells), acc=accuracy(tables.cells))
+    bn = cells[cells["norm"].isin(["bn", "ghostbn"])]
+    smallest = bn[bn["statistics_batch"] == bn["statistics_batch"].min()]
+    brn = cells[cells["norm"] == "brn"]
+    joined = brn.merge(smallest, on=["batch_size", "statistics_batch", "seed"], suffixes=("_brn", "_bn"))
+    effects = (joined["acc_brn"] - joined["acc_bn"]).groupby(joined["seed"]).mean()
+    note = (f"statistics over {joined['statistics_batch'].min():g} images" if len(joined)
+            else "no BRN cell with statistics over BN's smallest batch")
+    return mean_interval(effects, len(joined) * 2, note)
+
+
+def _gn_ws_small_matches_bn_large(tables: Tables, spec: dict) -> Estimate:
+    """GN+WS minus BN with statistics over its largest batch (at least 32 images), paired by seed. GN+WS keeps no
+    batch statistic, so at optimizer batch B it trains exactly as on B/2 workers of 2 (Qiao et al.'s micro-batch)."""
+    cells = tables.cells.assign(statistics_batch=statistics_batch(tables.cells), acc=accuracy(tables.cells))
+    bn = cells[(cells["norm"] == "bn") & (cells["statistics_batch"] >= 32)]
+    largest = bn[bn["statistics_batch"] == bn["statistics_batch"].max()]
+    gn_ws = cells[cells["norm"] == "gn+ws"]
+    joined = gn_ws.merge(largest, on="seed", suffixes=("_ws", "_bn"))
+    effects = (joined["acc_ws"] - joined["acc_bn"]).groupby(joined["seed"]).mean()
+    note = (f"BN over {largest['statistics_batch'].max():g} images; GN+WS batch-independent (per-worker 2 = "
+            f"{gn_ws['batch_size'].max():g} / 2 workers)" if len(joined) else "no BN cell over 32 images or more")
+    return mean_interval(effects, len(gn_ws) + len(largest), note)
+
+
 def _syncbn_matches_global_bn(tables: Tables, spec: dict) -> Estimate:
     cells = tables.cells.assign(global_batch=tables.cells["batch_size"] * tables.cells["world_size"])
     sync = cells[(cells["norm"] == "syncbn") & (cells["world_size"] == cells["world_size"].max())]
@@ -319,6 +346,16 @@ def _ln_beats_bn_in_transformers(tables: Tables, spec: dict) -> Estimate:
 
     def measure(cells: pd.DataFrame) -> Estimate:
         return mean_interval(_paired(cells, accuracy(cells), "norm", "ln", "bn"), len(cells))
+
+    return dataclasses.replace(measure(cells), conditions=by_condition(cells, ["norm_placement", "warmup_steps"],
+                                                                       measure))
+
+
+def _dyt_matches_ln_in_transformers(tables: Tables, spec: dict) -> Estimate:
+    cells = tables.cells[tables.cells["norm"].isin(["ln", "dyt"])]
+
+    def measure(cells: pd.DataFrame) -> Estimate:
+        return mean_interval(_paired(cells, accuracy(cells), "norm", "ln", "dyt"), len(cells))
 
     return dataclasses.replace(measure(cells), conditions=by_condition(cells, ["norm_placement", "warmup_steps"],
                                                                        measure))
@@ -465,6 +502,16 @@ CLAIMS: tuple[Claim, ...] = (
           "learning_rate", "steps to the target accuracy without a norm over those with BN, each at its best "
           "learning rate (x; a run that never reaches it counts all its steps)",
           "above", 2.0, _fewer_steps_with_bn, {"norm": ("bn", "none"), "lr": ()}, ("target_acc",)),
+    Claim("C14", "Transformers need no normalization layer: Dynamic Tanh matches LayerNorm",
+          "Zhu, Chen, He, LeCun & Liu 2025", "transformer",
+          "final test accuracy of LN minus DyT, over the study's placements and warm-ups (each apart where they differ)",
+          "within", 0.02, _dyt_matches_ln_in_transformers, {"norm": ("ln", "dyt")}),
+    Claim("C15", "Batch Renormalization fixes BN at small batch", "Ioffe 2017", "batch_size",
+          "final test accuracy of Batch Renorm minus BN, both with statistics over the smallest per-worker batch",
+          "above", 0.02, _brn_beats_bn_at_small_batch, {"norm": ("brn",)}),
+    Claim("C16", "Weight Standardization + GN at a micro-batch matches BN at a large batch", "Qiao et al. 2019",
+          "batch_size", "final test accuracy of GN+WS (batch-independent: per-worker batch 2) minus BN with "
+          "statistics over 32 or more images", "above", -0.02, _gn_ws_small_matches_bn_large, {"norm": ("gn+ws", "bn")}),
 )
 CLAIMS_BY_ID = {claim.id: claim for claim in CLAIMS}
 

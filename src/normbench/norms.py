@@ -145,14 +145,17 @@ class BatchRenorm(AnyRankBatchNorm):
     x_hat = (x - mu_B) / sigma_B * r + d, with r = sigma_B / sigma and d = (mu_B - mu) / sigma clipped to
     [1/rmax, rmax] and [-dmax, dmax] and treated as constants in the backward pass. The paper's schedule: plain BN
     (rmax 1, dmax 0) for the first `relax_steps` / 8 steps, then rmax rising linearly to 3 by `relax_steps` and dmax
-    to 5 by 5/8 of it (5k, 40k and 25k steps in the paper). Steps are this layer's training batches
-    (num_batches_tracked, which checkpoints keep)."""
+    to 5 by 5/8 of it (5k, 40k and 25k steps in the paper). A step is one training forward pass
+    (num_batches_tracked, which checkpoints keep). With `ghost_batch`, each virtual batch of that many samples is
+    renormalized apart (BRN on workers of that batch), the step still counted once."""
 
     RMAX, DMAX = 3.0, 5.0
 
-    def __init__(self, num_features: int, relax_steps: int = 40_000, **kwargs) -> None:
+    def __init__(self, num_features: int, relax_steps: int = 40_000, ghost_batch: int | None = None,
+                 **kwargs) -> None:
         super().__init__(num_features, **kwargs)
         self.relax_steps = relax_steps
+        self.ghost_batch = ghost_batch
 
     def limits(self) -> tuple[float, float]:
         """(rmax, dmax) at this layer's current step."""
@@ -160,24 +163,31 @@ class BatchRenorm(AnyRankBatchNorm):
         ramp = lambda end: min(max((step - start) / (end - start), 0.0), 1.0)  # noqa: E731
         return 1.0 + (self.RMAX - 1.0) * ramp(self.relax_steps), self.DMAX * ramp(self.relax_steps * 5 / 8)
 
+    def _renormalize(self, x: torch.Tensor, rmax: float, dmax: float) -> torch.Tensor:
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        with torch.no_grad():
+            var, mean = torch.var_mean(x, dims, unbiased=False)
+            running_std = (self.running_var + self.eps).sqrt()
+            r = ((var + self.eps).sqrt() / running_std).clamp(1 / rmax, rmax)
+            d = ((mean - self.running_mean) / running_std).clamp(-dmax, dmax)
+            count = x.numel() / x.shape[1]
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / max(count - 1, 1), self.momentum)
+        # (x - mu_B) / sigma_B through BN's own fused kernel; r and d are constants, so the gradient is BRN's.
+        x_hat = F.batch_norm(x, None, None, training=True, eps=self.eps)
+        return (x_hat * r.view(shape) + d.view(shape)) * self.weight.view(shape) + self.bias.view(shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
         rmax, dmax = self.limits()
-        dims = [0, *range(2, x.dim())]
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        mean = x.mean(dims)
-        std = (x.var(dims, unbiased=False) + self.eps).sqrt()
-        running_std = (self.running_var + self.eps).sqrt()
-        r = (std.detach() / running_std).clamp(1 / rmax, rmax)
-        d = ((mean.detach() - self.running_mean) / running_std).clamp(-dmax, dmax)
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            count = x.numel() / x.shape[1]
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(x.var(dims, unbiased=False) * count / max(count - 1, 1), self.momentum)
-        y = (x - mean.view(shape)) / std.view(shape) * r.view(shape) + d.view(shape)
-        return y * self.weight.view(shape) + self.bias.view(shape)
+        if self.ghost_batch:
+            y = torch.cat([self._renormalize(chunk, rmax, dmax) for chunk in x.split(self.ghost_batch)])
+        else:
+            y = self._renormalize(x, rmax, dmax)
+        self.num_batches_tracked += 1
+        return y
 
 
 class DynamicTanh(nn.Module):
@@ -299,7 +309,7 @@ def norm_factory(
         "syncbn": lambda c: CrossProcessBatchNorm(c, eps=eps, momentum=momentum),
         "ghostbn": lambda c: GhostBatchNorm(c, ghost_batch, eps=eps, momentum=momentum),
         "noisybn": lambda c: NoisyBatchNorm(c, eps=eps, momentum=momentum),
-        "brn": lambda c: BatchRenorm(c, brn_relax_steps, eps=eps, momentum=momentum),
+        "brn": lambda c: BatchRenorm(c, brn_relax_steps, ghost_batch, eps=eps, momentum=momentum),
         "gn": group_norm,
         "none": lambda c: nn.Identity(),
     }
