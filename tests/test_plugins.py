@@ -93,3 +93,37 @@ def test_a_plugin_trains_through_the_workflow_and_is_traced_to_its_file(tmp_path
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     refused = snakemake(tmp_path, "--dry-run")
     assert refused.returncode != 0 and f"no file {tmp_path}/missing.py" in refused.stderr + refused.stdout
+
+
+def test_a_model_plugin_gets_the_cells_norm_for_its_layout_and_trains(tmp_path, fashion_root):
+    from normbench.models import build_model
+    from normbench.train import train
+
+    settings = make_settings({"model": f"{REPO}/examples/small_convnet.py:build", "width": 8, "norm": EXAMPLE,
+                              "data_root": str(fashion_root), "train_subset": 512, "test_subset": 200,
+                              "batch_size": 32, "epochs": 1, "lr": 0.05, "device": "cpu"})
+    model = build_model(settings, (1, 28, 28), 10)
+    assert sum(type(m).__name__ == "MeanOnlyBatchNorm" for m in model.modules()) == 3  # the plugged-in norm
+    summary = train(settings, tmp_path)
+    assert summary["steps"] == 16 and not summary["diverged"]
+    assert set(read_json(tmp_path / "env.json")["plugins"]) == {settings.model, settings.norm}
+
+    (tmp_path / "features.py").write_text("import torch\nlayout = 'features'\n"
+                                          "def build(settings, shape, classes, norm_layer):\n"
+                                          "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 16),"
+                                          " norm_layer(16), torch.nn.Linear(16, classes))\n")
+    flat = build_model(make_settings({"model": f"{tmp_path}/features.py:build", "norm": "ln"}), (1, 28, 28), 10)
+    assert isinstance(flat[2], torch.nn.LayerNorm)  # LayerNorm over features, as the model's `layout` asked
+
+
+@pytest.mark.parametrize("source, message", [
+    ("def build(settings, shape, classes, norm_layer):\n    return None\n", r"returned a NoneType, not a torch.nn"),
+    ("def build(settings, shape, classes, norm_layer):\n    raise KeyError('width')\n",
+     r"calling it with input shape \(1, 28, 28\) and 10 classes raised KeyError"),
+])
+def test_a_broken_model_plugin_is_refused_before_training(tmp_path, source, message):
+    (tmp_path / "model.py").write_text(source)
+    with pytest.raises(SettingsError, match=message):
+        make_settings({"model": f"{tmp_path}/model.py:build"})
+    with pytest.raises(SettingsError, match="probe 'percentiles' reads the inputs of the last hidden activation"):
+        make_settings({"model": f"{REPO}/examples/small_convnet.py:build", "probes": ["percentiles"]})

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from normbench.norms import NormLayer, norm_factory, standardize_conv_weights
+from normbench.plugins import PluginError, is_plugin, load_module, load_object
 
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 
@@ -134,13 +135,39 @@ def initialize(model: nn.Module, scheme: str) -> None:
 RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
 
 
+def make_norm_layer(settings, layout: str) -> NormLayer:
+    return norm_factory(settings.norm, layout, gn_groups=settings.gn_groups, eps=settings.norm_eps,
+                        momentum=settings.bn_momentum, ghost_batch=settings.ghost_batch,
+                        brn_relax_steps=settings.brn_relax_steps)
+
+
+def plugin_model(settings, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A user's model: `build(settings, input_shape, num_classes, norm_layer)`, handed the cell's norm factory for
+    its `layout` (an attribute of `build` or of its module; default channels), as torchvision's models take
+    `norm_layer`."""
+    build = load_object(settings.model)
+    layout = getattr(build, "layout", getattr(load_module(settings.model), "layout", "channels"))
+    norm_layer = make_norm_layer(settings, layout)
+    try:
+        model = build(settings, input_shape, num_classes, norm_layer)
+    except PluginError:
+        raise
+    except Exception as error:  # noqa: BLE001  the user's code: say what call failed
+        raise PluginError(f"model {settings.model!r}: calling it with input shape {input_shape} and {num_classes} "
+                          f"classes raised {type(error).__name__}: {error}") from None
+    if not isinstance(model, nn.Module):
+        raise PluginError(f"model {settings.model!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    initialize(model, settings.init)
+    return standardize_conv_weights(model) if settings.norm == "gn+ws" else model
+
+
 def build_model(settings, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Build the model a cell's settings name, for inputs of shape (C, H, W), or (context,) token ids
     for the language model, whose `num_classes` is the vocabulary size."""
+    if is_plugin(settings.model):
+        return plugin_model(settings, input_shape, num_classes)
     layout = {"mlp": "features", "vit": "tokens", "gpt": "tokens"}.get(settings.model, "channels")
-    norm_layer = norm_factory(settings.norm, layout, gn_groups=settings.gn_groups, eps=settings.norm_eps,
-                              momentum=settings.bn_momentum, ghost_batch=settings.ghost_batch,
-                              brn_relax_steps=settings.brn_relax_steps)
+    norm_layer = make_norm_layer(settings, layout)
     if settings.model == "mlp":
         channels, height, width = input_shape
         model = MLP(settings.depth or 3, settings.width, channels * height * width, num_classes,

@@ -39,10 +39,20 @@ def _is_file(source: str) -> bool:
     return source.endswith(".py") or "/" in source
 
 
-@cache
 def load_object(reference: str) -> Any:
     """The object a reference names, its file loaded (or module imported) once per process."""
     source, name = _split(reference)
+    module = load_module(reference)
+    if not hasattr(module, name):
+        where = f"file {source}" if _is_file(source) else f"module {source}"
+        raise PluginError(f"plugin {reference!r}: {where} has no {name!r}")
+    return getattr(module, name)
+
+
+@cache
+def load_module(reference: str) -> Any:
+    """The module a reference's object lives in: its file loaded by path, or its module imported."""
+    source, _ = _split(reference)
     if _is_file(source):
         path = Path(source)
         if not path.is_file():
@@ -58,10 +68,7 @@ def load_object(reference: str) -> Any:
             module = importlib.import_module(source)
         except ImportError as error:
             raise PluginError(f"plugin {reference!r}: cannot import module {source!r} ({error})") from None
-    if not hasattr(module, name):
-        where = f"file {source}" if _is_file(source) else f"module {source}"
-        raise PluginError(f"plugin {reference!r}: {where} has no {name!r}")
-    return getattr(module, name)
+    return module
 
 
 def source_file(reference: str) -> Path:
@@ -69,8 +76,7 @@ def source_file(reference: str) -> Path:
     source, _ = _split(reference)
     if _is_file(source):
         return Path(source)
-    load_object(reference)
-    return Path(importlib.import_module(source).__file__)
+    return Path(load_module(reference).__file__)
 
 
 def file_sha256(path: Path) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -678,9 +679,9 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
     that start are marked as trained in this run, the others as reused.
     """
     cells, curves, probes, numerics = (_read(tables / f"{name}.csv") for name in ("cells", "curves", "probes", "numerics"))
-    for table in (cells, curves, probes):  # a plugged-in norm by its short name: a path would swamp every label
-        if "norm" in table:
-            table["norm"] = table["norm"].map(lambda norm: short_name(norm) if is_plugin(norm) else norm)
+    for table, column in itertools.product((cells, curves, probes), ("norm", "model")):
+        if column in table:  # a plugged-in norm or model by its short name: a path would swamp every label
+            table[column] = table[column].map(lambda name: short_name(name) if is_plugin(name) else name)
     run = read_json(invocation) if invocation and invocation.exists() else {}
     origin = origins(cells, run.get("started"))
     cells["trained"] = trained(cells, origin)

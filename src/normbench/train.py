@@ -335,7 +335,7 @@ def _train(settings: Settings, out_dir: Path, worker: Worker, time_limit_s: floa
         results.write_json(out_dir / results.CONFIG, settings.to_dict())
         results.write_json(out_dir / results.ENV, {**environment(device), **numerics_record(device),
                                                    "world_size": worker.world_size,
-                                                   "plugins": plugins.provenance([settings.norm])})
+                                                   "plugins": plugins.provenance([settings.norm, settings.model])})
 
     diverged_reason = timed_out_reason = None
     # Each step's loss stays on the device until the next sync point (each evaluation and every SYNC_EVERY_STEPS

@@ -216,9 +216,10 @@ def timed_out_marker(wildcards):
 
 
 def cell_input_files(wildcards):
-    """The data a cell reads, and the file of a plugged-in norm: a changed plugin makes its cells out of date."""
+    """The data a cell reads, and the files of a plugged-in norm or model: a changed plugin makes its cells out of
+    date."""
     settings = cell_settings(wildcards)
-    plugin = [str(plugin_source(settings.norm))] if is_plugin(settings.norm) else []
+    plugin = [str(plugin_source(name)) for name in (settings.norm, settings.model) if is_plugin(name)]
     if settings.dataset == "text":
         return [settings.text_path, *plugin]
     return [f"{settings.data_root}/{path}" for path in dataset_files(settings.dataset)] + plugin
