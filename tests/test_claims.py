@@ -344,3 +344,34 @@ def test_dyt_matches_ln_within_two_points(dyt, expected):
         point["norm"]] + rng.normal(0, 0.002))
     result = verdict("transformer", "C14", Tables(cells))
     assert result.verdict == expected and result.estimate.value == pytest.approx(0.85 - dyt, abs=0.01)
+
+
+MY_CLAIM = {"id": "my-dyt", "statement": "DyT is as good as LN here", "measure": "final_test_acc",
+            "compare": {"norm": ["dyt", "ln"]}, "combine": "difference", "rule": "within", "threshold": 0.01}
+
+
+@pytest.mark.parametrize("dyt, expected", [(0.85, "supported"), (0.80, "refuted")])
+def test_a_claim_declared_in_the_config_is_judged_like_the_built_in_ones(dyt, expected):
+    cells = cells_table({"norm": ["ln", "dyt"]}, lambda point, rng: {"ln": 0.85, "dyt": dyt}[point["norm"]]
+                        + rng.normal(0, 0.001))
+    verdicts = evaluate({"transformer": {"claims": ["C14", MY_CLAIM]}}, {"transformer": Tables(cells)})
+    assert [v.claim.id for v in verdicts][-1] == "my-dyt" and verdicts[-2].claim.id == CLAIMS[-1].id
+    mine = verdicts[-1]
+    assert mine.verdict == expected and mine.estimate.value == pytest.approx(dyt - 0.85, abs=0.005)
+    assert mine.estimate.samples == 5 and not math.isnan(mine.detectable_effect)  # the same power columns
+    assert mine.claim.bar == "|effect| < 0.01" and mine.study == "transformer"
+    ratio = evaluate({"t": {"claims": [{**MY_CLAIM, "combine": "ratio", "rule": "above", "threshold": 0.9}]}},
+                     {"t": Tables(cells)})[-1]
+    assert ratio.estimate.value == pytest.approx(dyt / 0.85, abs=0.01)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"measure": "final_acc"}, r"claim 'my-dyt', key 'measure': unknown measure 'final_acc'; known: final_test_acc"),
+    ({"compare": {"norm": ["dyt", "rms"]}}, r"claim my-dyt compares norm and needs the values dyt, rms"),
+    ({"compare": {"nrom": ["dyt", "ln"]}}, r"key 'compare': 'nrom' is no setting"),
+    ({"id": "C6"}, r"key 'id': C6 is a built-in claim"),
+])
+def test_a_declared_claim_that_cannot_be_measured_is_refused_before_any_run(change, message):
+    cells = [{"norm": norm, "seed": seed} for norm in ("ln", "dyt") for seed in (0, 1)]
+    with pytest.raises(SettingsError, match=message):
+        check_claims({"transformer": {"claims": [{**MY_CLAIM, **change}]}}, {"transformer": cells})

@@ -74,7 +74,10 @@ def test_a_plugin_trains_through_the_workflow_and_is_traced_to_its_file(tmp_path
     config = {"defaults": {"data_root": str(fashion_root), "device": "cpu"},
               "studies": {"mine": {"fixed": {"model": "mlp", "width": 16, "train_subset": 1024, "test_subset": 200,
                                              "batch_size": 32, "epochs": 1, "lr": 0.05},
-                                   "grid": {"norm": ["bn", reference]}}}}
+                                   "grid": {"norm": ["bn", reference], "seed": [0, 1]},
+                                   "claims": [{"id": "mine-vs-bn", "statement": "my norm is no worse than BN",
+                                               "measure": "final_test_acc", "compare": {"norm": [reference, "bn"]},
+                                               "combine": "difference", "rule": "above", "threshold": -0.5}]}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     run = snakemake(tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -84,10 +87,12 @@ def test_a_plugin_trains_through_the_workflow_and_is_traced_to_its_file(tmp_path
     cells = pd.read_csv(tmp_path / "results/tables/cells.csv")
     assert set(cells["norm"]) == {"bn", reference} and cells["final_test_acc"].gt(0.3).all()
     assert "my_norm.MeanOnlyBatchNorm" in (tmp_path / "reports/report.html").read_text()  # its short name
+    mine = pd.read_csv(tmp_path / "reports/claims.csv").set_index("claim").loc["mine-vs-bn"]
+    assert mine["verdict"] in ("supported", "inconclusive") and mine["samples"] == 2  # computed from the run
 
     plugin.write_text(plugin.read_text() + "\n# changed\n")  # a changed plugin makes its cells, and only those, stale
     planned = snakemake(tmp_path, "--dry-run")
-    assert re.search(r"^train\s+1$", planned.stdout, re.MULTILINE), planned.stdout[-3000:]
+    assert re.search(r"^train\s+2$", planned.stdout, re.MULTILINE), planned.stdout[-3000:]  # its two seeds
 
     config["studies"]["mine"]["grid"]["norm"] = ["bn", f"{tmp_path}/missing.py:Norm"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))

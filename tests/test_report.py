@@ -9,7 +9,8 @@ import pytest
 from normbench.captions import FIGURE_CAPTIONS
 from normbench.config import Settings
 from normbench.numerics import output_errors
-from normbench.report import (geometric_mean, setup, learning_rate_table, log_t_interval, render_report, step_time_ratios,
+from normbench.claims import Tables
+from normbench.report import (geometric_mean, leaderboard, setup, learning_rate_table, log_t_interval, render_report, step_time_ratios,
                               study_axes, t_interval, throughput_figure)
 
 
@@ -190,3 +191,15 @@ def test_the_setup_box_names_the_memory_format():
     cells = synthetic_cells()
     assert dict(setup({}, cells))["memory format"] == "contiguous (NCHW)"
     assert dict(setup({}, cells.assign(channels_last=True)))["memory format"].startswith("channels_last (NHWC)")
+
+
+def test_the_leaderboard_ranks_every_norm_of_a_study_with_its_interval_speed_and_divergences():
+    cells = synthetic_cells()
+    curves = synthetic_curves(cells)
+    board = leaderboard({"lr": Tables(cells, curves)}, {"lr": {"report": {"target_acc": 0.5}}})
+    rows = {row[1]: row for row in board["rows"]}
+    assert list(rows) == ["bn", "none"] and board["columns"][2] == "final test accuracy [95% CI]"
+    assert rows["bn"][2] == "0.8 [0.8, 0.8]" and rows["bn"][5] == "0 of 6"
+    assert rows["none"][5] == "2 of 6"  # lr 1.0 diverged on both seeds
+    assert rows["bn"][4] == "1" and rows["none"][4] == "0.8"  # none steps at 1250/s against BN's 1000/s
+    assert rows["bn"][3] == "20"  # the first evaluation at 0.5 accuracy, mean over seeds (every lr's cells)

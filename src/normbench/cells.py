@@ -153,7 +153,8 @@ def studies_table(config: dict[str, Any]) -> str:
         cells = len(study_cells(name, {**study, "fixed": fixed}))
         model = Settings(**{k: v for k, v in fixed.items() if k in ("model", "width", "depth")})
         depth = f", depth {model.depth}" if model.depth else ""
-        claims = ", ".join(study.get("claims", {})) or "none (descriptive)"
+        claims = ", ".join(entry["id"] if isinstance(entry, dict) else entry
+                           for entry in study.get("claims", [])) or "none (descriptive)"
         lines.append(f"| `{name}` | {claims} | {cells} | {model.model}, width {model.width}{depth}: {' × '.join(axes)} |")
     if "benchmarks" in config:
         claims = ", ".join(config["benchmarks"].get("claims", {})) or "none"

@@ -515,6 +515,57 @@ CLAIMS: tuple[Claim, ...] = (
 )
 CLAIMS_BY_ID = {claim.id: claim for claim in CLAIMS}
 
+# What a claim declared in a config may measure: a column of cells.csv per cell (final accuracy counts a diverged
+# cell at chance, as the built-in claims do).
+MEASURES: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
+    "final_test_acc": lambda cells: accuracy(cells),
+    "best_test_acc": lambda cells: cells["best_test_acc"],
+    "final_test_loss": lambda cells: cells["final_test_loss"],
+    "final_train_loss": lambda cells: cells["final_train_loss"],
+    "train_samples_per_s": lambda cells: cells["train_samples_per_s"].mask(cells["diverged"].astype(bool)),
+}
+COMBINE = {"difference": operator.sub, "ratio": operator.truediv}
+
+
+def declared_claim(entry: dict, study: str) -> Claim:
+    """A claim stated in a study's config, of the common shape "measure M of A against B, paired by seed":
+    `{id, statement, measure, compare: {axis: [A, B]}, combine: difference|ratio, rule, threshold}`. Its effect
+    is combine(M(A), M(B)) per seed, judged like the built-in claims."""
+    def problem(key: str, message: str) -> SettingsError:
+        return SettingsError(f"study {study!r}: claim {entry.get('id', '?')!r}, key {key!r}: {message}")
+
+    if study == "benchmarks":
+        raise problem("id", "a claim of your own compares training cells: declare it in a study")
+    if entry["id"] in CLAIMS_BY_ID:
+        raise problem("id", f"{entry['id']} is a built-in claim; give yours an id of its own")
+    if entry["measure"] not in MEASURES:
+        raise problem("measure", f"unknown measure {entry['measure']!r}; known: {', '.join(MEASURES)}")
+    if entry["combine"] not in COMBINE:
+        raise problem("combine", f"{entry['combine']!r}; use difference or ratio")
+    if entry["rule"] not in RULES:
+        raise problem("rule", f"{entry['rule']!r}; use {', '.join(RULES)}")
+    if len(entry["compare"]) != 1 or len(next(iter(entry["compare"].values()))) != 2:
+        raise problem("compare", "name one setting and the two values compared, e.g. {norm: [dyt, ln]}")
+    (axis, (a, b)), = entry["compare"].items()
+    if axis not in SETTING_NAMES:
+        raise problem("compare", f"{axis!r} is no setting")
+    measure_of, combine = MEASURES[entry["measure"]], COMBINE[entry["combine"]]
+
+    def measure(tables: Tables, spec: dict) -> Estimate:
+        cells = tables.cells[tables.cells[axis].isin([a, b])]
+        return mean_interval(_paired(cells, measure_of(cells), axis, a, b, combine), len(cells))
+
+    sign = "/" if entry["combine"] == "ratio" else "-"
+    return Claim(entry["id"], entry["statement"], entry.get("anchor", "declared in the config"), study,
+                 f"{entry['measure']} of {axis} {a} {sign} {b}, paired by seed", entry["rule"],
+                 float(entry["threshold"]), measure, {axis: (a, b)})
+
+
+def study_claims(study: str, spec: dict) -> list[Claim]:
+    """The claims a config section lists: built-in ids, and claims declared in place."""
+    return [declared_claim(entry, study) if isinstance(entry, dict) else CLAIMS_BY_ID[entry]
+            for entry in spec.get("claims", []) if isinstance(entry, dict) or entry in CLAIMS_BY_ID]
+
 
 def claim_sections(config: dict) -> dict[str, dict]:
     """The parts of a workflow config that may declare claims, by name: each study, and the micro-benchmarks
@@ -529,10 +580,11 @@ def check_claims(studies: dict[str, dict], cells_by_study: dict[str, list[dict]]
     declared_by: dict[str, str] = {}
     defaults = Settings()
     for study, spec in studies.items():
-        for claim_id in spec.get("claims", []):
-            claim = CLAIMS_BY_ID.get(claim_id)
+        for entry in spec.get("claims", []):
+            claim = declared_claim(entry, study) if isinstance(entry, dict) else CLAIMS_BY_ID.get(entry)
             if claim is None:
-                raise SettingsError(f"study {study!r}: unknown claim {claim_id!r}; known: {', '.join(CLAIMS_BY_ID)}")
+                raise SettingsError(f"study {study!r}: unknown claim {entry!r}; known: {', '.join(CLAIMS_BY_ID)}")
+            claim_id = claim.id
             if claim.experiment == "benchmarks" and study != "benchmarks":
                 raise SettingsError(f"study {study!r}: claim {claim_id} is measured by the micro-benchmarks, not by "
                                     f"training cells: list it under benchmarks: claims")
@@ -564,10 +616,12 @@ def check_claims(studies: dict[str, dict], cells_by_study: dict[str, list[dict]]
 def evaluate(studies: dict[str, dict], tables_by_study: dict[str, Tables]) -> list[Verdict]:
     """One verdict per claim, in the order of CLAIMS, from the studies (config specs) that declare it;
     `not run` where no study with results does."""
-    declared = {claim_id: study for study, spec in studies.items() if study in tables_by_study
-                for claim_id in spec.get("claims", [])}
+    declared = {claim.id: study for study, spec in studies.items() if study in tables_by_study
+                for claim in study_claims(study, spec)}
+    own = [claim for study, spec in studies.items() if study in tables_by_study for claim in study_claims(study, spec)
+           if claim.id not in CLAIMS_BY_ID]
     verdicts = []
-    for claim in CLAIMS:
+    for claim in [*CLAIMS, *own]:  # the built-in claims, then those the config declares
         study = declared.get(claim.id)
         if study is None:
             verdicts.append(Verdict(claim, "not run", note=f"no {claim.experiment} study in this run"))

@@ -516,6 +516,35 @@ def study_section(name: str, spec: dict, cells: pd.DataFrame, curves: pd.DataFra
     return section
 
 
+def leaderboard(by_study: dict[str, claims.Tables], studies: dict[str, dict]) -> dict | None:
+    """Every norm of the run, built in or plugged in, per study: final accuracy over seeds with its interval, the
+    mean first step at the study's target accuracy (where it sets one), step time relative to BN in the same study
+    (on the same device: one study's cells share it), and diverged cells. "How does my norm compare?" on one
+    screen; the report's tables sort by any column."""
+    rows = []
+    for study, tables_ in by_study.items():
+        cells = tables_.cells
+        if study == "benchmarks" or cells["norm"].nunique() < 2:
+            continue
+        target = studies.get(study, {}).get("report", {}).get("target_acc")
+        finished_rate = finished(cells, "train_samples_per_s").groupby("norm")["train_samples_per_s"].mean()
+        for norm in _order(cells, "norm"):
+            mine = cells[cells["norm"] == norm]
+            per_seed = claims.accuracy(mine).groupby(mine["seed"]).mean()
+            reached = claims.first_reach(tables_.curves[tables_.curves["norm"] == norm], target) \
+                if target and "norm" in tables_.curves else None
+            relative = finished_rate.get("bn", math.nan) / finished_rate.get(norm, math.nan)
+            rows.append([study, norm, claims.format_estimate(claims.mean_interval(per_seed, len(mine))),
+                         _format(reached["step"].mean()) if reached is not None and len(reached) else
+                         ("never" if target else ""),
+                         _format(relative) if "bn" in finished_rate and not math.isnan(relative) else "",
+                         f"{int(mine['diverged'].astype(bool).sum())} of {len(mine)}"])
+    if not rows:
+        return None
+    return {"columns": ["study", "norm", "final test accuracy [95% CI]", "steps to target", "step time / BN's",
+                        "diverged"], "rows": rows}
+
+
 def _format(value) -> str:
     if isinstance(value, float):
         return "" if pd.isna(value) else f"{value:.4g}"
@@ -717,6 +746,7 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
     scales = {study: scale(tables_.cells) for study, tables_ in by_study.items() if study != "benchmarks"}
     scales["benchmarks"] = f"{benchmark_machine(rounds)}" if not rounds.empty else ""
     html = template.render(claims=claim_rows(verdicts, scales), sections=sections, provenance=details,
+                           leaderboard=leaderboard(by_study, studies),
                            numerics=numerics_table(numerics), benchmarks=benchmark_table(rounds),
                            benchmarks_description=config.get("benchmarks", {}).get("description", ""),
                            generated=pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"))
