@@ -127,7 +127,7 @@ def test_settings_command_lists_every_setting_with_default_and_meaning(capsys):
     for name in SETTING_NAMES:
         assert re.search(rf"^{name} +default \S+\n +\S", out, re.MULTILINE), name
     # Everything the schema allows, as the README promises: every norm and model name, bounds.
-    assert "one of: bn, syncbn, ghostbn, noisybn, brn, gn, gn+ws, ln, in, rms, dyt, none]" in out and "resnet32" in out
+    assert "one of: bn, syncbn, ghostbn, noisybn, brn, gn, gn+ws, ln, in, rms, frn, dyt, none]" in out and "resnet32" in out
     assert "any of: percentiles, ics, inference, generalization" in out and "[integer; >= 1]" in out
 
 

@@ -9,7 +9,7 @@ from normbench.norms import NORM_NAMES
 
 
 CASES = [(model, shape, norm) for model, shape in [("resnet20", (1, 28, 28)), ("resnet20", (3, 32, 32)), ("mlp", (1, 28, 28))]
-         for norm in NORM_NAMES if not (model == "mlp" and norm in ("in", "gn+ws"))]  # these need conv maps
+         for norm in NORM_NAMES if not (model == "mlp" and norm in ("in", "gn+ws", "frn"))]  # these need conv maps
 
 
 @pytest.mark.parametrize("model,input_shape,norm", CASES)
@@ -43,3 +43,13 @@ def test_mlp_depth_and_activation():
     linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
     assert [m.out_features for m in linears] == [12] * 5 + [3]
     assert sum(isinstance(m, torch.nn.Sigmoid) for m in net.modules()) == 5
+
+
+def test_frn_brings_its_own_activation_and_every_other_norm_is_followed_by_relu():
+    """FRN's TLU replaces the ReLU after it: a ReLU there would cut the threshold at zero and stop its gradient."""
+    frn = build_model(Settings(model="resnet20", norm="frn", width=8), (1, 28, 28), 10)
+    bn = build_model(Settings(model="resnet20", norm="bn", width=8), (1, 28, 28), 10)
+    assert isinstance(frn.stem[2], torch.nn.Identity) and isinstance(frn.stages[0].act1, torch.nn.Identity)
+    assert isinstance(bn.stem[2], torch.nn.ReLU) and isinstance(bn.stages[0].act1, torch.nn.ReLU)
+    cnn = build_model(Settings(model="cnn", norm="frn", width=8, depth=3), (1, 28, 28), 10)
+    assert not any(isinstance(m, torch.nn.ReLU) for m in cnn.features)

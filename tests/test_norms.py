@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from normbench.norms import (NORM_NAMES, BatchRenorm, ChannelRMSNorm, DynamicTanh, NoisyBatchNorm, norm_factory,
-                             standardize_conv_weights)
+from normbench.norms import (NORM_NAMES, BatchRenorm, ChannelRMSNorm, DynamicTanh, FilterResponseNorm,
+                             NoisyBatchNorm, norm_factory, standardize_conv_weights)
 
 EPS = 1e-5
 GHOST_BATCH = 3
-# noisybn and dyt have parameters of their own and are tested on their own below; brn at its first step is BN,
+# noisybn, frn and dyt have parameters of their own and are tested on their own below; brn at its first step is BN,
 # and gn+ws's norm layer is GN (its weight standardization is in the convs, tested below).
-DETERMINISTIC_NORMS = [name for name in NORM_NAMES if name not in ("noisybn", "dyt")]
+DETERMINISTIC_NORMS = [name for name in NORM_NAMES if name not in ("noisybn", "frn", "dyt")]
 CONV_ONLY = ("in", "gn+ws")
 
 
@@ -253,3 +253,27 @@ def test_batch_renorm_over_ghost_batches_is_ghost_batch_norm_before_it_relaxes()
     torch.testing.assert_close(brn(x), ghost(x), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(brn.running_mean, ghost.running_mean)  # each virtual batch updated them in turn
     assert int(brn.num_batches_tracked) == 1  # one step of the schedule, however many virtual batches
+
+
+def test_filter_response_norm_with_tlu_matches_its_definition():
+    torch.manual_seed(6)
+    layer = FilterResponseNorm(4).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p))
+    x = (torch.randn(3, 4, 5, 5, dtype=torch.float64) * 3).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    shape = (1, 4, 1, 1)
+    y = x_ref / torch.sqrt(x_ref.pow(2).mean((2, 3), keepdim=True) + 1e-6) * layer.weight.detach().view(shape) \
+        + layer.bias.detach().view(shape)
+    expected = torch.maximum(y, layer.tau.detach().view(shape))
+    out = layer(x)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    expected.backward(upstream)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+    assert layer.tau.grad.abs().sum() > 0  # the threshold learns where it bites
+    torch.testing.assert_close(layer(x[:1]), layer(x)[:1])  # no batch statistics
+    with pytest.raises(ValueError, match="norm 'frn' normalizes each channel over its spatial map"):
+        norm_factory("frn", "features")

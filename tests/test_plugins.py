@@ -86,7 +86,10 @@ def test_a_plugin_trains_through_the_workflow_and_is_traced_to_its_file(tmp_path
     assert read_json(cell / "env.json")["plugins"][reference]["sha256"] == hashlib.sha256(plugin.read_bytes()).hexdigest()
     cells = pd.read_csv(tmp_path / "results/tables/cells.csv")
     assert set(cells["norm"]) == {"bn", reference} and cells["final_test_acc"].gt(0.3).all()
-    assert "my_norm.MeanOnlyBatchNorm" in (tmp_path / "reports/report.html").read_text()  # its short name
+    report = (tmp_path / "reports/report.html").read_text()
+    board = report.split('id="leaderboard"', 1)[1].split("</section>", 1)[0]
+    assert "<td>my_norm.MeanOnlyBatchNorm</td>" in board and "<td>bn</td>" in board  # by its short name
+    assert (tmp_path / "reports/figures/mine/accuracy.png").stat().st_size > 0
     mine = pd.read_csv(tmp_path / "reports/claims.csv").set_index("claim").loc["mine-vs-bn"]
     assert mine["verdict"] in ("supported", "inconclusive") and mine["samples"] == 2  # computed from the run
 
@@ -132,3 +135,15 @@ def test_a_broken_model_plugin_is_refused_before_training(tmp_path, source, mess
         make_settings({"model": f"{tmp_path}/model.py:build"})
     with pytest.raises(SettingsError, match="probe 'percentiles' reads the inputs of the last hidden activation"):
         make_settings({"model": f"{REPO}/examples/small_convnet.py:build", "probes": ["percentiles"]})
+
+
+def test_a_plugin_norm_trains_in_data_parallel_workers(tmp_path, fashion_root):
+    """Each spawned worker loads the file itself (a fresh process): the cell runs as a built-in one does."""
+    from normbench.train import run_cell
+
+    settings = make_settings({"model": "mlp", "width": 16, "norm": EXAMPLE, "world_size": 2, "batch_size": 16,
+                              "data_root": str(fashion_root), "train_subset": 256, "test_subset": 200, "epochs": 1,
+                              "lr": 0.05, "device": "cpu"})
+    summary = run_cell(settings, tmp_path, threads=2)
+    assert summary["steps"] == 8 and not summary["diverged"]
+    assert EXAMPLE in read_json(tmp_path / "env.json")["plugins"]

@@ -27,7 +27,7 @@ from normbench.train import resolve_device
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # A ResNet stage's conv maps, and a ViT's tokens (batch, 16 patches + class token, width).
 SHAPES = {"channels": (32, 32, 16, 16), "tokens": (32, 17, 64)}
-NORMS = {"channels": ("bn", "gn", "ln", "in", "rms", "brn", "dyt"), "tokens": ("bn", "ln", "rms", "dyt")}
+NORMS = {"channels": ("bn", "gn", "ln", "in", "rms", "brn", "frn", "dyt"), "tokens": ("bn", "ln", "rms", "dyt")}
 CASES = [(layout, norm) for layout, norms in NORMS.items() for norm in norms]
 
 

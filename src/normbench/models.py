@@ -15,6 +15,12 @@ from normbench.plugins import PluginError, is_plugin, load_module, load_object
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 
 
+def activation_after(norm: nn.Module, activation: type[nn.Module] = nn.ReLU) -> nn.Module:
+    """The activation that follows `norm`: none where the norm brings its own (FRN's TLU replaces the ReLU after
+    it, Singh & Krishnan 2020; a ReLU after it would cut the TLU's threshold at zero and stop its gradient)."""
+    return nn.Identity() if getattr(norm, "replaces_activation", False) else activation()
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a residual; a 1x1 conv + norm projects when the shape changes."""
 
@@ -22,9 +28,10 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
         self.norm1 = norm_layer(out_channels)
+        self.act1 = activation_after(self.norm1)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.norm2 = norm_layer(out_channels)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU(inplace=True)  # after the residual sum
         self.shortcut = nn.Identity()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
@@ -32,7 +39,7 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x):
-        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.act1(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
         return self.relu(out + self.shortcut(x))
 
@@ -46,9 +53,9 @@ class ResNet(nn.Module):
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, ...), got {depth}")
         blocks_per_stage = (depth - 2) // 6
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), norm_layer(width), nn.ReLU(inplace=True)
-        )
+        stem_norm = norm_layer(width)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), stem_norm,
+                                  activation_after(stem_norm))
         layers, channels = [], width
         for stage, stage_width in enumerate((width, 2 * width, 4 * width)):
             for block in range(blocks_per_stage):
@@ -104,8 +111,9 @@ class PlainCNN(nn.Module):
             stage = min(2, index * 3 // depth)
             stride = 2 if index > 0 and index * 3 // depth != (index - 1) * 3 // depth else 1
             out_channels = width * 2 ** stage
-            layers += [nn.Conv2d(channels, out_channels, 3, stride, 1, bias=False), norm_layer(out_channels),
-                       ACTIVATIONS[activation]()]
+            norm = norm_layer(out_channels)
+            layers += [nn.Conv2d(channels, out_channels, 3, stride, 1, bias=False), norm,
+                       activation_after(norm, ACTIVATIONS[activation])]
             channels = out_channels
         self.features = nn.Sequential(*layers)
         self.head = classifier(channels, num_classes, dropout)

@@ -190,6 +190,28 @@ class BatchRenorm(AnyRankBatchNorm):
         return y
 
 
+class FilterResponseNorm(nn.Module):
+    """Filter Response Normalization with a Thresholded Linear Unit (Singh & Krishnan 2020), for conv maps:
+    x / sqrt(mean over H, W of x^2 + eps), a per-channel gain and bias, then max(y, tau). No mean is subtracted
+    and no batch statistic used; the learned threshold tau makes up for the missing centring. The TLU is the
+    activation: models put no ReLU right after this layer (`replaces_activation`)."""
+
+    replaces_activation = True
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.tau = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, 1, 1)
+        nu2 = x.pow(2).mean(dim=(2, 3), keepdim=True)
+        y = x * torch.rsqrt(nu2 + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        return torch.maximum(y, self.tau.view(shape))
+
+
 class DynamicTanh(nn.Module):
     """Dynamic Tanh (Zhu et al. 2025), a drop-in for a norm layer without statistics: gamma * tanh(alpha * x) +
     beta, alpha one learnable scalar (0.5 at start, as in the paper), gamma and beta per channel or feature."""
@@ -293,6 +315,9 @@ def norm_factory(
     if name in ("gn", "gn+ws") and layout == "tokens":
         raise ValueError(f"norm {name!r} on tokens would pool statistics over positions (a decoder would see the "
                          "future even at inference); use ln, rms or bn")
+    if name == "frn" and layout != "channels":
+        raise ValueError(f"norm 'frn' normalizes each channel over its spatial map; it is undefined for {layout} "
+                         "(over one value it would keep only the sign)")
     if name == "gn+ws" and layout != "channels":
         raise ValueError("norm 'gn+ws' standardizes conv weights; use it with conv models (resnet, cnn)")
 
@@ -320,6 +345,7 @@ def norm_factory(
         "in": lambda c: nn.GroupNorm(c, c, eps=eps),
         "rms": lambda c: ChannelRMSNorm(c, eps=eps),
         "gn+ws": group_norm,  # with standardize_conv_weights on the model's convs
+        "frn": lambda c: FilterResponseNorm(c),
         "dyt": lambda c: DynamicTanh(c, channels_first=True),
     }
     feature_layers: dict[str, NormLayer] = {

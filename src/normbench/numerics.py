@@ -17,7 +17,7 @@ from normbench.norms import norm_factory
 from normbench.provenance import device_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-NORMS = ("bn", "gn", "ln", "in", "rms", "brn", "dyt")  # gn+ws's layer is gn; its standardization is in the convs
+NORMS = ("bn", "gn", "ln", "in", "rms", "brn", "frn", "dyt")  # gn+ws's layer is gn; its standardization is in the convs
 OFFSETS = (0.0, 10.0, 100.0, 1000.0)
 
 
