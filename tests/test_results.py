@@ -1,9 +1,13 @@
 """Cell folders aggregated into tables, and the report's provenance read from them."""
 
-import pandas as pd
+import re
 
+import pandas as pd
+import pytest
+
+from normbench.cli import main
 from normbench.report import provenance
-from normbench.results import CONFIG, ENV, METRICS, PROBES, aggregate, write_json, write_table
+from normbench.results import CONFIG, ENV, METRICS, PROBES, UnreadableResult, aggregate, write_json, write_table
 
 # What env.json held before it recorded TF32 and determinism.
 OLD_ENV = {"device": "cpu", "torch": "2.14.1", "host": "h", "time": "2026-01-01T00:00:00+00:00"}
@@ -50,3 +54,16 @@ def test_provenance_of_cpu_cells_and_of_older_ones(tmp_path):
     assert "cuDNN" not in cpu  # no cuDNN on the CPU
     old = provenance_of(tmp_path / "old", {"a": OLD_ENV})  # aggregates, and says nothing it did not record
     assert old.keys() == cpu.keys() - {"TF32", "deterministic algorithms"}
+
+
+@pytest.mark.parametrize("damaged", ["summary.json", METRICS])
+def test_a_damaged_result_file_stops_the_aggregate_naming_the_cell(tmp_path, damaged):
+    runs = tmp_path / "runs"
+    summaries = [cell(runs, "good", OLD_ENV), cell(runs, "cut", OLD_ENV)]
+    path = runs / "s/cut" / damaged
+    path.write_text('{"final_test_acc": 0.8, "diver')  # a file cut short
+    with pytest.raises(UnreadableResult, match=rf"{re.escape(str(path))}: not valid JSON .* the cell in "
+                                               rf"{re.escape(str(runs / 's/cut'))} is damaged: train it again"):
+        aggregate(summaries, runs)
+    with pytest.raises(SystemExit, match=r"normbench: error: .*cut.* not valid JSON"):
+        main(["aggregate", *map(str, summaries), "--runs-root", str(runs), "--out", str(tmp_path / "tables")])

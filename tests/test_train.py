@@ -8,7 +8,7 @@ import torch
 from normbench import train as train_module
 from normbench.cli import main
 from normbench.cells import make_settings
-from normbench.config import format_assignment
+from normbench.config import SettingsError, format_assignment
 from normbench.results import read_json, read_jsonl
 from normbench.train import train
 
@@ -293,3 +293,24 @@ def test_a_compiled_cell_trains_like_the_eager_one_and_times_its_compilation(tin
     assert f"{compiled['train_samples_per_s']:.0f} samples/s" in capsys.readouterr().out
     assert compiled["final_train_loss"] == pytest.approx(eager["final_train_loss"], rel=1e-3)
     assert compiled["final_test_acc"] == pytest.approx(eager["final_test_acc"], abs=0.01)
+
+
+def test_a_second_writer_into_a_cell_folder_is_refused_while_the_first_runs(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")
+    (tmp_path / "cell").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "cell/.lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"  # as a running `normbench train` holds it
+        with pytest.raises(SettingsError, match=r"cell is being trained by another normbench process"):
+            train_module.run_cell(tiny(model="mlp", width=16, epochs=1), tmp_path / "cell")
+        assert not (tmp_path / "cell/config.json").exists()  # refused before writing anything
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = train_module.run_cell(tiny(model="mlp", width=16, epochs=1), tmp_path / "cell")  # freed at its death
+    assert summary["steps"] == 32

@@ -214,10 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     from normbench.config import SettingsError
     from normbench.data import DatasetMissing
     from normbench.distributed import WorkerFailed
+    from normbench.results import UnreadableResult
 
     try:
         args.run(args)
-    except (SettingsError, DatasetMissing, WorkerFailed) as error:
+    except (SettingsError, DatasetMissing, WorkerFailed, UnreadableResult) as error:
         sys.exit(f"normbench: error: {error}")
     except FileNotFoundError as error:  # a path given on the command line that is not there
         sys.exit(f"normbench: error: {error.filename}: no such file; check the path")

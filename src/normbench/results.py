@@ -50,12 +50,29 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     write_atomic(path, lambda f: f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows))
 
 
+class UnreadableResult(ValueError):
+    """A result file that does not parse; the message names it and how to make it anew."""
+
+
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise UnreadableResult(_unreadable(path, error)) from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as error:
+        raise UnreadableResult(_unreadable(path, error)) from None
+
+
+def _unreadable(path: str | Path, error: json.JSONDecodeError) -> str:
+    folder = Path(path).parent
+    return (f"{path}: not valid JSON ({error.msg}, line {error.lineno}); the cell in {folder} is damaged: train it "
+            f"again (`normbench train --out {folder} --from {folder}/config.json --force`, or delete the folder and "
+            f"rerun the workflow)")
 
 
 def write_table(frame: pd.DataFrame, path: str | Path) -> None:

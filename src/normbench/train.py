@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import math
 import os
 import pickle
@@ -19,6 +20,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -50,6 +52,27 @@ def resolve_device(name: str, worker: Worker = Worker()) -> torch.device:
     return torch.device("cuda", worker.local_rank) if name == "cuda" else torch.device("cpu")
 
 
+@contextlib.contextmanager
+def cell_folder_lock(out_dir: Path, take: bool = True) -> Iterator[None]:
+    """One writer per cell: a second `normbench train` into the same folder is refused while the first runs (an
+    exclusive flock on out_dir/.lock; the kernel releases it when its process ends, also after SIGKILL)."""
+    if not take:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SettingsError(f"{out_dir} is being trained by another normbench process; wait for it to end (or "
+                            f"stop it), or train into another folder") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def check_cell_folder(settings: Settings, out_dir: Path, force: bool) -> None:
     """Refuse to train into a folder that holds a cell of other settings (finished or not), unless forced."""
     existing = out_dir / results.CONFIG
@@ -71,6 +94,13 @@ def run_cell(settings: Settings, out_dir: str | Path, threads: int | None = None
     `threads` is the CPU thread budget of the whole cell, shared among its local workers. After
     `time_limit_s` seconds the cell stops at its next sync point and is recorded as timed out.
     """
+    # One process per cell takes the folder: this one, or rank 0 of an outer torchrun.
+    with cell_folder_lock(Path(out_dir), take=not under_torchrun() or os.environ.get("RANK") == "0"):
+        return _run_cell(settings, out_dir, threads, timeout_s, time_limit_s, force)
+
+
+def _run_cell(settings: Settings, out_dir: str | Path, threads: int | None, timeout_s: float,
+              time_limit_s: float | None, force: bool) -> dict:
     check_cell_folder(settings, Path(out_dir), force)
     local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if under_torchrun() else settings.world_size
     if threads is not None and threads < local_workers:  # e.g. Snakemake capped the job's threads at --cores
