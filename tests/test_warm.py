@@ -79,3 +79,62 @@ def test_a_cancelled_client_stops_its_cell(tmp_path, fashion_root, warm_server):
     after = (tmp_path / "cell" / "metrics.jsonl").stat().st_mtime if (tmp_path / "cell" / "metrics.jsonl").exists() \
         else None
     assert started == after and not (tmp_path / "cell" / "summary.json").exists()
+
+
+def ask(env: dict, message: bytes, fds: list[int] | None = None) -> bytes:
+    """Send one raw request to the warm server and return its reply (an exit code byte, or b"" if it hung up)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as connection:
+        connection.connect(env[SOCKET_ENV])
+        if fds is None:
+            connection.send(message)
+        else:
+            socket.send_fds(connection, [message], fds)
+        return connection.recv(1)
+
+
+def test_malformed_requests_are_refused_and_the_server_goes_on(warm_server, tmp_path, fashion_root):
+    streams = [0, 1, 2]
+    assert ask(warm_server, b"{not json", streams) == bytes([2])
+    assert ask(warm_server, b'{"argv": ["train"], "cwd": "/", "env": {}}') == bytes([2])  # no descriptors
+    assert ask(warm_server, b'{"argv": "train", "cwd": "/", "env": {}}', streams) == bytes([2])  # argv no list
+    log = (tmp_path / "warm.log").read_text()
+    assert log.count("refused a malformed request") == 3 and "Traceback" not in log
+    run = train(tmp_path / "cell", cell_words(fashion_root, epochs=1), warm_server)
+    assert run.returncode == 0, run.stderr  # the server still serves
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another user")
+def test_the_server_takes_requests_from_its_own_user_only(tmp_path):
+    """Even with a socket anyone may open (mode 777 in a public folder), another user's request is not run."""
+    import json
+    import shutil
+    import tempfile
+
+    public = Path(tempfile.mkdtemp(prefix="normbench-test-"))
+    public.chmod(0o777)
+    server = start_server(public / "warm.sock", tmp_path / "warm.log")
+    try:
+        (public / "warm.sock").chmod(0o777)
+        env = {SOCKET_ENV: str(public / "warm.sock")}
+        request = json.dumps({"argv": ["--version"], "cwd": "/", "env": dict(os.environ)}).encode()
+        child = os.fork()
+        if child == 0:  # another user
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    reply = ask(env, request, [0, 1, 2])
+                except (ConnectionResetError, BrokenPipeError):  # the server closed without reading the request
+                    reply = b""
+                os._exit(0 if reply == b"" else 1)  # 0: hung up on, nothing run
+            except BaseException:  # noqa: BLE001  any failure to reach the server is not the check we want
+                os._exit(3)
+        assert os.waitpid(child, 0)[1] == 0
+        assert "refused a request from pid" in (tmp_path / "warm.log").read_text()
+        assert ask(env, request, [0, 1, 2]) == bytes([0])  # its own user: served
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(public)

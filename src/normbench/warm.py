@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -78,6 +79,9 @@ def serve(path: str | Path, run: Callable[[list[str]], None]) -> None:
                 connection, _ = server.accept()
             except TimeoutError:
                 continue
+            if not _from_this_user(connection):
+                connection.close()
+                continue
             if os.fork() == 0:
                 server.close()
                 _run_child(connection, run)
@@ -85,21 +89,57 @@ def serve(path: str | Path, run: Callable[[list[str]], None]) -> None:
     path.unlink(missing_ok=True)
 
 
+def _from_this_user(connection: socket.socket) -> bool:
+    """Whether the peer runs as the server's own user (SO_PEERCRED): the server runs commands as itself, so it
+    takes them from no one else, whatever the socket's permissions."""
+    credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _ = struct.unpack("3i", credentials)
+    if uid != os.getuid():
+        print(f"normbench warm: refused a request from pid {pid}, user {uid} (this server runs as {os.getuid()})",
+              file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+def _read_request(connection: socket.socket) -> tuple[dict, list[int]] | None:
+    """The request and its three stream descriptors; None (and a line in the server's log) for a malformed one:
+    too long, not JSON of the expected shape, or without the descriptors."""
+    message, fds, flags, _ = socket.recv_fds(connection, MAX_REQUEST_BYTES, 3)
+    try:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise ValueError(f"longer than {MAX_REQUEST_BYTES} bytes, or too many descriptors")
+        request = json.loads(message)
+        if not (isinstance(request, dict) and isinstance(request.get("argv"), list)
+                and all(isinstance(word, str) for word in request["argv"]) and isinstance(request.get("cwd"), str)
+                and isinstance(request.get("env"), dict) and len(fds) == 3):
+            raise ValueError("expected {argv: [str], cwd: str, env: {...}} and the three standard streams")
+    except ValueError as error:
+        print(f"normbench warm: refused a malformed request: {error}", file=sys.stderr, flush=True)
+        for fd in fds:
+            os.close(fd)
+        return None
+    return request, fds
+
+
 def _run_child(connection: socket.socket, run: Callable[[list[str]], None]) -> None:
     """Become the client's command: its streams, folder and environment; then send back the exit code."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a multi-worker cell waits for its own children
     os.setsid()  # one process group with any workers it starts, ended together if the client goes
-    message, fds, _, _ = socket.recv_fds(connection, MAX_REQUEST_BYTES, 3)
+    message = connection.recv(1, socket.MSG_PEEK)
     if not message:  # a connection that only checked the server is up
         os._exit(0)
-    request = json.loads(message)
+    read = _read_request(connection)
+    if read is None:
+        connection.send(bytes([2]))
+        os._exit(2)
+    request, fds = read
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    os.environ.pop(SOCKET_ENV)  # this process runs the command itself
+    os.environ.pop(SOCKET_ENV, None)  # this process runs the command itself
     finished = threading.Event()
     threading.Thread(target=_end_when_client_goes, args=(connection, finished), daemon=True).start()
     code = 0
