@@ -203,3 +203,20 @@ def test_the_leaderboard_ranks_every_norm_of_a_study_with_its_interval_speed_and
     assert rows["none"][5] == "2 of 6"  # lr 1.0 diverged on both seeds
     assert rows["bn"][4] == "1" and rows["none"][4] == "0.8"  # none steps at 1250/s against BN's 1000/s
     assert rows["bn"][3] == "20"  # the first evaluation at 0.5 accuracy, mean over seeds (every lr's cells)
+
+
+def test_a_failed_cell_is_listed_and_left_out_of_every_table(tmp_path):
+    write_tables(tmp_path)
+    render_report(tmp_path, {"studies": {"lr": {"claims": ["C3"], "report": {"stable_acc": 0.5}}}}, tmp_path / "a.html",
+                  tmp_path / "figures")
+    before = pd.read_csv(tmp_path / "claims.csv").set_index("claim").loc["C3", "cells"]
+    cells = pd.read_csv(tmp_path / "cells.csv")
+    cells["failed"] = False
+    cells["failure_reason"] = None
+    cells.loc[0, ["failed", "failure_reason"]] = [True, "out of memory at step 3: CUDA out of memory"]
+    cells.to_csv(tmp_path / "cells.csv", index=False)
+    render_report(tmp_path, {"studies": {"lr": {"claims": ["C3"], "report": {"stable_acc": 0.5}}}}, tmp_path / "b.html",
+                  tmp_path / "figures")
+    html = (tmp_path / "b.html").read_text()
+    assert "failed cells (left out)" in html and f"{cells.loc[0, 'cell']}: out of memory at step 3" in html
+    assert pd.read_csv(tmp_path / "claims.csv").set_index("claim").loc["C3", "cells"] == before - 1

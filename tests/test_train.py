@@ -314,3 +314,27 @@ def test_a_second_writer_into_a_cell_folder_is_refused_while_the_first_runs(tiny
         holder.wait()
     summary = train_module.run_cell(tiny(model="mlp", width=16, epochs=1), tmp_path / "cell")  # freed at its death
     assert summary["steps"] == 32
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   MemoryError()])
+def test_out_of_memory_is_a_result_not_a_crash(tiny, tmp_path, monkeypatch, capsys, error):
+    from normbench.precision import Precision
+
+    real_backward, calls = Precision.backward, []
+
+    def backward_until_memory_runs_out(self, loss):
+        calls.append(1)
+        if len(calls) == 6:  # the sixth step asks for more than there is
+            raise error
+        real_backward(self, loss)
+
+    monkeypatch.setattr(Precision, "backward", backward_until_memory_runs_out)
+    main(["train", "--out", str(tmp_path), "--threads", "1", "--set",
+          *[format_assignment(k, v) for k, v in tiny(model="mlp", width=16).to_dict().items()]])
+    summary = read_json(tmp_path / "summary.json")
+    assert summary["failed"] and summary["failed_step"] == 5 and summary["steps"] == 5
+    assert summary["failure_reason"].startswith("out of memory at step 5")
+    assert summary["final_test_acc"] is None and not summary["diverged"]
+    assert not (tmp_path / "checkpoint.pt").exists()  # it would run out again: no resumable state kept
+    assert "failed: out of memory at step 5" in capsys.readouterr().out  # and the command exits 0

@@ -29,6 +29,8 @@ def _train(args: argparse.Namespace) -> None:
         return
     if summary["diverged"]:
         state = "diverged: " + summary["diverged_reason"]
+    elif summary["failed"]:
+        state = "failed: " + summary["failure_reason"]
     else:
         state = f"final test acc {summary['final_test_acc']:.4f}"
         state += f" (timed out: {summary['timed_out_reason']})" if summary["timed_out"] else ""

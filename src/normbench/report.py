@@ -708,6 +708,11 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
     that start are marked as trained in this run, the others as reused.
     """
     cells, curves, probes, numerics = (_read(tables / f"{name}.csv") for name in ("cells", "curves", "probes", "numerics"))
+    # A cell that failed (out of memory) measured nothing: listed in the provenance, left out of every table below.
+    failed = cells[cells["failed"].eq(True)] if "failed" in cells else cells.iloc[:0]
+    cells = cells.drop(failed.index)
+    curves, probes = (table[~table["cell_dir"].isin(failed["cell_dir"])] if "cell_dir" in table else table
+                      for table in (curves, probes))
     for table, column in itertools.product((cells, curves, probes), ("norm", "model")):
         if column in table:  # a plugged-in norm or model by its short name: a path would swamp every label
             table[column] = table[column].map(lambda name: short_name(name) if is_plugin(name) else name)
@@ -740,6 +745,8 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
         "command of this run": run.get("command", "not recorded (report rendered outside a workflow run)"),
         "reproduce with": "make reproduce (or a bare snakemake in the checkout, after make setup)",
         "harness efficiency": harness_efficiency(cells),
+        **({"failed cells (left out)": "; ".join(f"{row.study}/{row.cell}: {row.failure_reason}"
+                                                 for row in failed.itertuples())} if len(failed) else {}),
         "cells": f"{len(cells)}: {how.get('this run', 0)} trained in this run, {how.get('resumed', 0)} resumed "
                  f"from a checkpoint, {how.get('reused', 0)} reused from earlier runs (see each cell's 'trained')",
     }

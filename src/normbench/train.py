@@ -367,7 +367,7 @@ def _train(settings: Settings, out_dir: Path, worker: Worker, time_limit_s: floa
                                                    "world_size": worker.world_size,
                                                    "plugins": plugins.provenance([settings.norm, settings.model])})
 
-    diverged_reason = timed_out_reason = None
+    diverged_reason = timed_out_reason = failed_reason = None
     # Each step's loss stays on the device until the next sync point (each evaluation and every SYNC_EVERY_STEPS
     # steps), where one collective and one read find the first diverged step among them: no sync per step.
     window_losses: list[torch.Tensor] = []
@@ -389,122 +389,128 @@ def _train(settings: Settings, out_dir: Path, worker: Worker, time_limit_s: floa
     bar = tqdm(total=total_steps, initial=progress.step, desc=str(out_dir), unit="step", file=sys.stderr,
                disable=None if worker.is_main else True, leave=False)
     model.train()
-    for step in range(progress.step, total_steps):
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        if permutation_epoch != epoch:
-            permutation, permutation_epoch = epoch_permutation(settings.seed, epoch, len(train_split), device), epoch
-        index = batch_indices(permutation, step_in_epoch, settings, worker.rank)
-        inputs, labels = train_split.inputs[index], train_split.labels[index]
-        if settings.augment:
-            inputs = augment_batch(inputs, seeded_generator(settings.seed, step))
-        probe = Probe(model) if step in probe_steps else None
-        probe_started = clock.mark() if probe else None  # a probed step is timed as probing, not as training
-        if probe and "ics" in settings.probes:  # before this step's update, on the same batch
-            progress.probes += probes.ics_rows(model, inputs, labels, settings.effective_lr, step)
-        # A compiled model keeps its graph: no activation hooks, only the gradient and weight norms.
-        watching = probe.watching_activations() if probe and not settings.compile else contextlib.nullcontext()
-        # The phases of one step in SYNC_EVERY_STEPS (not a probed one) are timed apart, as timm's benchmark --detail.
-        compiling = settings.compile and compile_time_s is None  # the session's first step compiles the model
-        timed = step % SYNC_EVERY_STEPS == SYNC_EVERY_STEPS // 2 and probe is None and not compiling
-        marks = [clock.mark()] if timed else []
-        with precision.autocast(), watching:
-            logits = trained(inputs.contiguous(memory_format=memory_format))
-        loss = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten())  # per image, or per token
-        marks += [clock.mark()] if timed else []
-        window_losses.append(loss.detach())
-        optimizer.zero_grad(set_to_none=True)
-        precision.backward(loss)
-        marks += [clock.mark()] if timed else []
-        if probe:
-            precision.unscale(optimizer)
-            progress.probes += probe.rows(step)
-        skipped = precision.step(optimizer)
-        if skipped is not None:
-            skip_flags.append((step, skipped))
-        scheduler.step()
-        if timed:
-            phase_marks.append((*marks, clock.mark()))
-        if compiling:  # timed apart from training, probe and all: the interval restarts after it
-            compile_time_s = clock.seconds(interval_started, clock.mark())
-            interval_started = clock.mark()
-        elif probe:
-            probe_s += clock.seconds(probe_started, clock.mark())
-        else:
-            progress.timed_steps += 1
-        loss_sum += loss.detach() * labels.numel()
-        correct += (logits.argmax(-1) == labels).sum()
-        seen += labels.numel()
-        bar.update()
-        progress.step = step + 1
+    try:  # out of memory ends the cell as a result (failed), like divergence, not as a crash
+        for step in range(progress.step, total_steps):
+            epoch, step_in_epoch = divmod(step, steps_per_epoch)
+            if permutation_epoch != epoch:
+                permutation, permutation_epoch = epoch_permutation(settings.seed, epoch, len(train_split), device), epoch
+            index = batch_indices(permutation, step_in_epoch, settings, worker.rank)
+            inputs, labels = train_split.inputs[index], train_split.labels[index]
+            if settings.augment:
+                inputs = augment_batch(inputs, seeded_generator(settings.seed, step))
+            probe = Probe(model) if step in probe_steps else None
+            probe_started = clock.mark() if probe else None  # a probed step is timed as probing, not as training
+            if probe and "ics" in settings.probes:  # before this step's update, on the same batch
+                progress.probes += probes.ics_rows(model, inputs, labels, settings.effective_lr, step)
+            # A compiled model keeps its graph: no activation hooks, only the gradient and weight norms.
+            watching = probe.watching_activations() if probe and not settings.compile else contextlib.nullcontext()
+            # The phases of one step in SYNC_EVERY_STEPS (not a probed one) are timed apart, as timm's benchmark --detail.
+            compiling = settings.compile and compile_time_s is None  # the session's first step compiles the model
+            timed = step % SYNC_EVERY_STEPS == SYNC_EVERY_STEPS // 2 and probe is None and not compiling
+            marks = [clock.mark()] if timed else []
+            with precision.autocast(), watching:
+                logits = trained(inputs.contiguous(memory_format=memory_format))
+            loss = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten())  # per image, or per token
+            marks += [clock.mark()] if timed else []
+            window_losses.append(loss.detach())
+            optimizer.zero_grad(set_to_none=True)
+            precision.backward(loss)
+            marks += [clock.mark()] if timed else []
+            if probe:
+                precision.unscale(optimizer)
+                progress.probes += probe.rows(step)
+            skipped = precision.step(optimizer)
+            if skipped is not None:
+                skip_flags.append((step, skipped))
+            scheduler.step()
+            if timed:
+                phase_marks.append((*marks, clock.mark()))
+            if compiling:  # timed apart from training, probe and all: the interval restarts after it
+                compile_time_s = clock.seconds(interval_started, clock.mark())
+                interval_started = clock.mark()
+            elif probe:
+                probe_s += clock.seconds(probe_started, clock.mark())
+            else:
+                progress.timed_steps += 1
+            loss_sum += loss.detach() * labels.numel()
+            correct += (logits.argmax(-1) == labels).sum()
+            seen += labels.numel()
+            bar.update()
+            progress.step = step + 1
 
-        evaluating = progress.step in eval_steps
-        if not (evaluating or progress.step % SYNC_EVERY_STEPS == 0):
-            continue
-        # The global mean losses: every worker sees the same values, so all find the same diverged step.
-        losses = mean_over_workers(torch.stack(window_losses))
-        broke = (~torch.isfinite(losses) | (losses > settings.max_loss)).nonzero().flatten().tolist()  # one read
-        window_losses.clear()
-        skipped_at = [s for (s, _), flag in zip(skip_flags, torch.stack([f for _, f in skip_flags]).tolist())
-                      if flag] if skip_flags else []
-        skip_flags.clear()
-        if broke:
-            first_diverged = progress.step - len(losses) + broke[0]
-            diverged_reason = (f"training loss {float(losses[broke[0]]):.4g} at step {first_diverged} "
-                               f"(bound: finite and <= {settings.max_loss:g})")
-            progress.step = first_diverged
-            progress.probes = [row for row in progress.probes if row["step"] < first_diverged]
-            progress.skipped_steps += sum(s < first_diverged for s in skipped_at)
-            break
-        progress.skipped_steps += len(skipped_at)
-        # Every worker has the same limit and asks here, so all stop at the same step.
-        out_of_time = time_limit_s is not None and any_worker(time.perf_counter() - started > time_limit_s, device)
-        if out_of_time and progress.step < total_steps:
-            timed_out_reason = f"time limit of {time_limit_s:g} s reached after step {progress.step} of {total_steps}"
-            evaluating = True
-        if evaluating:
-            progress.train_time_s += clock.seconds(interval_started, clock.mark()) - probe_s
-            progress.probe_time_s += probe_s
-            probe_s = 0.0
-            test_loss, test_acc = evaluate(model, test_split, memory_format, precision)
-            totals = all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(seen)]))
-            train_loss, train_acc = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
-            progress.metrics.append({
-                "step": progress.step, "epoch": progress.step / steps_per_epoch,
-                "train_loss": train_loss, "train_acc": train_acc,
-                "test_loss": test_loss, "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"],
-                "elapsed_s": progress.wall_time_s + time.perf_counter() - started,
-            })
-            if worker.is_main and "percentiles" in settings.probes:
-                progress.probes += probes.percentile_rows(model, probe_inputs, progress.step)
-            if worker.is_main:
-                bar.write(f"step {progress.step}/{total_steps} epoch {progress.step / steps_per_epoch:.2f} "
-                          f"train_loss {train_loss:.4f} test_acc {test_acc:.4f}")
-            rng = rng_states(device, worker) if progress.step < total_steps else None  # every worker gathers
-            if worker.is_main and rng:  # at the last evaluation the finished cell's files follow instead
-                results.write_jsonl(out_dir / results.METRICS, progress.metrics)
-                results.write_jsonl(out_dir / results.PROBES, progress.probes)
-                elapsed = time.perf_counter() - started  # the checkpoint counts this session's time too
-                save_checkpoint(checkpoint_path, model, optimizer, scheduler, precision.scaler,
-                                dataclasses.replace(progress, wall_time_s=progress.wall_time_s + elapsed), settings,
-                                rng)
-            loss_sum.zero_()
-            correct.zero_()
-            seen = 0
-            interval_started = clock.mark()
-        if timed_out_reason:
-            break
+            evaluating = progress.step in eval_steps
+            if not (evaluating or progress.step % SYNC_EVERY_STEPS == 0):
+                continue
+            # The global mean losses: every worker sees the same values, so all find the same diverged step.
+            losses = mean_over_workers(torch.stack(window_losses))
+            broke = (~torch.isfinite(losses) | (losses > settings.max_loss)).nonzero().flatten().tolist()  # one read
+            window_losses.clear()
+            skipped_at = [s for (s, _), flag in zip(skip_flags, torch.stack([f for _, f in skip_flags]).tolist())
+                          if flag] if skip_flags else []
+            skip_flags.clear()
+            if broke:
+                first_diverged = progress.step - len(losses) + broke[0]
+                diverged_reason = (f"training loss {float(losses[broke[0]]):.4g} at step {first_diverged} "
+                                   f"(bound: finite and <= {settings.max_loss:g})")
+                progress.step = first_diverged
+                progress.probes = [row for row in progress.probes if row["step"] < first_diverged]
+                progress.skipped_steps += sum(s < first_diverged for s in skipped_at)
+                break
+            progress.skipped_steps += len(skipped_at)
+            # Every worker has the same limit and asks here, so all stop at the same step.
+            out_of_time = time_limit_s is not None and any_worker(time.perf_counter() - started > time_limit_s, device)
+            if out_of_time and progress.step < total_steps:
+                timed_out_reason = f"time limit of {time_limit_s:g} s reached after step {progress.step} of {total_steps}"
+                evaluating = True
+            if evaluating:
+                progress.train_time_s += clock.seconds(interval_started, clock.mark()) - probe_s
+                progress.probe_time_s += probe_s
+                probe_s = 0.0
+                test_loss, test_acc = evaluate(model, test_split, memory_format, precision)
+                totals = all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(seen)]))
+                train_loss, train_acc = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+                progress.metrics.append({
+                    "step": progress.step, "epoch": progress.step / steps_per_epoch,
+                    "train_loss": train_loss, "train_acc": train_acc,
+                    "test_loss": test_loss, "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"],
+                    "elapsed_s": progress.wall_time_s + time.perf_counter() - started,
+                })
+                if worker.is_main and "percentiles" in settings.probes:
+                    progress.probes += probes.percentile_rows(model, probe_inputs, progress.step)
+                if worker.is_main:
+                    bar.write(f"step {progress.step}/{total_steps} epoch {progress.step / steps_per_epoch:.2f} "
+                              f"train_loss {train_loss:.4f} test_acc {test_acc:.4f}")
+                rng = rng_states(device, worker) if progress.step < total_steps else None  # every worker gathers
+                if worker.is_main and rng:  # at the last evaluation the finished cell's files follow instead
+                    results.write_jsonl(out_dir / results.METRICS, progress.metrics)
+                    results.write_jsonl(out_dir / results.PROBES, progress.probes)
+                    elapsed = time.perf_counter() - started  # the checkpoint counts this session's time too
+                    save_checkpoint(checkpoint_path, model, optimizer, scheduler, precision.scaler,
+                                    dataclasses.replace(progress, wall_time_s=progress.wall_time_s + elapsed), settings,
+                                    rng)
+                loss_sum.zero_()
+                correct.zero_()
+                seen = 0
+                interval_started = clock.mark()
+            if timed_out_reason:
+                break
+    except (torch.cuda.OutOfMemoryError, MemoryError) as error:
+        failed_reason = f"out of memory at step {progress.step}: {(str(error) or type(error).__name__).splitlines()[0]}"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     bar.close()
     synchronize(device)
-    if diverged_reason is not None:  # the steps since the last evaluation still count as training time
+    if diverged_reason is not None or failed_reason is not None:  # the steps since the last evaluation still count
         progress.train_time_s += clock.seconds(interval_started, clock.mark()) - probe_s
         progress.probe_time_s += probe_s
     phases = {name: [clock.seconds(marks[i], marks[i + 1]) for marks in phase_marks]
               for i, name in enumerate(("forward", "backward", "optimizer"))}
 
-    if worker.is_main and diverged_reason is None and timed_out_reason is None:
+    if worker.is_main and diverged_reason is None and timed_out_reason is None and failed_reason is None:
         progress.probes += after_training_rows(settings, model, train_split, test_split, probe_inputs, memory_format,
                                                precision, progress.step, progress.metrics[-1]["test_acc"])
-    final = progress.metrics[-1] if progress.metrics and diverged_reason is None else {}  # a diverged cell has none
+    # A diverged or failed cell has no final numbers.
+    final = progress.metrics[-1] if progress.metrics and diverged_reason is None and failed_reason is None else {}
     probed_steps = sum(step < progress.step for step in probe_steps)
     summary = {
         "final_test_acc": final.get("test_acc"),
@@ -514,6 +520,9 @@ def _train(settings: Settings, out_dir: Path, worker: Worker, time_limit_s: floa
         "diverged": diverged_reason is not None,
         "diverged_step": progress.step if diverged_reason else None,
         "diverged_reason": diverged_reason,
+        "failed": failed_reason is not None,
+        "failed_step": progress.step if failed_reason else None,
+        "failure_reason": failed_reason,
         "timed_out": timed_out_reason is not None,
         "timed_out_reason": timed_out_reason,
         "time_limit_s": time_limit_s,  # this session's: the workflow continues a timed-out cell when it rises
