@@ -1,5 +1,6 @@
 """Data parallelism on CPU (gloo): the cross-process BatchNorm and whole training runs against single-process truth."""
 
+import json
 import os
 import subprocess
 import sys
@@ -186,3 +187,29 @@ def test_a_two_worker_cell_resumes_to_the_numbers_of_an_uninterrupted_one(cell, 
     resumed = run_cell(settings, tmp_path / "cut", threads=2)
     assert resumed["resumed_from_step"] == 1 and resumed["steps"] == 4
     assert max_difference(final_parameters(tmp_path / "cut"), final_parameters(tmp_path / "whole")) == 0
+
+
+def test_a_preempted_two_worker_cell_stops_every_worker_at_one_step_and_resumes(cell, tmp_path):
+    """SIGTERM to the cell's process group (as SLURM sends it): both workers agree at a sync point, rank 0 saves
+    every rank's state, and the rerun continues to the numbers of an uninterrupted run."""
+    import signal
+    import time
+
+    settings = cell(norm="syncbn", world_size=2, batch_size=8, model="mlp", width=32, train_subset=4096,
+                    epochs=2, evals_per_epoch=1)  # 256 steps an epoch
+    words = [format_assignment(k, v) for k, v in settings.to_dict().items()]
+    command = [sys.executable, "-m", "normbench.cli", "train", "--threads", "2", "--set", *words, "--out"]
+    process = subprocess.Popen([*command, str(tmp_path / "cut")], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                               text=True, start_new_session=True)
+    while not (tmp_path / "cut/checkpoint.pt").exists() and process.poll() is None:
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGTERM)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode != 0 and "stopped by SIGTERM" in stderr, stderr[-2000:]
+    state = torch.load(tmp_path / "cut/checkpoint.pt", weights_only=True)
+    assert 256 < state["progress"]["step"] < 512 and len(state["train_sums_by_rank"]) == 2
+    subprocess.run([*command, str(tmp_path / "cut")], check=True, capture_output=True)
+    subprocess.run([*command, str(tmp_path / "whole")], check=True, capture_output=True)
+    resumed, whole = (json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
+                      for name in ("cut", "whole"))
+    assert {k: v for k, v in resumed.items() if k != "elapsed_s"} == {k: v for k, v in whole.items() if k != "elapsed_s"}

@@ -338,3 +338,38 @@ def test_out_of_memory_is_a_result_not_a_crash(tiny, tmp_path, monkeypatch, caps
     assert summary["final_test_acc"] is None and not summary["diverged"]
     assert not (tmp_path / "checkpoint.pt").exists()  # it would run out again: no resumable state kept
     assert "failed: out of memory at step 5" in capsys.readouterr().out  # and the command exits 0
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_a_preempted_cell_stops_with_a_checkpoint_and_resumes_to_the_uninterrupted_numbers(tiny, tmp_path,
+                                                                                           signal_name):
+    """SIGTERM between two evaluations: the cell finishes its step, checkpoints at the next sync point (every 32
+    steps, so past the last evaluation) and exits non-zero; the rerun continues from there to the same numbers."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings = tiny(model="mlp", width=64, train_subset=8192, evals_per_epoch=1)  # 256 steps an epoch
+    words = [format_assignment(k, v) for k, v in settings.to_dict().items()]
+    command = [sys.executable, "-m", "normbench.cli", "train", "--threads", "1", "--out", str(tmp_path / "cut"),
+               "--set", *words]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    while not (tmp_path / "cut/checkpoint.pt").exists() and process.poll() is None:
+        time.sleep(0.005)
+    sent = time.monotonic()
+    process.send_signal(getattr(signal, signal_name))
+    stderr = process.communicate(timeout=30)[1]
+    assert process.returncode != 0 and time.monotonic() - sent < 30
+    assert f"stopped by {signal_name} after step" in stderr and not (tmp_path / "cut/summary.json").exists()
+    stopped_at = torch.load(tmp_path / "cut/checkpoint.pt", weights_only=True)["progress"]["step"]
+    assert 256 < stopped_at < 512 and stopped_at % 32 == 0  # past the last evaluation (256), at a sync point
+    subprocess.run(command, check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    resumed = read_json(tmp_path / "cut/summary.json")
+    uninterrupted = [str(tmp_path / "whole") if word == str(tmp_path / "cut") else word for word in command]
+    subprocess.run(uninterrupted, check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # same threads
+    whole = read_json(tmp_path / "whole/summary.json")
+    assert resumed["resumed_from_step"] == stopped_at
+    assert without_timing([resumed]) == without_timing([whole])
+    assert without_timing(read_jsonl(tmp_path / "cut/metrics.jsonl")) == \
+        without_timing(read_jsonl(tmp_path / "whole/metrics.jsonl"))

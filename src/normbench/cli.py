@@ -217,9 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     from normbench.data import DatasetMissing
     from normbench.distributed import WorkerFailed
     from normbench.results import UnreadableResult
+    from normbench.train import Preempted
 
     try:
         args.run(args)
+    except Preempted as stopped:
+        sys.exit(f"normbench: {stopped}")
     except (SettingsError, DatasetMissing, WorkerFailed, UnreadableResult) as error:
         sys.exit(f"normbench: error: {error}")
     except FileNotFoundError as error:  # a path given on the command line that is not there

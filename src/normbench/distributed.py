@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import uuid
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+
+class Preempted(RuntimeError):
+    """The cell stopped on a signal (SIGTERM, SIGUSR1) after saving its checkpoint; rerunning it continues."""
 
 
 class WorkerFailed(RuntimeError):
@@ -50,6 +56,9 @@ def launch(world_size: int, entrypoint: Callable, *args) -> None:
     )
     try:
         elastic_launch(config, entrypoint)(*args)
+    except SignalException as error:  # the launcher's own stop; it gave the workers time to checkpoint first
+        raise Preempted(f"stopped by {signal.Signals(error.sigval).name}: each worker saved the cell's state at its "
+                        f"next sync point; run the cell again to continue") from None
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         message = failure.message["message"] if isinstance(failure.message, dict) else failure.message

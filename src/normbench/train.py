@@ -16,7 +16,9 @@ import math
 import os
 import pickle
 import resource
+import signal
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -31,8 +33,8 @@ from tqdm import tqdm
 from normbench import plugins, results
 from normbench.config import Settings, SettingsError, describe_differences
 from normbench.data import Split, augment_batch, load_data, model_io
-from normbench.distributed import (Worker, all_reduce_sum, any_worker, join_process_group, launch, mean_over_workers,
-                                   under_torchrun)
+from normbench.distributed import (Preempted, Worker, all_reduce_sum, any_worker, join_process_group, launch,
+                                   mean_over_workers, under_torchrun)
 from normbench.models import build_model
 from normbench.precision import Precision, fp32_mode, numerics_record
 from normbench import probes
@@ -200,20 +202,25 @@ class Progress:
     skipped_steps: int = 0  # optimizer steps GradScaler skipped for inf/NaN gradients (fp16)
     wall_time_s: float = 0.0  # of earlier sessions, when resumed
     resumed_from_step: int | None = None
+    # This worker's training loss sum, correct count and samples since the last evaluation: a checkpoint taken
+    # between evaluations (on preemption) carries them, so the next evaluation's train numbers come out the same.
+    train_sums: tuple = (0.0, 0, 0)
 
 
-CHECKPOINT_FORMAT = 2  # 2: random states per rank, each worker's own CUDA device only
+CHECKPOINT_FORMAT = 3  # 2: random states per rank, each worker's own CUDA device only; 3: train sums per rank
 
 
-def rng_states(device: torch.device, worker: Worker) -> dict:
-    """Every worker's CPU and CUDA generator states, gathered to all ranks (rank 0 saves them). Only the
-    worker's own device: a checkpoint then resumes where another number of GPUs is visible."""
-    own = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+def rng_states(device: torch.device, worker: Worker, train_sums: tuple = (0.0, 0, 0)) -> dict:
+    """Every worker's CPU and CUDA generator states and its train sums since the last evaluation, gathered to all
+    ranks (rank 0 saves them). Only the worker's own device: a checkpoint then resumes where another number of
+    GPUs is visible."""
+    own = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None, train_sums)
     states = [own]
     if worker.world_size > 1:
         states = [None] * worker.world_size
         dist.all_gather_object(states, own)
-    return {"cpu_rng_by_rank": [cpu for cpu, _ in states], "cuda_rng_by_rank": [cuda for _, cuda in states]}
+    return {"cpu_rng_by_rank": [cpu for cpu, _, _ in states], "cuda_rng_by_rank": [cuda for _, cuda, _ in states],
+            "train_sums_by_rank": [sums for _, _, sums in states]}
 
 
 def restore_rng_states(state: dict, device: torch.device, worker: Worker) -> None:
@@ -222,6 +229,26 @@ def restore_rng_states(state: dict, device: torch.device, worker: Worker) -> Non
     cuda = state["cuda_rng_by_rank"][worker.rank]
     if device.type == "cuda" and cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
+
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def preemption_requests() -> Iterator[list[str]]:
+    """SIGTERM and SIGUSR1 (how SLURM preempts, requeues or ends a job; `sbatch --signal` sends the second ahead
+    of time) ask the cell to stop at its next sync point with a checkpoint; the list gets the signal's name."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may take signals
+        yield received
+        return
+    previous = {number: signal.signal(number, lambda got, _frame: received.append(signal.Signals(got).name))
+                for number in PREEMPTION_SIGNALS}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, progress: Progress, settings: Settings,
@@ -272,7 +299,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, settings: S
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     restore_rng_states(state, device, worker)
-    progress = Progress(**state["progress"])
+    progress = Progress(**{**state["progress"], "train_sums": tuple(state["train_sums_by_rank"][worker.rank])})
     progress.resumed_from_step = progress.step
     return progress
 
@@ -330,11 +357,13 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
     With several workers each sees its slice of every global batch, gradients are
     averaged by DDP, losses and accuracies are summed over workers, and only rank 0 writes.
     """
-    with fp32_mode(settings.tf32, settings.deterministic):  # fp32 is IEEE float32 unless the cell allows TF32
-        return _train(settings, out_dir, worker, time_limit_s)
+    # fp32 is IEEE float32 unless the cell allows TF32; a SIGTERM stops the cell with a checkpoint, not at once
+    with fp32_mode(settings.tf32, settings.deterministic), preemption_requests() as stop_requests:
+        return _train(settings, out_dir, worker, time_limit_s, stop_requests)
 
 
-def _train(settings: Settings, out_dir: Path, worker: Worker, time_limit_s: float | None) -> dict:
+def _train(settings: Settings, out_dir: Path, worker: Worker, time_limit_s: float | None,
+           stop_requests: list[str]) -> dict:
     started = time.perf_counter()
     out_dir = Path(out_dir)
     device = resolve_device(settings.device, worker)
@@ -372,9 +401,20 @@ def _train(settings: Settings, out_dir: Path, worker: Worker, time_limit_s: floa
     # steps), where one collective and one read find the first diverged step among them: no sync per step.
     window_losses: list[torch.Tensor] = []
     skip_flags: list[tuple[int, torch.Tensor]] = []  # (step, skipped?) on the device since the last sync point (fp16)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
+    loss_sum = torch.tensor(float(progress.train_sums[0]), device=device)
+    correct = torch.tensor(int(progress.train_sums[1]), device=device, dtype=torch.int64)
+    seen = int(progress.train_sums[2])
+
+    def save_state() -> None:
+        """The resumable state after progress.step: every worker gathers, rank 0 writes."""
+        rng = rng_states(device, worker, (loss_sum.item(), int(correct.item()), seen))
+        if worker.is_main:
+            results.write_jsonl(out_dir / results.METRICS, progress.metrics)
+            results.write_jsonl(out_dir / results.PROBES, progress.probes)
+            elapsed = time.perf_counter() - started  # the checkpoint counts this session's time too
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, precision.scaler,
+                            dataclasses.replace(progress, wall_time_s=progress.wall_time_s + elapsed), settings, rng)
+
     permutation, permutation_epoch = None, None
     clock = DeviceClock(device)
     interval_started = clock.mark()
@@ -462,6 +502,7 @@ def _train(settings: Settings, out_dir: Path, worker: Worker, time_limit_s: floa
             if out_of_time and progress.step < total_steps:
                 timed_out_reason = f"time limit of {time_limit_s:g} s reached after step {progress.step} of {total_steps}"
                 evaluating = True
+            preempted = any_worker(bool(stop_requests), device) and progress.step < total_steps
             if evaluating:
                 progress.train_time_s += clock.seconds(interval_started, clock.mark()) - probe_s
                 progress.probe_time_s += probe_s
@@ -480,20 +521,22 @@ def _train(settings: Settings, out_dir: Path, worker: Worker, time_limit_s: floa
                 if worker.is_main:
                     bar.write(f"step {progress.step}/{total_steps} epoch {progress.step / steps_per_epoch:.2f} "
                               f"train_loss {train_loss:.4f} test_acc {test_acc:.4f}")
-                rng = rng_states(device, worker) if progress.step < total_steps else None  # every worker gathers
-                if worker.is_main and rng:  # at the last evaluation the finished cell's files follow instead
-                    results.write_jsonl(out_dir / results.METRICS, progress.metrics)
-                    results.write_jsonl(out_dir / results.PROBES, progress.probes)
-                    elapsed = time.perf_counter() - started  # the checkpoint counts this session's time too
-                    save_checkpoint(checkpoint_path, model, optimizer, scheduler, precision.scaler,
-                                    dataclasses.replace(progress, wall_time_s=progress.wall_time_s + elapsed), settings,
-                                    rng)
                 loss_sum.zero_()
                 correct.zero_()
                 seen = 0
+                if progress.step < total_steps:  # at the last evaluation the finished cell's files follow instead
+                    save_state()
                 interval_started = clock.mark()
             if timed_out_reason:
                 break
+            if preempted:
+                if not evaluating:  # between evaluations: this interval's time and train sums go in the checkpoint
+                    progress.train_time_s += clock.seconds(interval_started, clock.mark()) - probe_s
+                    progress.probe_time_s += probe_s
+                    save_state()
+                raise Preempted(f"stopped by {stop_requests[0] if stop_requests else 'another worker'} after step "
+                                f"{progress.step} of {total_steps}, its checkpoint saved; run the cell again to "
+                                f"continue")
     except (torch.cuda.OutOfMemoryError, MemoryError) as error:
         failed_reason = f"out of memory at step {progress.step}: {(str(error) or type(error).__name__).splitlines()[0]}"
         if device.type == "cuda":
