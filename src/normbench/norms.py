@@ -157,37 +157,43 @@ class BatchRenorm(AnyRankBatchNorm):
         self.relax_steps = relax_steps
         self.ghost_batch = ghost_batch
 
+    def _running_before_each(self, running: torch.Tensor, batches: torch.Tensor) -> torch.Tensor:
+        """The running estimate before each of G updates with `batches` (G, C) in turn, and after the last: row i
+        is (1-m)^i running + m sum_{j<i} (1-m)^(i-1-j) batches[j], the lerp of BN's momentum applied G times."""
+        keep = 1.0 - self.momentum
+        powers = keep ** torch.arange(len(batches) + 1, dtype=batches.dtype, device=batches.device)
+        weighted = torch.cat([torch.zeros_like(batches[:1]), batches / powers[1:, None]]).cumsum(0)
+        return powers[:, None] * (running + self.momentum * weighted)
+
     def limits(self) -> tuple[float, float]:
         """(rmax, dmax) at this layer's current step."""
         step, start = int(self.num_batches_tracked), self.relax_steps / 8
         ramp = lambda end: min(max((step - start) / (end - start), 0.0), 1.0)  # noqa: E731
         return 1.0 + (self.RMAX - 1.0) * ramp(self.relax_steps), self.DMAX * ramp(self.relax_steps * 5 / 8)
 
-    def _renormalize(self, x: torch.Tensor, rmax: float, dmax: float) -> torch.Tensor:
-        dims = [0, *range(2, x.dim())]
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        with torch.no_grad():
-            var, mean = torch.var_mean(x, dims, unbiased=False)
-            running_std = (self.running_var + self.eps).sqrt()
-            r = ((var + self.eps).sqrt() / running_std).clamp(1 / rmax, rmax)
-            d = ((mean - self.running_mean) / running_std).clamp(-dmax, dmax)
-            count = x.numel() / x.shape[1]
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * count / max(count - 1, 1), self.momentum)
-        # (x - mu_B) / sigma_B through BN's own fused kernel; r and d are constants, so the gradient is BRN's.
-        x_hat = F.batch_norm(x, None, None, training=True, eps=self.eps)
-        return (x_hat * r.view(shape) + d.view(shape)) * self.weight.view(shape) + self.bias.view(shape)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
         rmax, dmax = self.limits()
-        if self.ghost_batch:
-            y = torch.cat([self._renormalize(chunk, rmax, dmax) for chunk in x.split(self.ghost_batch)])
-        else:
-            y = self._renormalize(x, rmax, dmax)
+        # All virtual batches at once, (G, n, C, ...): one reduction for their statistics, which stay
+        # differentiable (BRN differentiates through mu_B and sigma_B, not through r and d).
+        groups = x.shape[0] // self.ghost_batch if self.ghost_batch else 1
+        xs = x.reshape(groups, -1, *x.shape[1:])
+        var, mean = torch.var_mean(xs, [1, *range(3, xs.dim())], unbiased=False, keepdim=True)
+        with torch.no_grad():  # r and d of each virtual batch against the running statistics as they stand then
+            count = xs[0].numel() / x.shape[1]
+            batch_mean, batch_var = mean.reshape(groups, -1), var.reshape(groups, -1) * count / max(count - 1, 1)
+            running_mean = self._running_before_each(self.running_mean, batch_mean)  # (G + 1, C)
+            running_var = self._running_before_each(self.running_var, batch_var)
+            running_std = (running_var[:-1] + self.eps).sqrt()
+            r = ((var.reshape(groups, -1) + self.eps).sqrt() / running_std).clamp(1 / rmax, rmax).view_as(var)
+            d = ((batch_mean - running_mean[:-1]) / running_std).clamp(-dmax, dmax).view_as(mean)
+            self.running_mean.copy_(running_mean[-1])
+            self.running_var.copy_(running_var[-1])
         self.num_batches_tracked += 1
-        return y
+        shape = [1, 1, -1] + [1] * (x.dim() - 2)
+        y = ((xs - mean) / (var + self.eps).sqrt() * r + d) * self.weight.view(shape) + self.bias.view(shape)
+        return y.reshape(x.shape)
 
 
 class FilterResponseNorm(nn.Module):
