@@ -277,3 +277,26 @@ def test_filter_response_norm_with_tlu_matches_its_definition():
     torch.testing.assert_close(layer(x[:1]), layer(x)[:1])  # no batch statistics
     with pytest.raises(ValueError, match="norm 'frn' normalizes each channel over its spatial map"):
         norm_factory("frn", "features")
+
+
+@pytest.mark.parametrize("momentum, virtual_batches", [(0.1, 4), (0.9, 64)])
+def test_batch_renorm_over_virtual_batches_equals_one_virtual_batch_after_another(momentum, virtual_batches):
+    """The one-pass form against its definition: each virtual batch renormalized against the running statistics
+    as the ones before it left them, after the schedule relaxed (r and d clipped), with many virtual batches."""
+    torch.manual_seed(9)
+    x = torch.randn(2 * virtual_batches, 3, 2, 2, dtype=torch.float64) * 2 + 1
+    layer = BatchRenorm(3, relax_steps=8, ghost_batch=2, momentum=momentum).double().train()
+    one_at_a_time = BatchRenorm(3, relax_steps=8, momentum=momentum).double().train()
+    for brn in (layer, one_at_a_time):
+        brn.num_batches_tracked.fill_(7)  # relaxed: rmax about 2.7, dmax 5
+        with torch.no_grad():
+            brn.running_mean.copy_(torch.tensor([3.0, -1.0, 0.2]))
+            brn.running_var.copy_(torch.tensor([0.5, 4.0, 1.0]))
+    expected = []
+    for chunk in x.split(2):
+        one_at_a_time.num_batches_tracked.fill_(7)
+        expected.append(one_at_a_time(chunk))
+    torch.testing.assert_close(layer(x), torch.cat(expected), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(layer.running_mean, one_at_a_time.running_mean, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(layer.running_var, one_at_a_time.running_var, rtol=1e-9, atol=1e-12)
+    assert torch.isfinite(layer.running_var).all() and int(layer.num_batches_tracked) == 8

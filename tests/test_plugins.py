@@ -97,6 +97,14 @@ def test_a_plugin_trains_through_the_workflow_and_is_traced_to_its_file(tmp_path
     planned = snakemake(tmp_path, "--dry-run")
     assert re.search(r"^train\s+2$", planned.stdout, re.MULTILINE), planned.stdout[-3000:]  # its two seeds
 
+    (tmp_path / "other").mkdir()
+    shutil.copy(plugin, tmp_path / "other/my_norm.py")  # the same short name, my_norm.MeanOnlyBatchNorm
+    config["studies"]["mine"]["grid"]["norm"] = [reference, f"{tmp_path}/other/my_norm.py:MeanOnlyBatchNorm"]
+    config["studies"]["mine"]["claims"] = []
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    clash = snakemake(tmp_path, "--dry-run")
+    assert clash.returncode != 0 and "share the short name 'my_norm.MeanOnlyBatchNorm'" in clash.stderr + clash.stdout
+
     config["studies"]["mine"]["grid"]["norm"] = ["bn", f"{tmp_path}/missing.py:Norm"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     refused = snakemake(tmp_path, "--dry-run")

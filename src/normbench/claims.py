@@ -131,8 +131,8 @@ def _paired(cells: pd.DataFrame, value: pd.Series, axis: str, a, b,
     """combine(value(a), value(b)), a difference unless told otherwise, for cells alike in every other setting,
     averaged per seed."""
     keys = [c for c in dict.fromkeys([*varying_settings(cells), "seed"]) if c != axis]
-    wide = cells.assign(_value=value).pivot_table(index=keys, columns=axis, values="_value")
-    return combine(wide[a], wide[b]).groupby(level="seed").mean()
+    wide = cells.assign(_value=value).pivot_table(index=keys, columns=axis, values="_value").reindex(columns=[a, b])
+    return combine(wide[a], wide[b]).groupby(level="seed").mean()  # a side without cells: no seed gives a value
 
 
 # -- intervals ---------------------------------------------------------------------------------------------

@@ -19,11 +19,13 @@ def _train(args: argparse.Namespace) -> None:
 
     values = load_settings_file(args.from_file) if args.from_file else {}
     values.update(parse_assignments(args.set))
-    settings = make_settings(values)
     if not under_torchrun():  # an outer torchrun (several nodes) places its own workers
         from normbench.devices import assign_gpus
 
-        assign_gpus(settings.world_size, settings.device)  # before anything starts CUDA
+        # Before anything may start CUDA, a plugin's import (in the check below) included.
+        world_size = values.get("world_size", 1)
+        assign_gpus(world_size if isinstance(world_size, int) else 1, values.get("device", "auto"))
+    settings = make_settings(values)
     summary = run_cell(settings, args.out, args.threads, args.timeout, args.time_limit, args.force)
     if under_torchrun() and int(os.environ["RANK"]) != 0:
         return

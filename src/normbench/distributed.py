@@ -24,6 +24,9 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 
+SHUTDOWN_TIMEOUT_S = 300  # how long stopped workers may take to reach a sync point before they are killed
+
+
 class Preempted(RuntimeError):
     """The cell stopped on a signal (SIGTERM, SIGUSR1) after saving its checkpoint; rerunning it continues."""
 
@@ -53,12 +56,19 @@ def launch(world_size: int, entrypoint: Callable, *args) -> None:
         min_nodes=1, max_nodes=1, nproc_per_node=world_size, run_id=f"normbench-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
         monitor_interval=0.2,
+        # SIGUSR1 (SLURM's warning ahead of the time limit) too: the agent passes it on instead of dying of it,
+        # and gives the workers time to reach their next sync point and checkpoint before it kills them.
+        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
     try:
         elastic_launch(config, entrypoint)(*args)
-    except SignalException as error:  # the launcher's own stop; it gave the workers time to checkpoint first
-        raise Preempted(f"stopped by {signal.Signals(error.sigval).name}: each worker saved the cell's state at its "
-                        f"next sync point; run the cell again to continue") from None
+    except SignalException as error:  # the launcher's own stop, passed on to the workers
+        name = signal.Signals(error.sigval).name
+        if error.sigval in (signal.SIGTERM, signal.SIGUSR1):  # the workers' own handlers checkpoint on these
+            raise Preempted(f"stopped by {name}: the workers saved the cell's state at their next sync point; run "
+                            f"the cell again to continue") from None
+        raise WorkerFailed(f"stopped by {name}: the workers ended without a checkpoint since the last evaluation; "
+                           f"run the cell again to continue from there") from None
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         message = failure.message["message"] if isinstance(failure.message, dict) else failure.message

@@ -161,9 +161,10 @@ class BatchRenorm(AnyRankBatchNorm):
         """The running estimate before each of G updates with `batches` (G, C) in turn, and after the last: row i
         is (1-m)^i running + m sum_{j<i} (1-m)^(i-1-j) batches[j], the lerp of BN's momentum applied G times."""
         keep = 1.0 - self.momentum
-        powers = keep ** torch.arange(len(batches) + 1, dtype=batches.dtype, device=batches.device)
-        weighted = torch.cat([torch.zeros_like(batches[:1]), batches / powers[1:, None]]).cumsum(0)
-        return powers[:, None] * (running + self.momentum * weighted)
+        steps = torch.arange(len(batches) + 1, dtype=batches.dtype, device=batches.device)
+        lag = steps[:, None] - 1 - steps[None, :-1]  # i - 1 - j: (G + 1, G)
+        weights = torch.where(lag >= 0, self.momentum * keep ** lag.clamp(min=0), 0.0)  # no division: no overflow
+        return keep ** steps[:, None] * running + weights @ batches
 
     def limits(self) -> tuple[float, float]:
         """(rmax, dmax) at this layer's current step."""

@@ -88,7 +88,8 @@ def short_name(reference: str) -> str:
     """A readable name for folders and figure labels: `file.Name` or `module.Name` (config.json keeps the whole
     reference)."""
     source, name = _split(reference)
-    return f"{Path(source).stem if _is_file(source) else source.rsplit('.', 1)[-1]}.{name}"
+    readable = f"{Path(source).stem if _is_file(source) else source.rsplit('.', 1)[-1]}.{name}"
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", readable)  # safe in a folder name and a shell word
 
 
 def provenance(references: list[str]) -> dict[str, dict]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import itertools
 import json
 import math
 import os
@@ -516,6 +515,12 @@ def study_section(name: str, spec: dict, cells: pd.DataFrame, curves: pd.DataFra
     return section
 
 
+def shown(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with plugged-in norms and models by their short names: a path would swamp every label."""
+    return table.assign(**{column: table[column].map(lambda name: short_name(name) if is_plugin(name) else name)
+                           for column in ("norm", "model") if column in table})
+
+
 def leaderboard(by_study: dict[str, claims.Tables], studies: dict[str, dict]) -> dict | None:
     """Every norm of the run, built in or plugged in, per study: final accuracy over seeds with its interval, the
     mean first step at the study's target accuracy (where it sets one), step time relative to BN in the same study
@@ -713,9 +718,6 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
     cells = cells.drop(failed.index)
     curves, probes = (table[~table["cell_dir"].isin(failed["cell_dir"])] if "cell_dir" in table else table
                       for table in (curves, probes))
-    for table, column in itertools.product((cells, curves, probes), ("norm", "model")):
-        if column in table:  # a plugged-in norm or model by its short name: a path would swamp every label
-            table[column] = table[column].map(lambda name: short_name(name) if is_plugin(name) else name)
     run = read_json(invocation) if invocation and invocation.exists() else {}
     origin = origins(cells, run.get("started"))
     cells["trained"] = trained(cells, origin)
@@ -729,8 +731,10 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
                                                  key=lambda item: order.get(item[0], len(order)))}
     if not rounds.empty:
         by_study["benchmarks"] = claims.Tables(bench=rounds)
-    verdicts = claims.evaluate(claims.claim_sections(config), by_study)
+    verdicts = claims.evaluate(claims.claim_sections(config), by_study)  # on the full plugin references
     write_table(claims_table(verdicts), out.parent / "claims.csv")
+    by_study = {study: claims.Tables(*(shown(table) for table in (tables_.cells, tables_.curves, tables_.probes)),
+                                     tables_.bench) for study, tables_ in by_study.items()}
     sections = [
         study_section(study, studies.get(study, {}), tables_.cells, tables_.curves, tables_.probes,
                       out.parent.resolve(), figures_dir)

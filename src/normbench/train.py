@@ -538,10 +538,15 @@ def _train(settings: Settings, out_dir: Path, worker: Worker, time_limit_s: floa
                                 f"{progress.step} of {total_steps}, its checkpoint saved; run the cell again to "
                                 f"continue")
     except (torch.cuda.OutOfMemoryError, MemoryError) as error:
+        if worker.world_size > 1:  # the other workers wait in a collective: the cell fails as a whole
+            raise
         failed_reason = f"out of memory at step {progress.step}: {(str(error) or type(error).__name__).splitlines()[0]}"
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()
+    if threading.current_thread() is threading.main_thread():  # past the last sync point a signal ends the cell
+        for number in PREEMPTION_SIGNALS:                        # at once (it is rerun from its checkpoint)
+            signal.signal(number, signal.SIG_DFL)
     synchronize(device)
     if diverged_reason is not None or failed_reason is not None:  # the steps since the last evaluation still count
         progress.train_time_s += clock.seconds(interval_started, clock.mark()) - probe_s

@@ -111,8 +111,11 @@ def _read_request(connection: socket.socket) -> tuple[dict, list[int]] | None:
         request = json.loads(message)
         if not (isinstance(request, dict) and isinstance(request.get("argv"), list)
                 and all(isinstance(word, str) for word in request["argv"]) and isinstance(request.get("cwd"), str)
-                and isinstance(request.get("env"), dict) and len(fds) == 3):
-            raise ValueError("expected {argv: [str], cwd: str, env: {...}} and the three standard streams")
+                and isinstance(request.get("env"), dict) and len(fds) == 3
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in request["env"].items())
+                and os.path.isdir(request["cwd"])):
+            raise ValueError("expected {argv: [str], cwd: an existing folder, env: {str: str}} and the three "
+                             "standard streams")
     except ValueError as error:
         print(f"normbench warm: refused a malformed request: {error}", file=sys.stderr, flush=True)
         for fd in fds:

@@ -13,7 +13,7 @@ from snakemake.utils import Paramspace, validate
 
 from normbench.cells import study_cells
 from normbench.claims import check_claims, claim_sections
-from normbench.config import Settings, format_assignment, normalize_workflow_config
+from normbench.config import Settings, SettingsError, format_assignment, normalize_workflow_config
 from normbench.data import dataset_files
 from normbench.captions import FIGURE_CAPTIONS
 from normbench.plugins import is_plugin, short_name, source_file as plugin_source
@@ -57,6 +57,12 @@ def study_settings(study):
 # One Paramspace per study; a cell's folder spells its grid values (norm~gn/batch_size~4/...), a plugin by its short
 # name (norm~my_norm.MyNorm: a path would nest folders); config.json keeps the whole reference.
 GRIDS = {study: study_cells(study, {**spec, "fixed": study_settings(study)}) for study, spec in config["studies"].items()}
+for study, cells in GRIDS.items():  # two plugins of one short name would share a folder: refuse it
+    references = {v for cell in cells for v in cell.values() if is_plugin(v)}
+    clashes = [ref for ref in references if sum(short_name(other) == short_name(ref) for other in references) > 1]
+    if clashes:
+        raise SettingsError(f"study {study!r}: plugins {', '.join(sorted(clashes))} share the short name "
+                         f"{short_name(clashes[0])!r} that names their cells' folders; rename one file or object")
 SPACES = {
     study: Paramspace(
         pd.DataFrame([{axis: short_name(v) if is_plugin(v) else v for axis, v in cell.items()} for cell in cells],
@@ -96,7 +102,8 @@ onstart:
         # Each train job claims GPUs of its own among these (normbench.devices), instead of all taking cuda:0.
         if cuda_at_plan():
             os.environ[devices.GPUS_ENV] = ",".join(machine_gpus())
-            os.environ[devices.LOCKS_ENV] = os.path.join(run_folder, "gpu-locks")
+            # one folder per user on this machine: concurrent workflows see each other's GPUs taken
+            os.environ[devices.LOCKS_ENV] = os.path.join(tempfile.gettempdir(), f"normbench-gpu-locks-{os.getuid()}")
 
 
 def report_inputs():

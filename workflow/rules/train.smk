@@ -48,5 +48,5 @@ rule train:
         time_limit_s=cell_time_limit_s,
     # --force: Snakemake decides when a cell is out of date; a checkpoint of the same settings still resumes.
     shell:
-        "normbench train --out {params.folder} --force --threads {threads} --time-limit {resources.time_limit_s} "
+        "normbench train --out {params.folder:q} --force --threads {threads} --time-limit {resources.time_limit_s} "
         "--set {params.assignments} > {log} 2>&1"
