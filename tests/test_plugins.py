@@ -81,7 +81,7 @@ def test_a_plugin_trains_through_the_workflow_and_is_traced_to_its_file(tmp_path
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     run = snakemake(tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    cell = tmp_path / "results/runs/mine/norm~my_norm.MeanOnlyBatchNorm"
+    cell = tmp_path / "results/runs/mine/norm~my_norm.MeanOnlyBatchNorm/seed~0"
     assert read_json(cell / "config.json")["norm"] == reference
     assert read_json(cell / "env.json")["plugins"][reference]["sha256"] == hashlib.sha256(plugin.read_bytes()).hexdigest()
     cells = pd.read_csv(tmp_path / "results/tables/cells.csv")

@@ -102,7 +102,7 @@ def test_report_renders_in_chromium_with_every_image_and_no_errors(page, tmp_pat
     images = evaluate("[...document.images].map(i => [i.complete, i.naturalWidth])")
     assert len(images) == 3 and all(complete and width > 0 for complete, width in images)
     assert evaluate("document.querySelector('#claims tbody tr').textContent").count("C1") == 1
-    assert evaluate("document.querySelectorAll('#claims tbody tr').length") == 14  # C1..C13, C2 in two rows
+    assert evaluate("document.querySelectorAll('#claims tbody tr').length") == 17  # C1..C16, C2 in two rows
     # Clicking the first header of a cell table sorts its rows by that column, descending on a second click.
     order = ("(() => { const t = document.querySelector('#study-lr table.sortable'); t.tHead.rows[0].cells[0].click();"
              " t.tHead.rows[0].cells[0].click(); return [...t.tBodies[0].rows].map(r => r.cells[0].textContent); })()")
