@@ -1,6 +1,7 @@
 # Validation and grid expansion, done while the workflow is parsed: a bad
 # config stops here, before any job runs.
 import datetime
+import functools
 import json
 import os
 import shlex
@@ -160,19 +161,14 @@ def cell_mem_mb(wildcards):
     return study_resources(wildcards.study)["mem_mb"]
 
 
+@functools.cache
 def cuda_at_plan():
     """Whether `device: auto` means CUDA: torch sees a GPU on the machine that plans the workflow. (A cluster whose
     login node has none, but whose nodes do, says `device: cuda` in the config.) Asked once, in this process,
     which forks no jobs (the warm server is a process of its own)."""
-    global CUDA_AT_PLAN
-    if CUDA_AT_PLAN is None:
-        import torch
+    import torch
 
-        CUDA_AT_PLAN = torch.cuda.is_available()
-    return CUDA_AT_PLAN
-
-
-CUDA_AT_PLAN = None
+    return torch.cuda.is_available()
 
 
 def machine_gpus():
