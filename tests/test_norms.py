@@ -182,7 +182,7 @@ def test_batch_renorm_relaxes_on_the_papers_schedule_and_corrects_towards_runnin
     schedule = {}
     for step in (0, 100, 450, 500, 800, 5000):  # plain BN until 1/8; dmax full at 5/8; rmax full at the end
         layer.num_batches_tracked.fill_(step)
-        schedule[step] = layer.limits()
+        schedule[step] = tuple(float(limit) for limit in layer.limits())
     assert schedule[0] == schedule[100] == (1.0, 0.0)
     assert schedule[450] == pytest.approx((2.0, 5.0 * 350 / 400)) and schedule[500][1] == 5.0
     assert schedule[800] == schedule[5000] == (3.0, 5.0)

@@ -166,10 +166,11 @@ class BatchRenorm(AnyRankBatchNorm):
         weights = torch.where(lag >= 0, self.momentum * keep ** lag.clamp(min=0), 0.0)  # no division: no overflow
         return keep ** steps[:, None] * running + weights @ batches
 
-    def limits(self) -> tuple[float, float]:
-        """(rmax, dmax) at this layer's current step."""
-        step, start = int(self.num_batches_tracked), self.relax_steps / 8
-        ramp = lambda end: min(max((step - start) / (end - start), 0.0), 1.0)  # noqa: E731
+    def limits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rmax, dmax) at this layer's current step, as tensors on its device: reading the step to the host would
+        wait for the GPU in every layer of every step."""
+        step, start = self.num_batches_tracked.float(), self.relax_steps / 8
+        ramp = lambda end: ((step - start) / (end - start)).clamp(0.0, 1.0)  # noqa: E731
         return 1.0 + (self.RMAX - 1.0) * ramp(self.relax_steps), self.DMAX * ramp(self.relax_steps * 5 / 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
