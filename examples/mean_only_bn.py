@@ -6,6 +6,8 @@ Name it anywhere a built-in norm goes, e.g. `norm: [bn, "examples/mean_only_bn.p
 study's grid, or `normbench train --set norm=examples/mean_only_bn.py:MeanOnlyBatchNorm ...`. normbench calls
 `MeanOnlyBatchNorm(num_features, layout=layout)`, layout being "channels" (N, C, H, W), "features" (N, F) or
 "tokens" (N, T, F); `layouts` lists the ones this norm supports, and the rest are refused before any job runs.
+`batch_statistics = True` says it normalizes over the batch, so `ghost_batch` applies to it (each virtual batch
+normalized on its own in training, as for ghostbn).
 """
 
 import torch
@@ -14,6 +16,7 @@ from torch import nn
 
 class MeanOnlyBatchNorm(nn.Module):
     layouts = ("channels", "features")
+    batch_statistics = True
 
     def __init__(self, num_features: int, layout: str, momentum: float = 0.1) -> None:
         super().__init__()

@@ -32,6 +32,29 @@ def test_the_example_norm_is_mean_only_batch_norm(layout, shape, dims):
     torch.testing.assert_close(layer.running_mean, 0.1 * x.mean(dims))
 
 
+def test_a_plugin_with_batch_statistics_takes_ghost_batches_like_ghostbn(tmp_path):
+    (tmp_path / "bnplugin.py").write_text(
+        "import torch\n"
+        "class BN(torch.nn.BatchNorm2d):\n"
+        "    batch_statistics = True\n"
+        "    def __init__(self, num_features, layout):\n"
+        "        super().__init__(num_features)\n")
+    plugin = norm_factory(f"{tmp_path}/bnplugin.py:BN", "channels", ghost_batch=2)(3).double().train()
+    builtin = norm_factory("ghostbn", "channels", ghost_batch=2)(3).double().train()
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64) * 2 + 1
+    torch.testing.assert_close(plugin(x), builtin(x))
+    torch.testing.assert_close(plugin.norm.running_var, builtin.running_var)  # four virtual batches, in turn
+    torch.testing.assert_close(plugin.eval()(x), builtin.eval()(x))
+
+
+def test_ghost_batches_are_refused_for_a_plugin_without_batch_statistics(tmp_path):
+    (tmp_path / "plain.py").write_text("import torch\ndef Norm(n, layout):\n    return torch.nn.Identity()\n")
+    with pytest.raises(SettingsError, match=r"declares no batch statistics, so ghost_batch does not apply to it; "
+                                            r"set `batch_statistics = True`"):
+        make_settings({"model": "resnet", "depth": 8, "width": 8, "batch_size": 8, "ghost_batch": 2,
+                       "norm": f"{tmp_path}/plain.py:Norm"})
+
+
 def test_a_module_reference_loads_like_a_file(tmp_path, monkeypatch):
     (tmp_path / "mynorms").mkdir()
     (tmp_path / "mynorms/__init__.py").write_text("")

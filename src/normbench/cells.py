@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from normbench.config import Settings, SettingsError, check_against_schema
 from normbench.data import model_io
+from normbench.plugins import is_plugin
 
 # The settings that decide a model's shapes and layers; cells alike in these share one trial build.
 ARCHITECTURE = ("dataset", "text_path", "context", "model", "depth", "width", "activation", "heads", "patch_size",
@@ -52,9 +53,10 @@ def _check_consistency(settings: Settings) -> None:
     if settings.dropout and transformer:
         raise SettingsError(f"setting 'dropout': applies to mlp, cnn and resnet models, not {settings.model!r}")
     if (settings.norm == "ghostbn" and settings.ghost_batch is None) or (
-            settings.ghost_batch is not None and settings.norm not in ("ghostbn", "brn")):
-        raise SettingsError(f"setting 'ghost_batch': set it for norm ghostbn (brn may take it too), and only for "
-                            f"them (norm is {settings.norm!r}, ghost_batch {settings.ghost_batch!r})")
+            settings.ghost_batch is not None and settings.norm not in ("ghostbn", "brn") and not is_plugin(settings.norm)):
+        raise SettingsError(f"setting 'ghost_batch': set it for norm ghostbn (brn and plugins with batch statistics "
+                            f"may take it too), and only for them (norm is {settings.norm!r}, ghost_batch "
+                            f"{settings.ghost_batch!r})")
     if settings.ghost_batch is not None and settings.batch_size % settings.ghost_batch:
         raise SettingsError(f"setting 'ghost_batch': {settings.ghost_batch} does not divide batch_size "
                             f"{settings.batch_size}; ghost batches must split each batch evenly")

@@ -274,14 +274,32 @@ class FeaturesFirst(nn.Module):
         return self.norm(x.transpose(1, 2)).transpose(1, 2)
 
 
-def plugin_norm(reference: str, layout: str) -> NormLayer:
+class GhostBatches(nn.Module):
+    """A user's batch-statistics norm applied, in training, to each virtual batch of `ghost_batch` samples in turn
+    (as GhostBatchNorm does for BN); evaluation passes the whole batch."""
+
+    def __init__(self, norm: nn.Module, ghost_batch: int) -> None:
+        super().__init__()
+        self.norm, self.ghost_batch = norm, ghost_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.norm(x)
+        return torch.cat([self.norm(chunk) for chunk in x.split(self.ghost_batch)])
+
+
+def plugin_norm(reference: str, layout: str, ghost_batch: int | None = None) -> NormLayer:
     """A user's norm through the same door as the built-ins: called as `obj(num_features, layout=layout)`. An
-    object may declare `layouts`, the ones it supports; anything else is refused here, at plan time."""
+    object may declare `layouts`, the ones it supports (anything else is refused here, at plan time), and
+    `batch_statistics = True` if it normalizes over the batch, so that `ghost_batch` applies to it."""
     norm = load_object(reference)
     supported = tuple(getattr(norm, "layouts", LAYOUTS))
     if layout not in supported:
         raise PluginError(f"norm {reference!r} supports the layouts {', '.join(supported)}, not {layout} "
                           f"(its `layouts`)")
+    if ghost_batch is not None and not getattr(norm, "batch_statistics", False):
+        raise PluginError(f"norm {reference!r} declares no batch statistics, so ghost_batch does not apply to it; "
+                          f"set `batch_statistics = True` on it if it normalizes over the batch")
 
     def make(num_features: int) -> nn.Module:
         try:
@@ -291,7 +309,7 @@ def plugin_norm(reference: str, layout: str) -> NormLayer:
                               f"{type(error).__name__}: {error}") from None
         if not isinstance(module, nn.Module):
             raise PluginError(f"norm {reference!r} returned a {type(module).__name__}, not a torch.nn.Module")
-        return module
+        return module if ghost_batch is None else GhostBatches(module, ghost_batch)
 
     return make
 
@@ -314,7 +332,7 @@ def norm_factory(
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known layouts: {', '.join(LAYOUTS)}")
     if is_plugin(name):
-        return plugin_norm(name, layout)
+        return plugin_norm(name, layout, ghost_batch)
     if name not in NORM_NAMES:
         raise ValueError(f"unknown norm {name!r}; known norms: {', '.join(NORM_NAMES)}, or your own as "
                          f"path/to/file.py:Name")
