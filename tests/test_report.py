@@ -1,6 +1,7 @@
 """The report from synthetic tables whose truth is known: axes, learning-rate table, escaping, self-containment."""
 
 import itertools
+import math
 import re
 
 import pandas as pd
@@ -79,11 +80,15 @@ def test_report_is_self_contained_and_escapes_config_text(tmp_path):
     assert "Learning-rate range and speed to target" in html and "Numerical error of the norm layers" in html
     assert re.search(r"Computed on\s+\S", html) and "Computed on\nnot recorded" not in html  # the device it ran on
     assert "https://" not in html and "http://" not in html
-    # The claims table comes first: bn stable from 0.01 to 1, none only at 0.1 (two seeds agree exactly).
+    # The claims table comes first: bn stable up to the top lr 1 (so at least there), none up to 0.1 and unstable at
+    # 1: BN's boundary lies at least 0 decades above none's, and nothing bounds it from above.
     assert html.index('id="claims"') < html.index('id="study-lr"')
     claims = pd.read_csv(tmp_path / "claims.csv").set_index("claim")
-    assert claims.loc["C3", "verdict"] == "supported" and claims.loc["C3", "estimate"] == 1.0
+    assert claims.loc["C3", "verdict"] == "inconclusive" and claims.loc["C3", "estimate"] == 0.0
+    assert claims.loc["C3", "ci_high"] == float("inf") and claims.loc["C3", "censored_samples"] == 2
+    assert "extend the grid" in claims.loc["C3", "note"] and math.isnan(claims.loc["C3", "seeds_needed"])
     assert claims.loc["C3", "samples"] == 2 and claims.loc["C1", "verdict"] == "not run"
+    assert "no verdict was decided by a test" in html
 
 
 def test_cells_are_marked_reused_or_trained_in_this_run(tmp_path):
@@ -122,7 +127,7 @@ def test_report_command_takes_the_config_as_a_file_and_claims_sort_naturally(tmp
           str(tmp_path / "figures"), "--out", str(tmp_path / "report.html")])
     claims = pd.read_csv(tmp_path / "claims.csv")
     assert list(claims["claim"]) == ["C1", "C2a", "C2b", *(f"C{i}" for i in range(3, 17))]  # C2 before C13
-    assert claims.set_index("claim").loc["C3", "verdict"] == "supported"
+    assert claims.set_index("claim").loc["C3", "verdict"] == "inconclusive"
     html = (tmp_path / "report.html").read_text()
     assert html.index("<strong>C2b</strong>") < html.index("<strong>C3</strong>") < html.index("<strong>C13</strong>")
     assert "The folders are under" in html  # where the cell links point

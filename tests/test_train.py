@@ -12,7 +12,7 @@ from normbench.config import SettingsError, format_assignment
 from normbench.results import read_json, read_jsonl
 from normbench.train import train
 
-TIMING = {"elapsed_s", "train_time_s", "wall_time_s", "train_samples_per_s", "resumed_from_step", "forward_s", "backward_s",
+TIMING = {"elapsed_s", "train_time_s", "timed_steps", "wall_time_s", "train_samples_per_s", "resumed_from_step", "forward_s", "backward_s",
           "optimizer_s", "compile_time_s", "peak_memory_mb", "probe_time_s", "time_limit_s"}
 
 

@@ -51,7 +51,7 @@ def write_config(workdir: Path, fashion_root: Path, **study_changes) -> None:
 
 
 def without_timing(rows):
-    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in ("elapsed_s", "train_time_s", "timed_steps")} for row in rows]
 
 
 def test_workflow_runs_into_a_report_and_reruns_a_cell(tmp_path, fashion_root):
@@ -94,6 +94,18 @@ def test_workflow_runs_into_a_report_and_reruns_a_cell(tmp_path, fashion_root):
     assert set(re.findall(r"[a-z]+_[a-z_]+", summary_text)) <= set(summary)
     env = json.loads((cell / "env.json").read_text())
     assert {"tf32", "deterministic_algorithms", "cudnn_benchmark", "cudnn_deterministic"} <= set(env)
+
+    # The run's identity, its archive, and the run compared with its own archive: nothing flagged.
+    record = json.loads((tmp_path / "results/run.json").read_text())
+    assert record["cells"] == 8 and record["config"]["studies"]["tiny"]["claims"] == ["C6"]
+    assert {"run_id", "config_sha256", "commits", "machines", "started", "ended", "normbench"} <= set(record)
+    packed = subprocess.run([str(BIN / "normbench"), "archive", "results", "--out", "run.tar.gz"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert packed.returncode == 0 and (tmp_path / "run.tar.gz").stat().st_size < 2_000_000, packed.stderr
+    compared = subprocess.run([str(BIN / "normbench"), "compare", "results", "run.tar.gz", "--out",
+                               "reports/compare.html"], cwd=tmp_path, capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stderr
+    assert "0 differing verdicts, 8 shared cells, 0 step-time changes" in compared.stdout
 
     # `make setup` again (it runs `normbench data`) leaves every finished cell up to date.
     setup = subprocess.run([str(BIN / "normbench"), "data", "fashion_mnist", "--root", str(fashion_root)],

@@ -28,7 +28,8 @@ from normbench.config import SETTING_NAMES, Settings, SettingsError
 CONFIDENCE = 0.95
 POWER = 0.8  # of the t-test behind "detectable effect" and "seeds needed"
 MIN_SAMPLES = 3  # the fewest seeds "seeds needed" proposes
-CHANCE_ACCURACY = 0.1  # ten classes: what a diverged image classifier is worth
+MAX_SAMPLES = 10_000  # beyond it "seeds needed" says: no practical number
+CHANCE_ACCURACY = 0.1  # ten balanced classes: for cells from before summaries recorded their chance_acc
 BADLY_SCALED_INITS = ("normal-0.01", "normal-1")
 RULES = {
     "above": "effect > {threshold:g}",
@@ -48,8 +49,40 @@ class Tables:
 
 
 @dataclass(frozen=True)
+class Side:
+    """One end of an interval as a one-sample t summary on the analysis scale (logarithms for ratios): the mean,
+    standard error and count of the samples' lower (or upper) bounds. p-values against a threshold come from it."""
+
+    mean: float
+    sem: float
+    n: int
+
+    def end(self, upper: bool) -> float:
+        from scipy import stats  # here, not at the top: the workflow imports this module while it plans
+
+        quantile = stats.t.ppf((1 + CONFIDENCE) / 2, self.n - 1)
+        return self.mean + (1 if upper else -1) * quantile * self.sem
+
+    def p_beyond(self, threshold: float, above: bool) -> float:
+        """Two-sided p-value of the t-test of the mean against `threshold`, when the mean lies on the named side
+        (1 where it does not): below 1 - CONFIDENCE exactly when the interval excludes the threshold there."""
+        from scipy import stats
+
+        distance = (self.mean - threshold) if above else (threshold - self.mean)
+        if distance <= 0:
+            return 1.0
+        return 0.0 if self.sem == 0 else float(min(1.0, 2 * stats.t.sf(distance / self.sem, self.n - 1)))
+
+
+@dataclass(frozen=True)
 class Estimate:
-    """An effect with its 95% interval and what it rests on (`samples` seeds or rounds, `cells` runs)."""
+    """An effect with its 95% interval and what it rests on (`samples` seeds or rounds, `cells` runs).
+
+    A sample may be censored (a run that never reached the target, a grid boundary known only between two grid
+    points): it then counts as an interval, and the effect's interval runs from the t-interval's low end over the
+    samples' lower bounds to its high end over their upper bounds, infinite where a bound is missing. An upper bound
+    can so refute but never support an `above` rule, and a lower bound the reverse. Ratios are judged on the log
+    scale: `value` is then the geometric mean and the interval the exponentiated one of the logarithms."""
 
     value: float
     low: float
@@ -58,11 +91,27 @@ class Estimate:
     sample_unit: str
     cells: int
     note: str = ""
-    lower_bound: bool = False  # some samples were censored upward: the effect is at least this
     cell_unit: str = "cells"  # what `cells` counts: training runs, or benchmark cases
-    spread: float = math.nan  # sample standard deviation of the per-sample effects
+    spread: float = math.nan  # standard deviation of the per-sample effects (of their logarithms on the log scale)
     fails: str = ""  # a precondition of the claim that the run broke (the verdict is then refuted), e.g. unequal outputs
     conditions: tuple[tuple[str, "Estimate"], ...] = ()  # the same effect per condition the overall one averages
+    scale: str = "linear"  # or "log"
+    lower_side: Side | None = None  # None where some sample has no lower bound
+    upper_side: Side | None = None  # None where some sample has no upper bound
+    censored: int = 0  # samples known only as a bound or a range
+
+    @property
+    def lower_bound(self) -> bool:
+        """Only a lower bound: some samples have no upper bound (the true effect may be any larger)."""
+        return self.upper_side is None and self.lower_side is not None
+
+    @property
+    def upper_bound(self) -> bool:
+        return self.lower_side is None and self.upper_side is not None
+
+    def on_scale(self, value: float) -> float:
+        """A value (a threshold) on the scale the interval was computed on."""
+        return math.log(value) if self.scale == "log" else value
 
 
 @dataclass(frozen=True)
@@ -92,15 +141,28 @@ class Verdict:
     estimate: Estimate | None = None
     note: str = ""
     detectable_effect: float = math.nan  # distance from the threshold the run detects with 80% power
-    seeds_needed: float = math.nan  # seeds that would decide the claim at the observed effect and spread
+    seeds_needed: tuple[float, float, float] = (math.nan, math.nan, math.nan)  # (low, at the observed spread, high)
+    p_value: float = math.nan  # of the t-test behind a decided verdict (see p_value)
+    holds_family_wise: bool | None = None  # under Holm's correction over the run's decided claims
 
 
 # -- shared measurements (the report's tables use them too) -------------------------------------------------
 
 
+def chance_accuracy(cells: pd.DataFrame) -> pd.Series:
+    """What always predicting the commonest test label scores: 1/classes for a balanced image set, the commonest
+    character's rate for text. Cells from before summaries recorded it count ten balanced classes."""
+    chance = cells["chance_acc"] if "chance_acc" in cells else pd.Series(np.nan, index=cells.index)
+    return chance.fillna(CHANCE_ACCURACY)
+
+
 def accuracy(cells: pd.DataFrame) -> pd.Series:
-    """Final test accuracy, with a diverged cell counted at chance: it ends predicting nothing useful."""
-    return cells["final_test_acc"].where(~cells["diverged"].astype(bool), CHANCE_ACCURACY).fillna(CHANCE_ACCURACY)
+    """Final test accuracy, with a diverged cell counted at chance (it ends predicting nothing useful) and a timed-out
+    one left out: it stopped early, so its accuracy says nothing of the full run (censored, not finished)."""
+    timed_out = cells["timed_out"].fillna(False).astype(bool) if "timed_out" in cells else False
+    diverged = cells["diverged"].astype(bool)
+    return cells["final_test_acc"].where(~diverged, chance_accuracy(cells)).where(~timed_out & (
+        diverged | cells["final_test_acc"].notna()))
 
 
 def stable_lrs(cells: pd.DataFrame, stable_acc: float) -> list[float]:
@@ -132,31 +194,64 @@ def _paired(cells: pd.DataFrame, value: pd.Series, axis: str, a, b,
     averaged per seed."""
     keys = [c for c in dict.fromkeys([*varying_settings(cells), "seed"]) if c != axis]
     wide = cells.assign(_value=value).pivot_table(index=keys, columns=axis, values="_value").reindex(columns=[a, b])
-    return combine(wide[a], wide[b]).groupby(level="seed").mean()  # a side without cells: no seed gives a value
+    paired = combine(wide[a], wide[b]).groupby(level="seed")  # a side without cells: no seed gives a value
+    # Ratios average on the log scale, as they are judged.
+    return np.exp(np.log(paired.obj).groupby(level="seed").mean()) if combine is operator.truediv else paired.mean()
+
+
+def accuracy_resolution(cells: pd.DataFrame) -> float:
+    """One test image's worth of accuracy: no accuracy difference is known more finely."""
+    test_images = cells["test_subset"].fillna(10_000).min() if "test_subset" in cells else 10_000
+    return 1 / test_images
 
 
 # -- intervals ---------------------------------------------------------------------------------------------
 
 
-def mean_interval(effects: pd.Series, cells: int, note: str = "", lower_bound: bool = False, unit: str = "seeds",
-                  cell_unit: str = "cells") -> Estimate:
+def mean_interval(effects: pd.Series, cells: int, note: str = "", unit: str = "seeds", cell_unit: str = "cells",
+                  log: bool = False, resolution: float = 0.0) -> Estimate:
     """Mean effect over independent samples (seeds, or benchmark repeats) with a Student t 95% interval (none
-    from fewer than two)."""
-    effects = effects.dropna()
-    n = len(effects)
+    from fewer than two); `log`: the geometric mean of ratios with the interval of their logarithms."""
+    return bounded_interval(effects, effects, cells, note, unit, cell_unit, log, resolution)
+
+
+def bounded_interval(lower: pd.Series, upper: pd.Series, cells: int, note: str = "", unit: str = "seeds",
+                     cell_unit: str = "cells", log: bool = False, resolution: float = 0.0) -> Estimate:
+    """The effect over samples each known as a range [lower, upper] (equal ends: measured exactly; an infinite
+    end: censored). The interval's low end is the t-interval's over the lower bounds and its high end over the
+    upper bounds. Tied samples get an interval of the measure's `resolution` instead of a zero-width one."""
+    frame = pd.DataFrame({"lower": lower, "upper": upper}).dropna(how="all")
+    frame = frame.fillna({"lower": -math.inf if not log else 0.0, "upper": math.inf})
+    n, scale = len(frame), "log" if log else "linear"
     if n == 0:
         return Estimate(math.nan, math.nan, math.nan, 0, unit, cells, join_notes(note, f"no {unit[:-1]} gave a value"),
-                        cell_unit=cell_unit)
-    mean = float(effects.mean())
+                        cell_unit, scale=scale)
+    with np.errstate(divide="ignore"):
+        ends = np.log(frame) if log else frame
+    censored = int((ends["lower"] != ends["upper"]).sum())
+    finite_lower, finite_upper = np.isfinite(ends["lower"]).all(), np.isfinite(ends["upper"]).all()
+    # The value shown: the mean of the samples' midpoints, or of their finite ends where a range is open.
+    middle = ends.where(np.isfinite(ends)).mean(axis=1)
+    center = float(middle.mean())
+    back = math.exp if log else float
     if n == 1:
-        return Estimate(mean, math.nan, math.nan, 1, unit, cells, join_notes(note, f"one {unit[:-1]}: no interval"),
-                        lower_bound, cell_unit)
-    from scipy import stats  # here, not at the top: the workflow imports this module while it plans
+        return Estimate(back(center), math.nan, math.nan, 1, unit, cells, join_notes(note, f"one {unit[:-1]}: no interval"),
+                        cell_unit, scale=scale, censored=censored)
+    half_resolution = (math.log1p(resolution / 2) if log else resolution / 2)
 
-    sem = float(stats.sem(effects))
-    low, high = (mean, mean) if sem == 0 else stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=sem)
-    return Estimate(mean, float(low), float(high), n, unit, cells, note, lower_bound, cell_unit,
-                    float(effects.std(ddof=1)))
+    def side(values: pd.Series) -> Side:
+        sem = float(values.std(ddof=1) / math.sqrt(n))
+        if sem == 0 and half_resolution > 0:  # tied samples: no certainty finer than the measure itself
+            sem = half_resolution / Side(0.0, 1.0, n).end(upper=True)
+        return Side(float(values.mean()), sem, n)
+
+    lower_side = side(ends["lower"]) if finite_lower else None
+    upper_side = side(ends["upper"]) if finite_upper else None
+    low = back(lower_side.end(upper=False)) if lower_side else (0.0 if log else -math.inf)
+    high = back(upper_side.end(upper=True)) if upper_side else math.inf
+    spread = float(middle.std(ddof=1))
+    return Estimate(back(center), low, high, n, unit, cells, note, cell_unit, spread, scale=scale,
+                    lower_side=lower_side, upper_side=upper_side, censored=censored)
 
 
 def join_notes(*notes: str) -> str:
@@ -164,61 +259,138 @@ def join_notes(*notes: str) -> str:
     return "; ".join(note for note in notes if note)
 
 
-def margin(estimate: Estimate, rule: str, threshold: float) -> float:
-    """How far the effect lies from deciding its rule: from the threshold, or for `within` from the nearer bound."""
+def deciding_side(estimate: Estimate, rule: str, threshold: float) -> tuple[str, float, float] | None:
+    """The verdict more samples could reach, with the distance from the bar on the analysis scale and the spread
+    behind it: ("supported" | "refuted", distance, sd). None where no number of samples can decide: the effect
+    sits on the bar, or censored samples leave open exactly the side that would decide."""
+    t = estimate.on_scale(threshold)
+    lower, upper = estimate.lower_side, estimate.upper_side
+
+    def sd(side: Side) -> float:
+        return side.sem * math.sqrt(side.n)
+
     if rule == "within":
-        return threshold - abs(estimate.value)
-    return estimate.value - threshold
+        if lower and upper and -t < lower.mean and upper.mean < t:
+            return "supported", min(lower.mean + t, t - upper.mean), max(sd(lower), sd(upper))
+        if lower and lower.mean > t:
+            return "refuted", lower.mean - t, sd(lower)
+        if upper and upper.mean < -t:
+            return "refuted", -t - upper.mean, sd(upper)
+        return None
+    above = rule == "above"
+    toward, away = (lower, upper) if above else (upper, lower)
+    if toward and (toward.mean - t if above else t - toward.mean) > 0:
+        return "supported", abs(toward.mean - t), sd(toward)
+    if away and (t - away.mean if above else away.mean - t) > 0:
+        return "refuted", abs(away.mean - t), sd(away)
+    return None
 
 
-def power_analysis(estimate: Estimate, rule: str, threshold: float) -> tuple[float, float]:
-    """(detectable effect, seeds needed) of a two-sided one-sample t-test at 5% and POWER (statsmodels'
-    TTestPower): the distance from the threshold the run's samples detect given their spread, and the samples
-    that would detect the observed distance. NaN where the run gives no spread."""
+def power(samples: np.ndarray, distance: float, sd: float, equivalence_to: float | None = None) -> np.ndarray:
+    """Power of the 95% t-interval to exclude the bar at `distance` from the true effect, for each sample count
+    (noncentral t). `equivalence_to`: the two one-sided tests (TOST) of a `within` rule instead, for an effect at
+    `distance` inside the nearer of the bounds ±`equivalence_to`."""
+    from scipy import stats
+
+    df, se = samples - 1, sd / np.sqrt(samples)
+    critical = stats.t.ppf((1 + CONFIDENCE) / 2, df)
+    if equivalence_to is None:
+        shift = distance / se
+        return stats.nct.sf(critical, df, shift) + stats.nct.cdf(-critical, df, shift)
+    effect = equivalence_to - distance  # |effect|, inside the bounds
+    above_lower = stats.nct.sf(critical, df, (effect + equivalence_to) / se)
+    below_upper = stats.nct.cdf(-critical, df, (effect - equivalence_to) / se)
+    return np.clip(above_lower + below_upper - 1, 0, 1)
+
+
+def power_analysis(estimate: Estimate, rule: str, threshold: float) -> tuple[float, tuple[float, float, float]]:
+    """(detectable effect, seeds needed) at POWER: the distance from the bar the run's samples detect given their
+    spread (statsmodels' TTestPower), and the samples that would decide the claim at the observed effect, as
+    (low, point, high) over the 95% range of the spread (a spread from 3 samples is known to a factor of 6).
+    `within` rules that would be supported need the two one-sided tests' power. NaN where the run gives no
+    spread; inf where no number of samples decides (see deciding_side)."""
+    nothing = (math.nan, math.nan, math.nan)
     if estimate.samples < 2 or math.isnan(estimate.spread):
-        return math.nan, math.nan
+        return math.nan, nothing
+    from scipy import stats
     from statsmodels.stats.power import TTestPower
 
-    power = TTestPower()
-    detectable = power.solve_power(nobs=estimate.samples, alpha=1 - CONFIDENCE, power=POWER) * estimate.spread
-    distance = abs(margin(estimate, rule, threshold))
-    if estimate.spread == 0:
-        return float(detectable), float(MIN_SAMPLES) if distance > 0 else math.inf
-    if distance == 0:
-        return float(detectable), math.inf
-    effect_size = distance / estimate.spread
-    # Three samples is the floor: below it the t-interval is too wide to use (and the solver too unstable).
-    if effect_size >= power.solve_power(nobs=MIN_SAMPLES, alpha=1 - CONFIDENCE, power=POWER):
-        return float(detectable), float(MIN_SAMPLES)
-    needed = power.solve_power(effect_size=effect_size, alpha=1 - CONFIDENCE, power=POWER)
-    return float(detectable), float(math.ceil(needed))
+    n = estimate.samples
+    detectable = TTestPower().solve_power(nobs=n, alpha=1 - CONFIDENCE, power=POWER) * estimate.spread
+    side = deciding_side(estimate, rule, threshold)
+    if side is None:
+        return float(detectable), (math.inf, math.inf, math.inf)
+    verdict, distance, sd = side
+    equivalence_to = estimate.on_scale(threshold) if rule == "within" and verdict == "supported" else None
+    counts = np.arange(MIN_SAMPLES, MAX_SAMPLES + 1)
+
+    def needed(spread: float) -> float:
+        if spread == 0:
+            return float(MIN_SAMPLES)
+        enough = np.nonzero(power(counts, distance, spread, equivalence_to) >= POWER)[0]
+        return float(counts[enough[0]]) if len(enough) else math.inf
+
+    chi2 = stats.chi2(n - 1)
+    spreads = (sd * math.sqrt((n - 1) / chi2.ppf((1 + CONFIDENCE) / 2)), sd, sd * math.sqrt((n - 1) / chi2.ppf((1 - CONFIDENCE) / 2)))
+    return float(detectable), tuple(needed(spread) for spread in spreads)
+
+
+def p_value(estimate: Estimate, rule: str, threshold: float, verdict: str) -> float:
+    """The two-sided p-value of the t-test behind a decided verdict, against the threshold from the side the
+    interval lies on (for a supported `within` rule, the larger of the two one-sided tests'): below 0.05 exactly
+    when the 95% interval decides. NaN for an undecided claim, or one decided by a broken precondition."""
+    if verdict not in ("supported", "refuted") or estimate.fails:
+        return math.nan
+    t, lower, upper = estimate.on_scale(threshold), estimate.lower_side, estimate.upper_side
+    if rule == "within":
+        if verdict == "supported":
+            return max(lower.p_beyond(-t, above=True), upper.p_beyond(t, above=False))
+        return lower.p_beyond(t, above=True) if lower and lower.mean > t else upper.p_beyond(-t, above=False)
+    if (rule == "above") == (verdict == "supported"):
+        return lower.p_beyond(t, above=True)
+    return upper.p_beyond(t, above=False)
+
+
+def holm(p_values: list[float]) -> list[bool | None]:
+    """Whether each decided verdict holds under Holm's correction over the claims decided in the run (family-wise
+    error 5%); None for a claim with no p-value."""
+    from statsmodels.stats.multitest import multipletests
+
+    tested = [i for i, p in enumerate(p_values) if not math.isnan(p)]
+    holds: list[bool | None] = [None] * len(p_values)
+    if tested:
+        rejected = multipletests([p_values[i] for i in tested], alpha=1 - CONFIDENCE, method="holm")[0]
+        for i, reject in zip(tested, rejected):
+            holds[i] = bool(reject)
+    return holds
 
 
 def time_ratio(rounds: pd.DataFrame, norm: str, reference: str) -> pd.Series:
-    """Per benchmark repeat (one process each), the norm's median time over the reference's: medians are robust
-    to a round that another process interrupted, and repeats are independent where rounds are not."""
+    """Per benchmark repeat (one process each, on one device), the norm's median time over the reference's: medians
+    are robust to a round that another process interrupted, and repeats are independent where rounds are not."""
     medians = rounds.groupby(["repeat", "norm"])["time_s"].median().unstack("norm")
     return medians[norm] / medians[reference]
 
 
 def format_estimate(estimate: Estimate) -> str:
-    """"0.12 [0.05, 0.19]", "≥ 1.3 [...]" for a lower bound, or the value alone without an interval."""
+    """"0.12 [0.05, 0.19]", "≥ 1.3 [1.1, ∞]" for a lower bound, or the value alone without an interval."""
     if math.isnan(estimate.value):
         return ""
-    interval = "" if math.isnan(estimate.low) else f" [{estimate.low:.3g}, {estimate.high:.3g}]"
-    return f"{'≥ ' if estimate.lower_bound else ''}{estimate.value:.3g}{interval}"
+    interval = "" if math.isnan(estimate.low) else f" [{estimate.low:.3g}, {estimate.high:.3g}]".replace("inf", "∞")
+    bound = "≥ " if estimate.lower_bound else "≤ " if estimate.upper_bound else ""
+    return f"{bound}{estimate.value:.3g}{interval}"
 
 
 def decide(estimate: Estimate, rule: str, threshold: float) -> str:
-    """supported / refuted / inconclusive from where the interval lies against the threshold."""
+    """supported / refuted / inconclusive from where the interval lies against the threshold (an open end, from
+    censored samples, never lies beyond it)."""
     low, high = estimate.low, estimate.high
     if estimate.fails:
         return "refuted"
     if math.isnan(low) or math.isnan(high):
         return "inconclusive"
     if rule == "above":
-        below = high < threshold and not estimate.lower_bound  # a lower bound cannot show the effect is small
-        return "supported" if low > threshold else "refuted" if below else "inconclusive"
+        return "supported" if low > threshold else "refuted" if high < threshold else "inconclusive"
     if rule == "below":
         return "supported" if high < threshold else "refuted" if low > threshold else "inconclusive"
     if rule == "within":
@@ -237,26 +409,45 @@ def _fewer_steps_with_bn(tables: Tables, spec: dict) -> Estimate:
     for norm in ("bn", "none"):
         lr = best_lr(cells[cells["norm"] == norm])
         steps[norm] = first_reach(curves[(curves["norm"] == norm) & (curves["lr"] == lr)], target)["step"].reindex(seeds)
-    # A run without a norm that never reaches the target (a diverged one included) counts the study's whole step
-    # budget: the ratio is then a lower bound.
-    censored = steps["none"].isna() & steps["bn"].notna()
-    ratio = steps["none"].fillna(curves["step"].max()) / steps["bn"]
-    note = f"lower bound: {censored.sum()} seed(s) without a norm never reached {target:g}" if censored.any() else ""
-    return mean_interval(ratio, len(cells), note, lower_bound=bool(censored.any()))
+    # A run that never reaches the target (a diverged one included) is censored at the study's step budget: it
+    # would take at least that many steps. Without a norm that bounds the ratio from below, with BN from above.
+    budget = curves["step"].max()
+    lower = steps["none"].fillna(budget) / steps["bn"].fillna(np.inf)
+    upper = steps["none"].fillna(np.inf) / steps["bn"].fillna(budget)
+    unreached = {norm: int(steps[norm].isna().sum()) for norm in steps}
+    notes = [f"{count} of {len(seeds)} seed(s) {'with BN' if norm == 'bn' else 'without a norm'} never reached "
+             f"{target:g} in {budget:g} steps (censored there)" for norm, count in unreached.items() if count]
+    return bounded_interval(lower, upper, len(cells), join_notes(*notes), log=True)
+
+
+def _boundary(grid: list[float], stable: list[float]) -> tuple[float, float]:
+    """Where a seed's largest stable learning rate lies, as a range between grid points: from the largest stable
+    lr to the next lr tried (open above the grid's top; below its bottom when no lr was stable)."""
+    if not stable:
+        return 0.0, grid[0]
+    largest = max(stable)
+    above = [lr for lr in grid if lr > largest]
+    return largest, above[0] if above else math.inf
 
 
 def _larger_stable_lr_with_bn(tables: Tables, spec: dict) -> Estimate:
     cells, stable_acc = tables.cells, spec.get("report", {}).get("stable_acc", 0.0)
-    largest = {norm: pd.Series({seed: max(stable_lrs(seed_cells, stable_acc), default=np.nan)
-                                for seed, seed_cells in cells[cells["norm"] == norm].groupby("seed")})
-               for norm in ("bn", "none")}
-    # Stable at no lr without a norm: its largest stable lr lies below the smallest one tried, so measuring
-    # against that smallest lr gives a lower bound.
-    censored = largest["none"].isna() & largest["bn"].notna()
-    effects = np.log10(largest["bn"] / largest["none"].fillna(cells["lr"].min()))
-    notes = [f"lower bound: {censored.sum()} seed(s) stable at no lr without a norm" if censored.any() else "",
-             "a seed with no stable lr with BN is left out" if effects.isna().any() else ""]
-    return mean_interval(effects, len(cells), join_notes(*notes), lower_bound=bool(censored.any()))
+    grid = sorted(cells["lr"].unique())
+    bounds = {norm: pd.DataFrame({seed: _boundary(grid, stable_lrs(seed_cells, stable_acc))
+                                  for seed, seed_cells in cells[cells["norm"] == norm].groupby("seed")},
+                                 index=["lower", "upper"]).T
+              for norm in ("bn", "none")}
+    bn, none = bounds["bn"], bounds["none"]
+    with np.errstate(divide="ignore"):
+        lower = np.log10(bn["lower"] / none["upper"])  # decades: BN's boundary at its lowest over none's at its highest
+        upper = np.log10(bn["upper"] / none["lower"])
+    notes = [f"{(bn['upper'] == math.inf).sum()} seed(s) with BN stable at the top lr tried (extend the grid)"
+             if (bn["upper"] == math.inf).any() else "",
+             f"{(none['lower'] == 0).sum()} seed(s) without a norm stable at no lr" if (none["lower"] == 0).any() else "",
+             f"{(bn['lower'] == 0).sum()} seed(s) with BN stable at no lr" if (bn["lower"] == 0).any() else "",
+             f"each boundary known to a grid step ({len(grid)} lrs over {math.log10(grid[-1] / grid[0]):.3g} "
+             f"decades)" if len(grid) > 1 else ""]
+    return bounded_interval(lower, upper, len(cells), join_notes(*notes))
 
 
 def by_condition(cells: pd.DataFrame, axes: list[str], measure: Callable[[pd.DataFrame], Estimate]) -> tuple:
@@ -272,7 +463,8 @@ def _init_robustness_with_bn(tables: Tables, spec: dict) -> Estimate:
     cells = tables.cells[tables.cells["init"].isin(BADLY_SCALED_INITS)]
 
     def measure(cells: pd.DataFrame) -> Estimate:
-        return mean_interval(_paired(cells, accuracy(cells), "norm", "bn", "none"), len(cells))
+        return mean_interval(_paired(cells, accuracy(cells), "norm", "bn", "none"), len(cells),
+                             resolution=accuracy_resolution(cells))
 
     return dataclasses.replace(measure(cells), conditions=by_condition(cells, ["activation", "init"], measure))
 
@@ -284,7 +476,11 @@ def _balanced_gradients_with_bn(tables: Tables, spec: dict) -> Estimate:
     distance = np.log10(ends["first"] / ends["last"]).abs().rename("decades")  # 0: first and last layer alike
     cells = tables.cells[tables.cells["activation"] == "sigmoid"].set_index("cell")
     cells = cells.join(distance, how="inner").reset_index()
-    return mean_interval(_paired(cells, cells["decades"], "norm", "none", "bn"), len(cells))
+
+    def measure(cells: pd.DataFrame) -> Estimate:
+        return mean_interval(_paired(cells, cells["decades"], "norm", "none", "bn"), len(cells))
+
+    return dataclasses.replace(measure(cells), conditions=by_condition(cells, ["init"], measure))
 
 
 def statistics_batch(cells: pd.DataFrame) -> pd.Series:
@@ -301,7 +497,8 @@ def _bn_gap_at_small_batch(tables: Tables, spec: dict) -> Estimate:
     joined = smallest.merge(cells[cells["norm"] == "gn"], on=["batch_size", "seed"], suffixes=("_bn", "_gn"))
     effects = (joined["acc_gn"] - joined["acc_bn"]).groupby(joined["seed"]).mean()
     note = f"BN statistics over {smallest['statistics_batch'].min():g} images" if len(smallest) else "no BN cells"
-    return mean_interval(effects, len(smallest) + int((cells["norm"] == "gn").sum()), note)
+    return mean_interval(effects, len(smallest) + int((cells["norm"] == "gn").sum()), note,
+                         resolution=accuracy_resolution(cells))
 
 
 def _brn_beats_bn_at_small_batch(tables: Tables, spec: dict) -> Estimate:
@@ -314,7 +511,7 @@ def _brn_beats_bn_at_small_batch(tables: Tables, spec: dict) -> Estimate:
     effects = (joined["acc_brn"] - joined["acc_bn"]).groupby(joined["seed"]).mean()
     note = (f"statistics over {joined['statistics_batch'].min():g} images" if len(joined)
             else "no BRN cell with statistics over BN's smallest batch")
-    return mean_interval(effects, len(joined) * 2, note)
+    return mean_interval(effects, len(joined) * 2, note, resolution=accuracy_resolution(cells))
 
 
 def _gn_ws_small_matches_bn_large(tables: Tables, spec: dict) -> Estimate:
@@ -328,7 +525,7 @@ def _gn_ws_small_matches_bn_large(tables: Tables, spec: dict) -> Estimate:
     effects = (joined["acc_ws"] - joined["acc_bn"]).groupby(joined["seed"]).mean()
     note = (f"BN over {largest['statistics_batch'].max():g} images; GN+WS batch-independent (per-worker 2 = "
             f"{gn_ws['batch_size'].max():g} / 2 workers)" if len(joined) else "no BN cell over 32 images or more")
-    return mean_interval(effects, len(gn_ws) + len(largest), note)
+    return mean_interval(effects, len(gn_ws) + len(largest), note, resolution=accuracy_resolution(cells))
 
 
 def _syncbn_matches_global_bn(tables: Tables, spec: dict) -> Estimate:
@@ -338,7 +535,7 @@ def _syncbn_matches_global_bn(tables: Tables, spec: dict) -> Estimate:
     joined = sync.assign(acc=accuracy(sync)).merge(single.assign(acc=accuracy(single)), on=["global_batch", "seed"],
                                                    suffixes=("_sync", "_single"))
     effects = (joined["acc_sync"] - joined["acc_single"]).groupby(joined["seed"]).mean()
-    return mean_interval(effects, len(sync) + len(single))
+    return mean_interval(effects, len(sync) + len(single), resolution=accuracy_resolution(cells))
 
 
 def _ln_against(other: str) -> Callable[[Tables, dict], Estimate]:
@@ -348,7 +545,8 @@ def _ln_against(other: str) -> Callable[[Tables, dict], Estimate]:
         cells = tables.cells[tables.cells["norm"].isin(["ln", other])]
 
         def measure(cells: pd.DataFrame) -> Estimate:
-            return mean_interval(_paired(cells, accuracy(cells), "norm", "ln", other), len(cells))
+            return mean_interval(_paired(cells, accuracy(cells), "norm", "ln", other), len(cells),
+                                 resolution=accuracy_resolution(cells))
 
         return dataclasses.replace(measure(cells), conditions=by_condition(cells, ["norm_placement", "warmup_steps"],
                                                                            measure))
@@ -357,13 +555,18 @@ def _ln_against(other: str) -> Callable[[Tables, dict], Estimate]:
 
 
 def _gn_ln_slower_than_bn(tables: Tables, spec: dict) -> Estimate:
+    """GN's and LN's time over BN's, each apart and per device; the effect is the smaller one, since the claim
+    says both are slower."""
     bench = tables.bench
     rounds = bench[(bench["layout"] == "channels") & (bench["dtype"] == "fp32")]
-    effects = (time_ratio(rounds, "gn", "bn") + time_ratio(rounds, "ln", "bn")) / 2
-    rms = mean_interval(time_ratio(rounds, "rms", "ln"), 2, unit="repeats") if "rms" in set(rounds["norm"]) else None
-    notes = [f"measured on {', '.join(sorted(set(rounds['device'])))}",
-             f"RMSNorm over LN's time: {rms.value:.2f} [{rms.low:.2f}, {rms.high:.2f}]" if rms else ""]
-    return mean_interval(effects, 3, join_notes(*notes), unit="repeats", cell_unit="cases")
+    conditions = tuple((f"{norm.upper()} on {device}", mean_interval(time_ratio(on_device, norm, "bn"), 2,
+                                                                      unit="repeats", cell_unit="cases", log=True))
+                       for device, on_device in rounds.groupby("device") for norm in ("gn", "ln"))
+    label, smallest = min(conditions, key=lambda condition: condition[1].value)
+    rms = (mean_interval(time_ratio(rounds, "rms", "ln"), 2, unit="repeats", log=True)
+           if "rms" in set(rounds["norm"]) else None)
+    notes = [f"the smaller ratio: {label}", f"RMSNorm over LN's time: {format_estimate(rms)}" if rms else ""]
+    return dataclasses.replace(smallest, note=join_notes(*notes), conditions=conditions)
 
 
 def per_cell(probes: pd.DataFrame, quantity: str) -> pd.Series:
@@ -390,7 +593,7 @@ def percentile_drift(probes: pd.DataFrame) -> pd.Series:
 
 def _drift_without_bn(tables: Tables, spec: dict) -> Estimate:
     cells = _with(tables.cells, percentile_drift(tables.probes), "drift")
-    return mean_interval(_paired(cells, cells["drift"], "norm", "none", "bn", operator.truediv), len(cells))
+    return mean_interval(_paired(cells, cells["drift"], "norm", "none", "bn", operator.truediv), len(cells), log=True)
 
 
 def _ics_with_bn(tables: Tables, spec: dict) -> Estimate:
@@ -399,13 +602,13 @@ def _ics_with_bn(tables: Tables, spec: dict) -> Estimate:
     wide = frame.pivot_table(index=["seed", "layer_index"], columns="norm", values="value")
     # Per seed, the geometric mean over layers of BN's ICS over no norm's: every layer counts alike.
     effects = np.exp(np.log(wide["bn"] / wide["none"]).groupby(level="seed").mean())
-    return mean_interval(effects, int(tables.cells["norm"].isin(["bn", "none"]).sum()))
+    return mean_interval(effects, int(tables.cells["norm"].isin(["bn", "none"]).sum()), log=True)
 
 
 def _smoother_with_bn(tables: Tables, spec: dict) -> Estimate:
     cells = _with(tables.cells, per_cell(tables.probes, "beta"), "beta")
     return mean_interval(_paired(cells, cells["beta"], "norm", "none", "bn", operator.truediv),
-                         int(cells["norm"].isin(["bn", "none"]).sum()))
+                         int(cells["norm"].isin(["bn", "none"]).sum()), log=True)
 
 
 def _precise_bn_beats_ema(tables: Tables, spec: dict) -> Estimate:
@@ -440,7 +643,12 @@ def _folding_is_free(tables: Tables, spec: dict) -> Estimate:
     fails = (f"folded outputs differ by {worst:.2g} (relative), more than {FOLDED_OUTPUT_TOLERANCE:g}"
              if worst > FOLDED_OUTPUT_TOLERANCE else "")
     note = f"largest folded output difference {worst:.2g} relative; inference on {', '.join(sorted(set(cells['device'])))}"
-    return dataclasses.replace(mean_interval(cells.groupby("seed")["speedup"].mean(), len(cells), note), fails=fails)
+
+    def measure(cells: pd.DataFrame) -> Estimate:
+        return mean_interval(np.exp(np.log(cells["speedup"]).groupby(cells["seed"]).mean()), len(cells), log=True)
+
+    return dataclasses.replace(measure(cells), note=note, fails=fails,
+                               conditions=by_condition(cells, ["batch_size", "bn_momentum"], measure))
 
 
 CLAIMS: tuple[Claim, ...] = (
@@ -548,7 +756,8 @@ def declared_claim(entry: dict, study: str) -> Claim:
 
     def measure(tables: Tables, spec: dict) -> Estimate:
         cells = tables.cells[tables.cells[axis].isin([a, b])]
-        return mean_interval(_paired(cells, measure_of(cells), axis, a, b, combine), len(cells))
+        return mean_interval(_paired(cells, measure_of(cells), axis, a, b, combine), len(cells),
+                             log=entry["combine"] == "ratio")
 
     sign = "/" if entry["combine"] == "ratio" else "-"
     return Claim(entry["id"], entry["statement"], entry.get("anchor", "declared in the config"), study,
@@ -624,9 +833,25 @@ def evaluate(studies: dict[str, dict], tables_by_study: dict[str, Tables]) -> li
         estimate = claim.measure(tables_by_study[study], studies[study])
         detectable, needed = power_analysis(estimate, claim.rule, claim.threshold)
         verdict = decide(estimate, claim.rule, claim.threshold)
-        parts = [(label, part, decide(part, claim.rule, claim.threshold)) for label, part in estimate.conditions]
-        exceptions = [f"{label}: {part_verdict} ({format_estimate(part)})"
-                      for label, part, part_verdict in parts if part_verdict != verdict]
-        note = join_notes(estimate.fails, estimate.note, "except " + "; ".join(exceptions) if exceptions else "")
-        verdicts.append(Verdict(claim, verdict, study, estimate, note, detectable, needed))
-    return verdicts
+        note = join_notes(estimate.fails, estimate.note, dissent(estimate, claim, verdict))
+        if (verdict == "inconclusive" and estimate.censored and estimate.samples > 1
+                and deciding_side(estimate, claim.rule, claim.threshold) is None):
+            note = join_notes(note, "censored samples leave open the side that would decide: more seeds cannot "
+                                    "decide it; lengthen the runs or widen the grid")
+            needed = (math.nan, math.nan, math.nan)
+        verdicts.append(Verdict(claim, verdict, study, estimate, note, detectable, needed,
+                                p_value(estimate, claim.rule, claim.threshold, verdict)))
+    holds = holm([v.p_value for v in verdicts])
+    return [dataclasses.replace(v, holds_family_wise=hold) for v, hold in zip(verdicts, holds)]
+
+
+def dissent(estimate: Estimate, claim: Claim, verdict: str) -> str:
+    """The conditions whose own verdict differs from the averaged one, and whether the averaged support rests on a
+    single condition."""
+    parts = [(label, part, decide(part, claim.rule, claim.threshold)) for label, part in estimate.conditions]
+    exceptions = [f"{label}: {part_verdict} ({format_estimate(part)})"
+                  for label, part, part_verdict in parts if part_verdict != verdict]
+    supporting = [label for label, _, part_verdict in parts if part_verdict == "supported"]
+    rests = (f"the support rests on one of {len(parts)} conditions ({supporting[0]})"
+             if verdict == "supported" and len(parts) > 1 and len(supporting) == 1 else "")
+    return join_notes(rests, "except " + "; ".join(exceptions) if exceptions else "")

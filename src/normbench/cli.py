@@ -118,6 +118,22 @@ def _report(args: argparse.Namespace) -> None:
     print(f"report -> {args.out}")
 
 
+def _archive(args: argparse.Namespace) -> None:
+    from normbench.runs import archive
+
+    packed = archive(Path(args.results), Path(args.out))
+    print(f"{len(packed)} files ({', '.join(packed)}) -> {args.out}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from normbench.compare import render_compare
+    from normbench.runs import load_run
+
+    runs = [load_run(path) for path in args.runs]
+    counts = render_compare(runs, Path(args.out), Path(args.csv) if args.csv else None)
+    print(", ".join(f"{count} {what}" for what, count in counts.items()), "->", args.out)
+
+
 def _warm(args: argparse.Namespace) -> None:
     from normbench.warm import serve
 
@@ -198,6 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--figures", default="reports/figures", help="folder for the figures as PNG files")
     report.add_argument("--out", default="reports/report.html")
     report.set_defaults(run=_report)
+    pack = commands.add_parser("archive", help="pack a finished run (tables, claims, run.json, report; no weights) "
+                                               "into a .tar.gz to share, commit or compare")
+    pack.add_argument("results", help="the run's results/ folder (reports/ beside it)")
+    pack.add_argument("--out", required=True, help="the archive to write, e.g. run.tar.gz")
+    pack.set_defaults(run=_archive)
+    compare = commands.add_parser("compare", help="finished runs side by side: each claim's verdict at each run's "
+                                                  "scale, and the cells they share (accuracy, step time)")
+    compare.add_argument("runs", nargs="+", metavar="RUN",
+                         help="results/ folders of finished runs, or their archives; the first is the baseline")
+    compare.add_argument("--out", default="reports/compare.html")
+    compare.add_argument("--csv", help="also write the claims comparison as CSV here (and the cells' beside it, "
+                                       "as <name>_cells.csv)")
+    compare.set_defaults(run=_compare)
     warm = commands.add_parser("warm", help="serve `normbench train` from one process that has imported torch "
                                             "(the workflow starts it; see normbench.warm)")
     warm.add_argument("--socket", required=True, help="Unix socket path to listen on")

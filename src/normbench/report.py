@@ -9,15 +9,11 @@ colour across every figure.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
-import json
 import math
 import os
-from importlib.resources import files
 from pathlib import Path
 
-import jinja2
 import matplotlib
 import numpy as np
 
@@ -29,8 +25,10 @@ import seaborn as sns  # noqa: E402
 from normbench import claims  # noqa: E402
 from normbench.captions import FIGURE_CAPTIONS  # noqa: E402
 from normbench.config import choices  # noqa: E402
+from normbench.html import environment  # noqa: E402
 from normbench.plugins import is_plugin, short_name  # noqa: E402
-from normbench.results import benchmark_rounds, read_json, write_atomic, write_table  # noqa: E402
+from normbench.results import benchmark_rounds, read_json, write_atomic, write_json, write_table  # noqa: E402
+from normbench.runs import RUN_RECORD, config_sha256, run_record  # noqa: E402
 
 NORM_ORDER = choices("norm")  # the built-in norms; plugged-in ones follow them, sorted
 MODE_PALETTE = dict(zip(("ema", "precise", "batch"), sns.color_palette("dark", 3)))
@@ -557,17 +555,36 @@ def _format(value) -> str:
 
 
 def decidability(verdict: claims.Verdict) -> str:
-    """What would decide the claim, in words: the effect the run could detect and the seeds the observed one needs."""
+    """What decides the claim, in words: the test behind a decided verdict, or the effect the run could detect and
+    the seeds the observed one needs (a range: a spread from few seeds is itself uncertain)."""
     estimate = verdict.estimate
     if estimate is None or math.isnan(verdict.detectable_effect):
         return ""
     unit = estimate.sample_unit
-    detect = f"detects {verdict.detectable_effect:.2g} from the bar with {estimate.samples} {unit}"
+    scale = " (log scale)" if estimate.scale == "log" else ""
+    detect = f"detects {verdict.detectable_effect:.2g}{scale} from the bar with {estimate.samples} {unit} at 80% power"
     if verdict.verdict != "inconclusive":
+        family = {True: "holds", False: "does not hold", None: "not tested"}[verdict.holds_family_wise]
+        p = f"p = {verdict.p_value:.2g} against the bar, {family} family-wise (Holm)" if not math.isnan(
+            verdict.p_value) else ""
+        return claims.join_notes(f"decided with {estimate.samples} {unit}", p, detect)
+    low, point, high = verdict.seeds_needed
+    if math.isnan(point):
         return detect
-    if math.isinf(verdict.seeds_needed):
+    if math.isinf(point):
         return f"{detect}; the effect sits on the bar: no number of {unit} decides it"
-    return f"{detect}; decidable with ≈ {verdict.seeds_needed:.0f} {unit} at the observed effect and spread"
+    span = "" if low == high else f" ({low:.0f}–{'∞' if math.isinf(high) else f'{high:.0f}'} over the spread's " \
+                                  f"95% range)"
+    return f"{detect}; decidable with ≈ {point:.0f} {unit}{span} at the observed effect"
+
+
+def family_wise(verdicts: list[claims.Verdict]) -> str:
+    """"n of m decided verdicts hold family-wise (Holm, 5%)" for the claims header."""
+    tested = [v.holds_family_wise for v in verdicts if v.holds_family_wise is not None]
+    if not tested:
+        return "no verdict was decided by a test, so none is corrected for the family"
+    return (f"{sum(tested)} of {len(tested)} decided verdicts hold family-wise (Holm's correction over the "
+            f"{len(tested)} claims decided in this run, 5% family-wise error)")
 
 
 def claim_rows(verdicts: list[claims.Verdict], scales: dict[str, str] | None = None) -> list[dict]:
@@ -596,10 +613,13 @@ def claims_table(verdicts: list[claims.Verdict]) -> pd.DataFrame:
     """The verdicts as a tidy table (claims.csv)."""
     return pd.DataFrame([{
         "claim": v.claim.id, "statement": v.claim.statement, "study": v.study, "verdict": v.verdict,
-        "effect": v.claim.effect, "rule": v.claim.bar,
+        "effect": v.claim.effect, "rule": v.claim.bar, "threshold": v.claim.threshold,
         **({"estimate": v.estimate.value, "ci_low": v.estimate.low, "ci_high": v.estimate.high,
-            "samples": v.estimate.samples, "sample_unit": v.estimate.sample_unit, "cells": v.estimate.cells,
-            "detectable_effect": v.detectable_effect, "seeds_needed": v.seeds_needed}
+            "scale": v.estimate.scale, "samples": v.estimate.samples, "sample_unit": v.estimate.sample_unit,
+            "censored_samples": v.estimate.censored, "cells": v.estimate.cells,
+            "p_value": v.p_value, "holds_family_wise": v.holds_family_wise,
+            "detectable_effect": v.detectable_effect, "seeds_needed_low": v.seeds_needed[0],
+            "seeds_needed": v.seeds_needed[1], "seeds_needed_high": v.seeds_needed[2]}
            if v.estimate else {}),
         "note": v.note,
     } for v in verdicts])
@@ -707,7 +727,8 @@ def _read(path: Path) -> pd.DataFrame:
 def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, bench: Path | None = None,
                   invocation: Path | None = None) -> None:
     """Write the report for the workflow `config` from the tables in `tables` and the micro-benchmarks in
-    `bench`: reports/report.html, its figures as files under `figures_dir`, and claims.csv beside the page.
+    `bench`: reports/report.html, its figures as files under `figures_dir`, claims.csv beside the page, and the
+    run's record (run.json) beside the tables' folder.
 
     `invocation` is the workflow run's record (its start time and command line): cells trained since
     that start are marked as trained in this run, the others as reused.
@@ -733,6 +754,7 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
         by_study["benchmarks"] = claims.Tables(bench=rounds)
     verdicts = claims.evaluate(claims.claim_sections(config), by_study)  # on the full plugin references
     write_table(claims_table(verdicts), out.parent / "claims.csv")
+    write_json(tables.parent / RUN_RECORD, run_record(config, cells, run.get("started"), run.get("command")))
     by_study = {study: claims.Tables(*(shown(table) for table in (tables_.cells, tables_.curves, tables_.probes)),
                                      tables_.bench) for study, tables_ in by_study.items()}
     sections = [
@@ -740,12 +762,11 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
                       out.parent.resolve(), figures_dir)
         for study, tables_ in by_study.items() if study != "benchmarks"
     ]
-    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    template = environment.from_string(files("normbench").joinpath("templates/report.html").read_text())
+    template = environment().get_template("report.html")
     how = origin.value_counts()
     details = {
         **provenance(cells),
-        "config sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16],
+        "config sha256": config_sha256(config)[:16],
         "command of this run": run.get("command", "not recorded (report rendered outside a workflow run)"),
         "reproduce with": "make reproduce (or a bare snakemake in the checkout, after make setup)",
         "harness efficiency": harness_efficiency(cells),
@@ -756,7 +777,8 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
     }
     scales = {study: scale(tables_.cells) for study, tables_ in by_study.items() if study != "benchmarks"}
     scales["benchmarks"] = f"{benchmark_machine(rounds)}" if not rounds.empty else ""
-    html = template.render(claims=claim_rows(verdicts, scales), sections=sections, provenance=details,
+    html = template.render(claims=claim_rows(verdicts, scales), family_wise=family_wise(verdicts),
+                           sections=sections, provenance=details,
                            leaderboard=leaderboard(by_study, studies),
                            numerics=numerics_table(numerics), benchmarks=benchmark_table(rounds),
                            benchmarks_description=config.get("benchmarks", {}).get("description", ""),

@@ -515,6 +515,8 @@ def _train(settings: Settings, out_dir: Path, worker: Worker, time_limit_s: floa
                     "train_loss": train_loss, "train_acc": train_acc,
                     "test_loss": test_loss, "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"],
                     "elapsed_s": progress.wall_time_s + time.perf_counter() - started,
+                    # Cumulative timed training: per evaluation interval, one repeat of the step time.
+                    "train_time_s": progress.train_time_s, "timed_steps": progress.timed_steps,
                 })
                 if worker.is_main and "percentiles" in settings.probes:
                     progress.probes += probes.percentile_rows(model, probe_inputs, progress.step)
@@ -563,6 +565,8 @@ def _train(settings: Settings, out_dir: Path, worker: Worker, time_limit_s: floa
     summary = {
         "final_test_acc": final.get("test_acc"),
         "best_test_acc": max((row["test_acc"] for row in progress.metrics), default=None),
+        # What always predicting the commonest test label scores: the accuracy a diverged cell is worth.
+        "chance_acc": float(torch.bincount(test_split.labels.flatten()).max() / test_split.labels.numel()),
         "final_test_loss": final.get("test_loss"),
         "final_train_loss": final.get("train_loss"),
         "diverged": diverged_reason is not None,

@@ -3,6 +3,7 @@ rule report:
         unpack(lambda wildcards: report_inputs()),
     output:
         html="reports/report.html",
+        run="results/run.json",
         claims=report(
             "reports/claims.csv",
             caption="../report/claims.rst",

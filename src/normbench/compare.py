@@ -1,0 +1,138 @@
+"""Runs side by side: each claim's verdict in every run, at each run's scale, and every cell that several runs
+trained with the same settings, its accuracy and its step time compared.
+
+The first run is the baseline. A verdict that differs between runs is flagged (the most telling result: a claim
+that holds at one scale and not at another). A step-time change is flagged only where its 95% interval over
+repeats (the evaluation intervals of the cell, each a stretch of timed training steps) excludes 1, as
+`asv compare` and `pytest-benchmark compare` mark regressions only beyond their noise.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from normbench.html import environment
+from normbench.results import write_atomic, write_table
+from normbench.runs import FinishedRun
+
+CONFIDENCE = 0.95
+
+
+def study_scale(cells: pd.DataFrame) -> str:
+    """A study's scale in a few words: model, steps, data, device and seeds."""
+    if cells.empty:
+        return ""
+    first = cells.iloc[0]
+    steps = " or ".join(sorted({f"{v:g}" for v in cells["total_steps"].dropna()}))
+    devices = ", ".join(sorted(map(str, cells["env_device_name"].dropna().unique()))) \
+        if "env_device_name" in cells else str(first.get("device", ""))
+    return (f"{first['model']}, {steps} steps, {first['dataset']}, {devices}, "
+            f"{cells['seed'].nunique()} seed(s)")
+
+
+def _effect(row: pd.Series) -> str:
+    if pd.isna(row.get("estimate")):
+        return ""
+    interval = "" if pd.isna(row.get("ci_low")) else f" [{row['ci_low']:.3g}, {row['ci_high']:.3g}]"
+    return f"{row['estimate']:.3g}{interval}".replace("inf", "∞")
+
+
+def claim_comparison(runs: list[FinishedRun]) -> pd.DataFrame:
+    """One row per claim and run: verdict, effect with interval, the study's scale; `differs` where the runs'
+    verdicts (of those that ran the claim) are not all the same."""
+    rows = []
+    for run in runs:
+        for _, claim in run.claims.iterrows():
+            study = claim.get("study")
+            cells = run.cells[run.cells["study"] == study] if isinstance(study, str) else pd.DataFrame()
+            rows.append({"claim": claim["claim"], "statement": claim["statement"], "run": run.name,
+                         "verdict": claim["verdict"], "effect": _effect(claim), "rule": claim["rule"],
+                         "study": study if isinstance(study, str) else "",
+                         "scale": study_scale(cells) if study != "benchmarks" else "micro-benchmarks",
+                         "holds_family_wise": claim.get("holds_family_wise")})
+    table = pd.DataFrame(rows)
+    ran = table[table["verdict"] != "not run"]
+    differs = ran.groupby("claim")["verdict"].nunique() > 1
+    table["differs"] = table["claim"].map(differs).fillna(False).astype(bool)
+    return table
+
+
+def step_times(curves: pd.DataFrame) -> pd.Series:
+    """Seconds per timed training step in each evaluation interval of a cell: its repeats."""
+    if not {"train_time_s", "timed_steps"} <= set(curves.columns):
+        return pd.Series(dtype=float)
+    ordered = curves.sort_values("step")
+    seconds = ordered["train_time_s"].diff().fillna(ordered["train_time_s"])
+    steps = ordered["timed_steps"].diff().fillna(ordered["timed_steps"])
+    return (seconds / steps)[steps > 0]
+
+
+def log_ratio_interval(baseline: pd.Series, other: pd.Series) -> tuple[float, float, float]:
+    """other / baseline as a ratio of geometric means, with Welch's 95% interval of the difference of the
+    logarithms; NaN bounds with fewer than two repeats on a side."""
+    from scipy import stats
+
+    a, b = np.log(baseline.dropna()), np.log(other.dropna())
+    if len(a) == 0 or len(b) == 0:
+        return math.nan, math.nan, math.nan
+    difference = b.mean() - a.mean()
+    if len(a) < 2 or len(b) < 2:
+        return math.exp(difference), math.nan, math.nan
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return math.exp(difference), math.exp(difference), math.exp(difference)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = stats.t.ppf((1 + CONFIDENCE) / 2, df) * se
+    return math.exp(difference), math.exp(difference - half), math.exp(difference + half)
+
+
+def cell_comparison(runs: list[FinishedRun]) -> pd.DataFrame:
+    """Every cell (same study and settings) that the baseline and another run both trained: the accuracy
+    difference and the step-time ratio with its interval over repeats, each machine named."""
+    baseline, rows = runs[0], []
+    for other in runs[1:]:
+        shared = baseline.cells.merge(other.cells, on=["study", "cell"], suffixes=("_a", "_b"))
+        for _, cell in shared.iterrows():
+            def repeats(run: FinishedRun) -> pd.Series:
+                if run.curves.empty:
+                    return pd.Series(dtype=float)
+                return step_times(run.curves[(run.curves["study"] == cell["study"]) &
+                                             (run.curves["cell"] == cell["cell"])])
+
+            ratio, low, high = log_ratio_interval(repeats(baseline), repeats(other))
+            rows.append({
+                "study": cell["study"], "cell": cell["cell"], "baseline": baseline.name, "run": other.name,
+                "acc_baseline": cell["final_test_acc_a"], "acc_run": cell["final_test_acc_b"],
+                "acc_difference": cell["final_test_acc_b"] - cell["final_test_acc_a"],
+                "machine_baseline": f"{cell.get('env_host_a', '')}: {cell.get('env_device_name_a', '')}",
+                "machine_run": f"{cell.get('env_host_b', '')}: {cell.get('env_device_name_b', '')}",
+                "step_time_ratio": ratio, "ratio_low": low, "ratio_high": high,
+                "step_time_changed": bool(low > 1 or high < 1),  # NaN bounds compare False: not flagged
+            })
+    return pd.DataFrame(rows)
+
+
+def render_compare(runs: list[FinishedRun], out: Path, csv: Path | None = None) -> dict[str, int]:
+    """The comparison page (self-contained HTML, the report's style) and, with `csv`, the claims and cells
+    tables as CSV (`csv` and `<csv stem>_cells.csv`). Returns counts of what was flagged."""
+    claims, cells = claim_comparison(runs), cell_comparison(runs)
+    by_claim = [{"claim": claim, "statement": group["statement"].iloc[0], "differs": bool(group["differs"].any()),
+                 "runs": group.to_dict("records")} for claim, group in claims.groupby("claim", sort=False)]
+    html = environment().get_template("compare.html").render(
+        runs=[{"name": run.name, "source": run.source, **{key: run.record.get(key, "") for key in
+                                                          ("commits", "machines", "started", "ended", "normbench",
+                                                           "config_sha256")}} for run in runs],
+        claims=by_claim, cells=cells.to_dict("records"),
+        differing=sum(claim["differs"] for claim in by_claim),
+        changed=int(cells["step_time_changed"].sum()) if len(cells) else 0)
+    write_atomic(out, lambda f: f.write(html))
+    if csv is not None:
+        write_table(claims, csv)
+        write_table(cells, csv.with_name(f"{csv.stem}_cells.csv"))
+    return {"claims": len(by_claim), "differing verdicts": sum(claim["differs"] for claim in by_claim),
+            "shared cells": len(cells), "step-time changes": int(cells["step_time_changed"].sum()) if len(cells) else 0}

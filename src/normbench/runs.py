@@ -1,0 +1,116 @@
+"""A finished run as a whole: its identity (results/run.json), its archive, and reading one back to compare.
+
+A run is a results/ folder with reports/ beside it, or an archive of the two made by `normbench archive`:
+run.json, the tables, claims.csv and the report, without weights or checkpoints, small enough to share or
+commit. `normbench compare` reads either.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+import normbench
+from normbench.config import SettingsError
+from normbench.provenance import git_commit
+from normbench.results import write_atomic
+
+RUN_RECORD = "run.json"
+TABLES = ("cells", "curves", "probes", "numerics")
+REPORT_FILES = ("claims.csv", "report.html")  # in reports/, beside results/
+
+
+def config_sha256(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def run_record(config: dict, cells: pd.DataFrame, started: str | None, command: str | None) -> dict:
+    """What identifies a run: the config (and its hash), the code (commits the cells were trained at), the
+    machines and devices, when it started and ended, and normbench's version."""
+    ended = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    started = started or (str(cells["env_time"].min()) if "env_time" in cells and len(cells) else ended)
+    config_hash = config_sha256(config)
+
+    def distinct(column: str) -> list[str]:
+        return sorted(map(str, cells[column].dropna().unique())) if column in cells else []
+
+    commits = distinct("env_git_commit") or [git_commit() or "unknown"]
+    machines = sorted({f"{host}: {device}" for host, device in zip(cells.get("env_host", []),
+                                                                    cells.get("env_device_name", []))})
+    stamp = datetime.datetime.fromisoformat(started).strftime("%Y%m%dT%H%M%S")
+    return {"run_id": f"{stamp}-{config_hash[:8]}", "config_sha256": config_hash, "config": config,
+            "commits": commits, "machines": machines, "started": started, "ended": ended,
+            "normbench": normbench.__version__, "command": command, "cells": len(cells)}
+
+
+def archive(results: Path, out: Path) -> list[str]:
+    """Pack a finished run (results/ and the reports/ beside it) into a .tar.gz; the names packed."""
+    results = Path(results)
+    members = {RUN_RECORD: results / RUN_RECORD,
+               **{f"tables/{name}.csv": results / "tables" / f"{name}.csv" for name in TABLES},
+               **{name: results.parent / "reports" / name for name in REPORT_FILES}}
+    for required in (RUN_RECORD, "tables/cells.csv", "claims.csv"):
+        if not members[required].is_file():
+            raise SettingsError(f"{results} holds no finished run: {members[required]} is missing; run the "
+                                f"workflow through its report first (make reproduce, or snakemake)")
+    present = {name: path for name, path in members.items() if path.is_file()}
+
+    def write(handle) -> None:
+        with tarfile.open(fileobj=handle, mode="w:gz") as tar:
+            for name, path in present.items():
+                tar.add(path, arcname=name)
+
+    write_atomic(out, write, mode="wb")
+    return list(present)
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A run read back: its record, the cells and curves tables, and its claims table."""
+
+    source: str
+    record: dict
+    cells: pd.DataFrame
+    curves: pd.DataFrame
+    claims: pd.DataFrame
+
+    @property
+    def name(self) -> str:
+        return self.record.get("run_id", self.source)
+
+
+def _files_of(path: Path) -> dict[str, bytes]:
+    """The run's files by archive name, from an archive or from a results/ folder."""
+    if path.is_file():
+        if not tarfile.is_tarfile(path):
+            raise SettingsError(f"{path} is no run archive (a .tar.gz made by normbench archive)")
+        with tarfile.open(path) as tar:
+            return {member.name: tar.extractfile(member).read() for member in tar.getmembers() if member.isfile()}
+    if not path.is_dir():
+        raise SettingsError(f"{path}: no such results folder or run archive")
+    candidates = {RUN_RECORD: path / RUN_RECORD, "tables/cells.csv": path / "tables/cells.csv",
+                  "tables/curves.csv": path / "tables/curves.csv", "claims.csv": path.parent / "reports/claims.csv"}
+    return {name: file.read_bytes() for name, file in candidates.items() if file.is_file()}
+
+
+def load_run(path: str | Path) -> FinishedRun:
+    """A finished run from its results/ folder or its archive; a clear error where a part is missing."""
+    path = Path(path)
+    files = _files_of(path)
+    for required in (RUN_RECORD, "tables/cells.csv", "claims.csv"):
+        if required not in files:
+            raise SettingsError(f"{path}: the run has no {required}; compare reads a results/ folder whose workflow "
+                                f"ran through its report, or an archive of one (normbench archive)")
+
+    def table(name: str) -> pd.DataFrame:
+        return pd.read_csv(io.BytesIO(files[name])) if name in files else pd.DataFrame()
+
+    return FinishedRun(str(path), json.loads(files[RUN_RECORD]), table("tables/cells.csv"),
+                       table("tables/curves.csv"), table("claims.csv"))

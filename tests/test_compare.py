@@ -1,0 +1,89 @@
+"""Runs compared: verdicts that differ are flagged, step-time changes only beyond their noise, and a run archived
+and read back compares equal to itself."""
+
+import json
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from normbench.compare import cell_comparison, claim_comparison, log_ratio_interval, render_compare
+from normbench.config import SettingsError
+from normbench.runs import FinishedRun, archive, load_run
+
+
+def finished_run(name: str, verdict_c6: str, step_s: float, noise: float, seed: int = 0) -> FinishedRun:
+    """Two cells of study `tiny` (eight evaluation intervals each, of `step_s` seconds a step) and two claims."""
+    rng = np.random.default_rng(seed)
+    cells = pd.DataFrame([{"study": "tiny", "cell": f"norm~{norm}", "model": "mlp", "dataset": "fashion_mnist",
+                           "seed": 0, "total_steps": 80, "final_test_acc": 0.8 + 0.01 * (norm == "gn"),
+                           "env_host": name, "env_device_name": "cpu model"} for norm in ("bn", "gn")])
+    intervals = {norm: np.cumsum(10 * step_s * np.exp(rng.normal(0, noise, 8))) for norm in ("bn", "gn")}
+    curves = pd.DataFrame([{"study": "tiny", "cell": f"norm~{norm}", "step": 10 * (i + 1), "timed_steps": 10 * (i + 1),
+                            "train_time_s": intervals[norm][i]} for norm in ("bn", "gn") for i in range(8)])
+    claims = pd.DataFrame([{"claim": "C6", "statement": "BN degrades at small batch", "study": "tiny",
+                            "verdict": verdict_c6, "estimate": 0.05, "ci_low": 0.01, "ci_high": 0.09,
+                            "rule": "effect > 0.02"},
+                           {"claim": "C1", "statement": "ICS", "study": None, "verdict": "not run", "rule": "x"}])
+    return FinishedRun(name, {"run_id": name}, cells, curves, claims)
+
+
+def test_differing_verdicts_and_slower_steps_are_flagged():
+    baseline, other = finished_run("a", "supported", 0.01, 0.01), finished_run("b", "inconclusive", 0.02, 0.01, 1)
+    claims = claim_comparison([baseline, other])
+    assert claims.set_index(["claim", "run"]).loc[("C6", "b"), "differs"]
+    assert not claims[claims["claim"] == "C1"]["differs"].any()  # not run in either: nothing to differ
+    cells = cell_comparison([baseline, other])
+    assert len(cells) == 2 and cells["step_time_changed"].all()
+    assert cells["step_time_ratio"].to_numpy() == pytest.approx([2.0, 2.0], rel=0.05)
+    assert (cells["ratio_low"] > 1).all() and cells["acc_difference"].abs().max() == 0
+
+
+def test_a_change_within_the_noise_is_not_flagged():
+    ratio, low, high = log_ratio_interval(pd.Series([1.0, 1.2, 0.9, 1.1]), pd.Series([1.05, 0.95, 1.15, 1.0]))
+    assert low < 1 < high
+    # 1% slower, with repeats that vary by 30%: within the noise.
+    cells = cell_comparison([finished_run("a", "supported", 0.01, 0.3), finished_run("b", "supported", 0.0101, 0.3)])
+    assert not cells["step_time_changed"].any()
+
+
+def test_a_run_archived_and_read_back_compares_equal_to_itself(tmp_path):
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    (results / "tables").mkdir(parents=True)
+    reports.mkdir()
+    run = finished_run("a", "supported", 0.01, 0.05)
+    run.cells.to_csv(results / "tables/cells.csv", index=False)
+    run.curves.to_csv(results / "tables/curves.csv", index=False)
+    run.claims.to_csv(reports / "claims.csv", index=False)
+    (results / "run.json").write_text(json.dumps({"run_id": "20261129T120000-abcdef12", "commits": ["x"],
+                                                  "machines": ["h: cpu"], "config_sha256": "0" * 64}))
+    (reports / "report.html").write_text("<html></html>")
+    packed = archive(results, tmp_path / "run.tar.gz")
+    assert set(packed) == {"run.json", "tables/cells.csv", "tables/curves.csv", "claims.csv", "report.html"}
+    with tarfile.open(tmp_path / "run.tar.gz") as tar:
+        assert not any(name.endswith(".pt") for name in tar.getnames())
+    counts = render_compare([load_run(results), load_run(tmp_path / "run.tar.gz")], tmp_path / "compare.html",
+                            tmp_path / "compare.csv")
+    assert counts == {"claims": 2, "differing verdicts": 0, "shared cells": 2, "step-time changes": 0}
+    page = (tmp_path / "compare.html").read_text()
+    assert 'class="flag"' not in page and "http://" not in page and "https://" not in page
+    assert "20261129T120000-abcdef12" in page and "<style>" in page
+    assert len(pd.read_csv(tmp_path / "compare_cells.csv")) == 2
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda path: path.mkdir(), "the run has no run.json"),
+    (lambda path: path.write_text("not an archive"), "is no run archive"),
+    (lambda path: None, "no such results folder or run archive"),
+])
+def test_a_folder_or_file_that_is_no_finished_run_is_refused_clearly(tmp_path, make, message):
+    make(tmp_path / "run")
+    with pytest.raises(SettingsError, match=message):
+        load_run(tmp_path / "run")
+
+
+def test_archiving_an_unfinished_run_names_what_is_missing(tmp_path):
+    (tmp_path / "results").mkdir()
+    with pytest.raises(SettingsError, match=r"holds no finished run: .*run.json is missing"):
+        archive(tmp_path / "results", tmp_path / "run.tar.gz")
