@@ -5,13 +5,17 @@ ratio against BatchNorm is measured in one run. `run` repeats that session in
 separate processes: rounds within a session share their process, allocator
 and clock state, so their spread is timer noise; the spread between sessions
 is what a rerun would see, and the report's intervals are taken over those
-repeats. On CUDA each round waits for the GPU, so a round times the kernels,
-not their launch.
+repeats. Each repeat runs the cases in its own shuffled order after a
+warm-up case that is thrown away, so no norm always pays for coming first
+(BN, the denominator of every ratio, used to). Conv maps are channels_last,
+as the studies train them. On CUDA each round waits for the GPU, so a round
+times the kernels, not their launch.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import random
 import tempfile
 from pathlib import Path
 
@@ -33,14 +37,18 @@ CASES = [(layout, norm) for layout, norms in NORMS.items() for norm in norms]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout, norm", CASES)
-def test_norm_forward_backward(benchmark, device: torch.device, layout: str, norm: str, dtype: str) -> None:
+def test_norm_forward_backward(benchmark, device: torch.device, case_position: int, layout: str, norm: str,
+                               dtype: str) -> None:
     shape = SHAPES[layout]
     generator = torch.Generator().manual_seed(0)
     features = shape[1] if layout == "channels" else shape[-1]
+    memory_format = torch.channels_last if layout == "channels" else torch.contiguous_format
     layer = norm_factory(norm, layout, gn_groups=8)(features).to(device, DTYPES[dtype]).train()
-    x = torch.randn(shape, generator=generator).to(device, DTYPES[dtype]).requires_grad_()
-    upstream = torch.randn(shape, generator=generator).to(device, DTYPES[dtype])
+    x = torch.randn(shape, generator=generator).to(device, DTYPES[dtype]).contiguous(memory_format=memory_format)
+    x.requires_grad_()
+    upstream = torch.randn(shape, generator=generator).to(device, DTYPES[dtype]).contiguous(memory_format=memory_format)
     benchmark.extra_info.update(layout=layout, norm=norm, dtype=dtype, shape="x".join(map(str, shape)),
+                                memory_format=str(memory_format).removeprefix("torch."), position=case_position,
                                 device=device_name(device), threads=torch.get_num_threads())
 
     def forward_backward() -> None:
@@ -50,15 +58,37 @@ def test_norm_forward_backward(benchmark, device: torch.device, layout: str, nor
     benchmark(forward_backward)
 
 
-class _DevicePlugin:
-    """Gives the benchmarks the device that `run` was asked for, as the `device` fixture."""
+WARM_UP = "warm_up"  # extra_info key of the case each session runs first and `run` throws away
 
-    def __init__(self, device: torch.device) -> None:
-        self._device = device
+
+def test_warm_up(benchmark, device: torch.device) -> None:
+    """Pays the first-case costs (allocator, kernels' first calls, clocks) for no case in particular."""
+    benchmark.extra_info[WARM_UP] = True
+    x = torch.randn(SHAPES["channels"], device=device, requires_grad=True)
+    layer = norm_factory("bn", "channels")(x.shape[1]).to(device)
+    benchmark(lambda: (layer(x).sum().backward(), synchronize(device)))
+
+
+class _SessionPlugin:
+    """Gives the benchmarks the device that `run` was asked for (the `device` fixture), and runs the cases in an
+    order of their own per session, after the warm-up."""
+
+    def __init__(self, device: torch.device, order_seed: int) -> None:
+        self._device, self._order_seed, self._positions = device, order_seed, {}
 
     @pytest.fixture
     def device(self) -> torch.device:
         return self._device
+
+    @pytest.fixture
+    def case_position(self, request) -> int:
+        """Where the case ran in this session (0: the warm-up)."""
+        return self._positions[request.node.nodeid]
+
+    def pytest_collection_modifyitems(self, items: list) -> None:
+        random.Random(self._order_seed).shuffle(items)
+        items.sort(key=lambda item: item.name != "test_warm_up")  # stable: the shuffled order stays behind it
+        self._positions = {item.nodeid: index for index, item in enumerate(items)}
 
 
 def run(out: Path, max_time_s: float, threads: int | None = None, device: str = "auto", repeats: int = 1) -> None:
@@ -70,7 +100,7 @@ def run(out: Path, max_time_s: float, threads: int | None = None, device: str = 
         sessions = []
         for repeat in range(repeats):
             part = Path(scratch) / f"repeat{repeat}.json"
-            process = spawn.Process(target=session, args=(part, max_time_s, threads, device))
+            process = spawn.Process(target=session, args=(part, max_time_s, threads, device, repeat))
             process.start()
             process.join()
             if process.exitcode != 0:
@@ -79,12 +109,14 @@ def run(out: Path, max_time_s: float, threads: int | None = None, device: str = 
     for repeat, result in enumerate(sessions):
         for case in result["benchmarks"]:
             case["extra_info"]["repeat"] = repeat
-    merged = {**sessions[0], "benchmarks": [case for result in sessions for case in result["benchmarks"]]}
+    merged = {**sessions[0], "benchmarks": [case for result in sessions for case in result["benchmarks"]
+                                            if not case["extra_info"].get(WARM_UP)]}
     write_json(out, merged)
 
 
-def session(out: Path, max_time_s: float, threads: int | None, device: str) -> None:
-    """One pytest-benchmark session of every case, in this process, into `out`."""
+def session(out: Path, max_time_s: float, threads: int | None, device: str, order_seed: int = 0) -> None:
+    """One pytest-benchmark session of every case, in this process and in the order `order_seed` shuffles them
+    into, into `out`."""
     if threads:
         torch.set_num_threads(threads)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +127,6 @@ def session(out: Path, max_time_s: float, threads: int | None, device: str) -> N
                             "--benchmark-only", "--benchmark-save-data", f"--benchmark-json={out}",
                             f"--benchmark-max-time={max_time_s}", "--benchmark-min-rounds=5",
                             "--benchmark-warmup=on", "--benchmark-sort=name"],
-                           plugins=[_DevicePlugin(resolve_device(device))])
+                           plugins=[_SessionPlugin(resolve_device(device), order_seed)])
     if code != 0:
         raise RuntimeError(f"the norm micro-benchmarks failed (pytest exit code {code})")

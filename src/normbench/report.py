@@ -626,22 +626,22 @@ def claims_table(verdicts: list[claims.Verdict]) -> pd.DataFrame:
 
 
 def benchmark_table(rounds: pd.DataFrame) -> dict | None:
-    """Median forward+backward time per norm, and its ratio to BatchNorm's with a 95% interval over the
-    benchmark's repeats (separate processes), per layout and dtype."""
+    """Median forward+backward time per norm, and its ratio to BatchNorm's (geometric mean, with a 95% interval of
+    the logarithms over the benchmark's repeats, separate processes), per device, layout and dtype."""
     if rounds.empty:
         return None
     rows = []
-    for (layout, dtype), case in rounds.groupby(["layout", "dtype"], sort=False):
+    for (device, layout, dtype), case in rounds.groupby(["device", "layout", "dtype"], sort=False):
         for norm, times in case.groupby("norm", sort=False)["time_s"]:
             if norm == "bn":
                 relative = "1 (reference)"
             else:
-                estimate = claims.mean_interval(claims.time_ratio(case, norm, "bn"), 2, unit="repeats")
+                estimate = claims.mean_interval(claims.time_ratio(case, norm, "bn"), 2, unit="repeats", log=True)
                 interval = "" if math.isnan(estimate.low) else f" [{estimate.low:.2f}, {estimate.high:.2f}]"
                 relative = f"{estimate.value:.2f}{interval}"
-            rows.append([layout, case["shape"].iloc[0], dtype, norm, _format(times.median() * 1e6), relative,
+            rows.append([device, layout, case["shape"].iloc[0], dtype, norm, _format(times.median() * 1e6), relative,
                          str(len(times))])
-    return {"columns": ["layout", "shape", "dtype", "norm", "median time (µs)", "time / BN's [95% CI]",
+    return {"columns": ["device", "layout", "shape", "dtype", "norm", "median time (µs)", "time / BN's [95% CI]",
                         "rounds (all repeats)"],
             "rows": rows, "measured_on": benchmark_machine(rounds)}
 
