@@ -11,7 +11,7 @@ from normbench.captions import FIGURE_CAPTIONS
 from normbench.config import Settings
 from normbench.numerics import output_errors
 from normbench.claims import Tables
-from normbench.report import (geometric_mean, leaderboard, setup, learning_rate_table, log_t_interval, render_report, step_time_ratios,
+from normbench.report import (ACCURACY_INTERVAL, bounded_t_interval, geometric_mean, leaderboard, setup, learning_rate_table, log_t_interval, render_report, step_time_ratios,
                               study_axes, t_interval, throughput_figure)
 
 
@@ -225,3 +225,11 @@ def test_a_failed_cell_is_listed_and_left_out_of_every_table(tmp_path):
     html = (tmp_path / "b.html").read_text()
     assert "failed cells (left out)" in html and f"{cells.loc[0, 'cell']}: out of memory at step 3" in html
     assert pd.read_csv(tmp_path / "claims.csv").set_index("claim").loc["C3", "cells"] == before - 1
+
+
+def test_bands_of_bounded_quantities_stay_in_their_range():
+    values = [0.99, 0.98, 0.30]  # three seeds, one far off: the raw t interval runs past 1 and below 0
+    assert t_interval(values)[1] > 1 and t_interval(values)[0] < 0
+    assert ACCURACY_INTERVAL(values) == (0.0, 1.0)
+    low, high = bounded_t_interval(-1, 1)([0.9, 0.95, 0.99])
+    assert -1 <= low < 0.95 < high <= 1

@@ -4,7 +4,8 @@ A module of its own, without plotting imports: the workflow reads it while it pl
 """
 
 ERROR_BANDS = ("Points and lines are means over seeds; bands and bars are 95% Student t intervals over seeds, as in the "
-               "claims table.")
+               "claims table, clipped to the quantity's range (accuracies and shares to [0, 1], a cosine or an "
+               "accuracy gap to [-1, 1]).")
 LOG_BANDS = ("On a log axis, lines are geometric means over seeds and bands the 95% Student t intervals of the "
              "logarithms, so that they stay positive.")
 # One caption per kind of figure, for this page and for `snakemake --report` alike.

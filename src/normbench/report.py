@@ -57,6 +57,19 @@ def t_interval(values) -> tuple[float, float]:
     return (estimate.low, estimate.high) if not math.isnan(estimate.low) else (estimate.value, estimate.value)
 
 
+def bounded_t_interval(lowest: float, highest: float):
+    """The t interval clipped to a quantity's range (accuracy and shares in [0, 1], a cosine in [-1, 1]): a wide
+    interval over few seeds must not claim impossible values. The captions say so."""
+    def interval(values) -> tuple[float, float]:
+        low, high = t_interval(values)
+        return max(low, lowest), min(high, highest)
+
+    return interval
+
+
+ACCURACY_INTERVAL = bounded_t_interval(0.0, 1.0)
+
+
 def log_t_interval(values) -> tuple[float, float]:
     """The t interval of the logarithms, back on the original scale: for positive quantities on a log axis,
     where an interval of the raw values would reach below zero."""
@@ -156,7 +169,7 @@ def accuracy_figure(cells: pd.DataFrame, x: str, facets: list[str]):
     measured = finished(cells, "final_test_acc")
     numeric = pd.api.types.is_numeric_dtype(cells[x])
     panels = _panels(cells, facets)
-    common = dict(x=x, y="final_test_acc", errorbar=t_interval, height=3.4, aspect=1.3, **_hue(cells), **panels)
+    common = dict(x=x, y="final_test_acc", errorbar=ACCURACY_INTERVAL, height=3.4, aspect=1.3, **_hue(cells), **panels)
     if numeric:  # relplot fails on a column without a value (every cell diverged): it gets no rows instead
         grid = sns.relplot(measured.dropna(subset=["final_test_acc"]), kind="line", marker="o", **common)
     else:  # categories are not a scale: points with intervals, no lines between them, norms side by side
@@ -193,7 +206,7 @@ def curves_figure(curves: pd.DataFrame, x: str | None, facets: list[str]):
         panels["col_wrap"] = 4
     if len(facets) > 1:
         panels["style"] = facets[1]
-    grid = sns.relplot(curves, x="epoch", y="test_acc", kind="line", marker="o", errorbar=t_interval,
+    grid = sns.relplot(curves, x="epoch", y="test_acc", kind="line", marker="o", errorbar=ACCURACY_INTERVAL,
                        height=2.6, aspect=1.2, **_hue(curves), **panels)
     for axis in grid.axes.flat:
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # whole epochs
@@ -232,7 +245,8 @@ def saturation_figure(probes: pd.DataFrame):
     per_cell = at_init.groupby(["cell", "model", "activation", "init", "norm"], as_index=False)["value"].mean()
     grid = sns.catplot(per_cell, kind="bar", x="init", y="value", order=_order(per_cell, "init"),
                        col="activation", col_order=_order(per_cell, "activation"), row="model",
-                       row_order=_order(per_cell, "model"), height=2.8, aspect=1.4, **_hue(per_cell))
+                       row_order=_order(per_cell, "model"), errorbar=ACCURACY_INTERVAL, height=2.8, aspect=1.4,
+                       **_hue(per_cell))
     grid.set_titles(template="{row_name}, {col_name}", size=9)
     grid.tick_params(axis="x", labelrotation=30)
     grid.set_axis_labels(_label("init"), "saturated / dead share")
@@ -264,7 +278,8 @@ def ics_figure(probes: pd.DataFrame):
     figure, (l2_axis, cos_axis) = plt.subplots(1, 2, figsize=(8.4, 3.0), constrained_layout=True)
     common = dict(x="layer_index", y="value", marker="o", **_hue(per_cell))
     sns.lineplot(per_cell[per_cell["quantity"] == "ics_l2"], ax=l2_axis, legend=False, **ON_LOG_AXIS, **common)
-    sns.lineplot(per_cell[per_cell["quantity"] == "ics_cos"], ax=cos_axis, errorbar=t_interval, **common)
+    sns.lineplot(per_cell[per_cell["quantity"] == "ics_cos"], ax=cos_axis, errorbar=bounded_t_interval(-1, 1),
+                 **common)
     l2_axis.set_yscale("log")
     l2_axis.set_title("||G - G'|| (log scale; larger: more shift)", size=9)
     cos_axis.set_title("cos(G, G') (1: no shift)", size=9)
@@ -294,7 +309,7 @@ def inference_figure(probes: pd.DataFrame):
     rows = rows.assign(statistics=rows["quantity"].str.removeprefix("acc_"))
     grid = sns.catplot(rows, kind="point", x="bn_momentum", y="value", hue="statistics",
                        hue_order=list(MODE_PALETTE), palette=MODE_PALETTE, col="batch_size",
-                       col_order=_order(rows, "batch_size"), linestyle="none", dodge=0.3, errorbar=t_interval,
+                       col_order=_order(rows, "batch_size"), linestyle="none", dodge=0.3, errorbar=ACCURACY_INTERVAL,
                        height=3.0, aspect=1.2)
     grid.set_titles(template="batch size = {col_name}", size=9)
     grid.set_axis_labels(_label("bn_momentum"), "test accuracy")
@@ -322,7 +337,8 @@ def generalization(cells: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
 def generalization_figure(cells: pd.DataFrame, probes: pd.DataFrame):
     """Train minus test accuracy per norm and dropout (C9)."""
     cells = generalization(cells, probes)
-    grid = sns.catplot(cells, kind="bar", x="dropout", y="gap", order=_order(cells, "dropout"), errorbar=t_interval,
+    grid = sns.catplot(cells, kind="bar", x="dropout", y="gap", order=_order(cells, "dropout"),
+                       errorbar=bounded_t_interval(-1, 1),
                        height=3.2, aspect=1.4, **_hue(cells))
     grid.set_axis_labels(_label("dropout"), "train - test accuracy")
     return grid.figure
