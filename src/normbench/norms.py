@@ -194,8 +194,11 @@ class BatchRenorm(AnyRankBatchNorm):
             self.running_var.copy_(running_var[-1])
         self.num_batches_tracked += 1
         shape = [1, 1, -1] + [1] * (x.dim() - 2)
-        y = ((xs - mean) / (var + self.eps).sqrt() * r + d) * self.weight.view(shape) + self.bias.view(shape)
-        return y.reshape(x.shape)
+        # ((x - mean) / std * r + d) * weight + bias as one scale and shift per channel and virtual batch: two
+        # passes over the activations instead of six (the gradient still flows through mean and var).
+        scale = r * self.weight.view(shape) / (var + self.eps).sqrt()
+        shift = (d - mean * r / (var + self.eps).sqrt()) * self.weight.view(shape) + self.bias.view(shape)
+        return torch.addcmul(shift, xs, scale).reshape(x.shape)
 
 
 class FilterResponseNorm(nn.Module):
