@@ -665,7 +665,7 @@ CLAIMS: tuple[Claim, ...] = (
           "effective beta-smoothness along the gradient without a norm over with BN (x)",
           "above", 2.0, _smoother_with_bn, {"norm": ("bn", "none")}, probes=("ics",)),
     Claim("C3", "BN allows much larger learning rates", "Ioffe & Szegedy 2015; Bjorck et al. 2018",
-          "learning_rate", "largest stable learning rate with BN over that without a norm (decades)",
+          "lr_stability", "largest stable learning rate with BN over that without a norm (decades)",
           "above", 0.5, _larger_stable_lr_with_bn, {"norm": ("bn", "none"), "lr": ()}),
     Claim("C4", "BN makes training robust to weight initialization; without it a badly scaled init cannot learn",
           "Glorot & Bengio 2010; He et al. 2015", "init",
