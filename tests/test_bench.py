@@ -6,7 +6,7 @@ import torch
 from normbench.bench import CASES, DTYPES
 from normbench.cli import main
 from normbench.provenance import device_name
-from normbench.report import benchmark_table
+from normbench.report.tables import benchmark_table
 from normbench.results import benchmark_rounds
 
 

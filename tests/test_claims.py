@@ -229,6 +229,10 @@ def test_power_matches_the_published_one_sample_case():
     assert needed[0] < 34 < needed[2]  # a spread from 3 seeds is known only to a wide range
     assert detectable > 0.5  # three seeds detect only far larger effects than half a spread
     assert power_analysis(exact(0.5, 1.0, 34), "above", 0.0)[0] < 0.5
+    # A small spread: scipy's noncentral t gives NaN at a large shift and few degrees of freedom; the range stays
+    # ordered (a smaller spread never needs more seeds).
+    low, point, high = power_analysis(exact(0.035, 0.0093, 3), "above", 0.0)[1]
+    assert low == point == 3 <= high
     assert all(math.isnan(v) for v in power_analysis(Estimate(0.5, math.nan, math.nan, 1, "seeds", 2), "above", 0)[1])
 
 
@@ -335,6 +339,20 @@ def test_folding_needs_equal_outputs_to_count_its_speed(difference, expected):
     assert result.estimate.value == pytest.approx(1.32, rel=1e-3) and result.verdict == expected
 
 
+def test_a_support_resting_on_one_condition_says_so_and_names_the_others():
+    """C11 over three conditions: folding is 1.3x faster at batch 128 alone, no faster at the other two."""
+    cells = cells_table({"batch_size": [16, 128], "bn_momentum": [0.1, 0.9]}, lambda point, rng: 0.9, norm="bn",
+                        device="cpu")
+    cells = cells[(cells["batch_size"] == 16) | (cells["bn_momentum"] == 0.9)]
+    speedup = {16: 1.0, 128: 1.3}
+    rows = probe_rows(cells, lambda cell: [("infer_s_unfolded", speedup[cell["batch_size"]] * (1 + 0.01 * cell["seed"]), {}),
+                                           ("infer_s_folded", 1.0, {}), ("fold_rel_diff", 1e-7, {})])
+    result = verdict("inference", "C11", Tables(cells, probes=rows))
+    assert result.verdict == "supported"  # the geometric mean over conditions is above 1.05
+    assert "the support rests on one of 3 conditions (batch_size 128, bn_momentum 0.9)" in result.note
+    assert "except batch_size 16, bn_momentum 0.1: refuted" in result.note
+
+
 def test_small_batch_gap_reads_ghost_batches_as_per_worker_batches():
     """BN over ghost batches of 2 in a batch of 32 is BN on 16 workers of 2: GN at the same batch is its pair."""
     points = [("ghostbn", 2), ("ghostbn", 8), ("bn", None), ("gn", None)]
@@ -419,6 +437,7 @@ def test_a_claim_declared_in_the_config_is_judged_like_the_built_in_ones(dyt, ex
     ({"compare": {"norm": ["dyt", "rms"]}}, r"claim my-dyt compares norm and needs the values dyt, rms"),
     ({"compare": {"nrom": ["dyt", "ln"]}}, r"key 'compare': 'nrom' is no setting"),
     ({"id": "C6"}, r"key 'id': C6 is a built-in claim"),
+    ({"compare": {"seed": [0, 1]}}, r"key 'compare': claims are paired by seed; compare another setting"),
 ])
 def test_a_declared_claim_that_cannot_be_measured_is_refused_before_any_run(change, message):
     cells = [{"norm": norm, "seed": seed} for norm in ("ln", "dyt") for seed in (0, 1)]

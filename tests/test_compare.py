@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from normbench.compare import cell_comparison, claim_comparison, log_ratio_interval, render_compare
+from normbench.report.compare import cell_comparison, claim_comparison, log_ratio_interval, render_compare
 from normbench.config import SettingsError
 from normbench.runs import FinishedRun, archive, load_run
 

@@ -2,12 +2,16 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from normbench.cells import make_settings, study_cells
-from normbench.config import (SETTING_NAMES, Settings, SettingsError, format_assignment, parse_assignments,
-                              settings_schema)
+from normbench.config import (SETTING_NAMES, Settings, SettingsError, format_assignment, normalize_workflow_config,
+                              parse_assignments, settings_schema)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_valid_and_schema_covers_every_setting():
@@ -16,7 +20,7 @@ def test_defaults_are_valid_and_schema_covers_every_setting():
 
 
 @pytest.mark.parametrize("values,message", [
-    ({"norm": "batchnorm"}, r"setting 'norm': 'batchnorm' is not one of"),
+    ({"norm": "batchnorm"}, r"setting 'norm': unknown norm 'batchnorm'; known: bn, "),
     ({"batch_size": 0}, r"setting 'batch_size': 0 is less than the minimum of 1"),
     ({"lr": -1.0}, r"setting 'lr'"),
     ({"nrom": "bn"}, r"unknown setting 'nrom'; did you mean 'norm'\?"),
@@ -80,3 +84,18 @@ def test_planning_a_cell_leaves_torch_dynamo_unimported():
              "print('torch._dynamo' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"thresold": 0.1, "threshold": None}, r"claims: item 2: unknown key 'thresold'; did you mean 'threshold'\?"),
+    ({"measure": "final_acc"}, r"item 2: measure: 'final_acc' is unknown; did you mean 'final_test_acc'\?"),
+    ({"rule": "abve"}, r"item 2: rule: 'abve' is unknown; did you mean 'above'\?"),
+    ({"combine": None}, r"item 2: missing key 'combine'"),
+])
+def test_a_claim_declared_in_the_config_is_refused_naming_its_wrong_key(change, message):
+    claim = {"id": "mine", "statement": "x", "measure": "final_test_acc", "compare": {"norm": ["gn", "bn"]},
+             "combine": "difference", "rule": "above", "threshold": 0.1, **change}
+    claim = {key: value for key, value in claim.items() if value is not None}
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    with pytest.raises(SettingsError, match=message):
+        normalize_workflow_config({"studies": {"s": {"grid": {"norm": ["bn"]}, "claims": ["C6", claim]}}}, schema)

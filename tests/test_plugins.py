@@ -47,6 +47,14 @@ def test_a_plugin_with_batch_statistics_takes_ghost_batches_like_ghostbn(tmp_pat
     torch.testing.assert_close(plugin.eval()(x), builtin.eval()(x))
 
 
+def test_one_layout_written_without_its_comma_is_still_one_layout(tmp_path):
+    (tmp_path / "one.py").write_text("import torch\ndef Norm(n, layout):\n    return torch.nn.Identity()\n"
+                                     "Norm.layouts = ('channels')\n")  # a string, not a tuple
+    assert isinstance(norm_factory(f"{tmp_path}/one.py:Norm", "channels")(4), torch.nn.Identity)
+    with pytest.raises(PluginError, match=r"supports the layouts channels, not tokens"):
+        norm_factory(f"{tmp_path}/one.py:Norm", "tokens")
+
+
 def test_ghost_batches_are_refused_for_a_plugin_without_batch_statistics(tmp_path):
     (tmp_path / "plain.py").write_text("import torch\ndef Norm(n, layout):\n    return torch.nn.Identity()\n")
     with pytest.raises(SettingsError, match=r"declares no batch statistics, so ghost_batch does not apply to it; "

@@ -11,8 +11,11 @@ from normbench.captions import FIGURE_CAPTIONS
 from normbench.config import Settings
 from normbench.numerics import output_errors
 from normbench.claims import Tables
-from normbench.report import (ACCURACY_INTERVAL, bounded_t_interval, geometric_mean, leaderboard, setup, learning_rate_table, log_t_interval, render_report, step_time_ratios,
-                              study_axes, t_interval, throughput_figure)
+from normbench.report import render_report
+from normbench.report.figures import (ACCURACY_INTERVAL, bounded_t_interval, geometric_mean, log_t_interval, study_axes,
+                                      t_interval, throughput_figure)
+from normbench.report.studies import setup
+from normbench.report.tables import leaderboard, learning_rate_table, step_time_ratios
 
 
 DEFAULTS = {**Settings().to_dict(), "probes": ""}  # every setting is a column of the aggregated table
@@ -202,12 +205,15 @@ def test_the_leaderboard_ranks_every_norm_of_a_study_with_its_interval_speed_and
     cells = synthetic_cells()
     curves = synthetic_curves(cells)
     board = leaderboard({"lr": Tables(cells, curves)}, {"lr": {"report": {"target_acc": 0.5}}})
-    rows = {row[1]: row for row in board["rows"]}
-    assert list(rows) == ["bn", "none"] and board["columns"][2] == "final test accuracy [95% CI]"
-    assert rows["bn"][2] == "0.8 [0.8, 0.8]" and rows["bn"][5] == "0 of 6"
-    assert rows["none"][5] == "2 of 6"  # lr 1.0 diverged on both seeds
-    assert rows["bn"][4] == "1" and rows["none"][4] == "0.8"  # none steps at 1250/s against BN's 1000/s
-    assert rows["bn"][3] == "20"  # the first evaluation at 0.5 accuracy, mean over seeds (every lr's cells)
+    rows = {(row[1], row[2]): row for row in board["rows"]}  # one row per norm and setting: lrs are not pooled
+    assert list(rows) == [(norm, f"lr {lr}") for norm in ("bn", "none") for lr in (0.01, 0.1, 1)]
+    assert board["columns"][3] == "final test accuracy [95% CI]"
+    assert rows["bn", "lr 0.1"][3] == "0.8 [0.8, 0.8]" and rows["bn", "lr 0.1"][6] == "0 of 2"
+    assert rows["none", "lr 1"][6] == "2 of 2" and rows["none", "lr 1"][3] == "0.1 [0.1, 0.1]"  # diverged: chance
+    assert rows["bn", "lr 0.1"][5] == "1" and rows["none", "lr 0.1"][5] == "0.8"  # 1250/s against BN's 1000/s
+    assert rows["none", "lr 1"][5] == ""  # no finished cell to time
+    assert rows["bn", "lr 0.1"][4] == "20" and rows["none", "lr 0.1"][4] == "30"  # first evaluation at 0.5
+    assert rows["none", "lr 0.01"][4] == "never"
 
 
 def test_a_failed_cell_is_listed_and_left_out_of_every_table(tmp_path):

@@ -122,3 +122,30 @@ def test_report_renders_in_chromium_with_every_image_and_no_errors(page, tmp_pat
     png = base64.b64decode(shot["data"])
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     (SCREENSHOTS / "report.png").write_bytes(png)
+
+
+def test_the_comparison_page_renders_in_chromium_and_flags_what_differs(page, tmp_path):
+    from test_compare import finished_run
+
+    from normbench.report.compare import render_compare
+
+    out = tmp_path / "compare.html"
+    render_compare([finished_run("cpu", "supported", 0.01, 0.01), finished_run("gpu", "inconclusive", 0.02, 0.01, 1)],
+                   out)
+    for domain in ("Page", "Runtime", "Log"):
+        page.call(f"{domain}.enable")
+    page.call("Page.navigate", url=out.as_uri())
+    page.wait_for("Page.loadEventFired")
+
+    def evaluate(expression: str):
+        return page.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"]["value"]
+
+    assert evaluate("document.querySelectorAll('#claims tr.differs').length") == 2  # C6, in both runs' rows
+    assert evaluate("document.querySelectorAll('#cells tbody tr').length") == 2
+    assert evaluate("[...document.querySelectorAll('#cells .flag')].map(f => f.textContent)") == ["slower", "slower"]
+    sort = ("(() => { const t = document.querySelector('#cells table.sortable'); t.tHead.rows[0].cells[1].click();"
+            " t.tHead.rows[0].cells[1].click(); return [...t.tBodies[0].rows].map(r => r.cells[1].textContent); })()")
+    assert evaluate(sort) == ["norm~gn", "norm~bn"]
+    errors = [e for e in page.events if e.get("method") == "Runtime.exceptionThrown"
+              or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+    assert errors == []

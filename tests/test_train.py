@@ -92,7 +92,7 @@ def test_absurd_learning_rate_ends_as_diverged_with_exit_status_zero(tiny, tmp_p
 
 
 def test_cli_rejects_bad_settings_before_any_work(tmp_path, capsys):
-    with pytest.raises(SystemExit, match=r"setting 'norm': 'foo' is not one of"):
+    with pytest.raises(SystemExit, match=r"setting 'norm': unknown norm 'foo'; known: bn, .*or your own as path/to/file.py:Name"):
         main(["train", "--out", str(tmp_path / "cell"), "--set", "norm=foo"])
     with pytest.raises(SystemExit, match=r"setting 'batch_size': 0 is less than the minimum"):
         main(["train", "--out", str(tmp_path / "cell"), "--set", "batch_size=0"])

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from normbench.config import SETTING_NAMES, Settings, SettingsError
+from normbench.plugins import is_plugin, short_name
 
 CONFIDENCE = 0.95
 POWER = 0.8  # of the t-test behind "detectable effect" and "seeds needed"
@@ -294,12 +295,20 @@ def power(samples: np.ndarray, distance: float, sd: float, equivalence_to: float
 
     df, se = samples - 1, sd / np.sqrt(samples)
     critical = stats.t.ppf((1 + CONFIDENCE) / 2, df)
+
+    def beyond(threshold, shift):
+        """P(T > threshold) for T noncentral t; scipy's nct gives NaN for a large shift at few degrees of freedom,
+        where the normal approximation (Johnson & Welch) is close to its value, 1 or 0."""
+        exact = stats.nct.sf(threshold, df, shift)
+        approximate = stats.norm.sf((threshold - shift) / np.sqrt(1 + threshold ** 2 / (2 * df)))
+        return np.where(np.isnan(exact), approximate, exact)
+
     if equivalence_to is None:
         shift = distance / se
-        return stats.nct.sf(critical, df, shift) + stats.nct.cdf(-critical, df, shift)
+        return beyond(critical, shift) + 1 - beyond(-critical, shift)
     effect = equivalence_to - distance  # |effect|, inside the bounds
-    above_lower = stats.nct.sf(critical, df, (effect + equivalence_to) / se)
-    below_upper = stats.nct.cdf(-critical, df, (effect - equivalence_to) / se)
+    above_lower = beyond(critical, (effect + equivalence_to) / se)
+    below_upper = 1 - beyond(-critical, (effect - equivalence_to) / se)
     return np.clip(above_lower + below_upper - 1, 0, 1)
 
 
@@ -728,6 +737,7 @@ MEASURES: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
     "train_samples_per_s": lambda cells: cells["train_samples_per_s"].mask(cells["diverged"].astype(bool)),
 }
 COMBINE = {"difference": operator.sub, "ratio": operator.truediv}
+DECLARED = "declared in the config"  # the anchor of a declared claim that names none
 
 
 def declared_claim(entry: dict, study: str) -> Claim:
@@ -752,6 +762,8 @@ def declared_claim(entry: dict, study: str) -> Claim:
     (axis, (a, b)), = entry["compare"].items()
     if axis not in SETTING_NAMES:
         raise problem("compare", f"{axis!r} is no setting")
+    if axis == "seed":
+        raise problem("compare", "claims are paired by seed; compare another setting (norm, lr, batch_size, ...)")
     measure_of, combine = MEASURES[entry["measure"]], COMBINE[entry["combine"]]
 
     def measure(tables: Tables, spec: dict) -> Estimate:
@@ -760,8 +772,9 @@ def declared_claim(entry: dict, study: str) -> Claim:
                              log=entry["combine"] == "ratio")
 
     sign = "/" if entry["combine"] == "ratio" else "-"
-    return Claim(entry["id"], entry["statement"], entry.get("anchor", "declared in the config"), study,
-                 f"{entry['measure']} of {axis} {a} {sign} {b}, paired by seed", entry["rule"],
+    label = {value: short_name(value) if is_plugin(value) else value for value in (a, b)}
+    return Claim(entry["id"], entry["statement"], entry.get("anchor", DECLARED), study,
+                 f"{entry['measure']} of {axis} {label[a]} {sign} {label[b]}, paired by seed", entry["rule"],
                  float(entry["threshold"]), measure, {axis: (a, b)})
 
 

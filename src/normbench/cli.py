@@ -126,7 +126,7 @@ def _archive(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from normbench.compare import render_compare
+    from normbench.report.compare import render_compare
     from normbench.runs import load_run
 
     runs = [load_run(path) for path in args.runs]

@@ -145,7 +145,13 @@ def check_against_schema(values: dict[str, Any]) -> dict[str, Any]:
     validator = jsonschema.Draft202012Validator(settings_schema())
     for error in sorted(validator.iter_errors(values), key=lambda e: list(e.path)):
         key = error.path[0] if error.path else "?"
-        # anyOf (a built-in name, or a plugin reference): say what each alternative wanted
+        if error.context and isinstance(error.instance, str):  # anyOf: a built-in name, or a plugin reference
+            known = choices(key)
+            close = difflib.get_close_matches(error.instance, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise SettingsError(f"setting {key!r}: unknown {key} {error.instance!r}; {hint}known: {', '.join(known)}; "
+                                f"or your own as path/to/file.py:Name or package.module:Name (the object's name after "
+                                f"a colon; no spaces in the path)")
         message = "; or ".join(sub.message for sub in error.context) if error.context else error.message
         raise SettingsError(f"setting {key!r}: {message}")
     return values
@@ -227,6 +233,24 @@ def normalize_workflow_config(config: dict[str, Any], workflow_schema: dict) -> 
             return {key: walk(item, schema["properties"].get(key, {}), f"{where}{key}: ") for key, item in value.items()}
         if isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
             return {key: walk(item, schema["additionalProperties"], f"{where}{key}: ") for key, item in value.items()}
+        if isinstance(value, list) and "items" in schema:
+            return [walk(item, schema["items"], f"{where}item {index + 1}: ") for index, item in enumerate(value)]
+        objects = [branch for branch in schema.get("anyOf", []) if branch.get("type") == "object"]
+        if isinstance(value, dict) and objects:  # a claim declared in place: name the key that is wrong
+            branch = objects[0]
+            check_names(value, list(branch["properties"]), "key", where,
+                        listing=f"known: {', '.join(branch['properties'])}")
+            missing = [key for key in branch.get("required", []) if key not in value]
+            if missing:
+                raise SettingsError(f"{where}missing key {missing[0]!r} (a claim of your own needs "
+                                    f"{', '.join(branch['required'])})")
+            for key, item in value.items():
+                allowed = branch["properties"].get(key, {}).get("enum")
+                if allowed and item not in allowed:
+                    close = difflib.get_close_matches(str(item), allowed, n=1)
+                    hint = f"did you mean {close[0]!r}? " if close else ""
+                    raise SettingsError(f"{where}{key}: {item!r} is unknown; {hint}known: {', '.join(allowed)}")
+            return walk(value, branch, where)
         return as_schema_type(value, schema)
 
     config = walk(config, workflow_schema, "")

@@ -296,7 +296,8 @@ def plugin_norm(reference: str, layout: str, ghost_batch: int | None = None) -> 
     object may declare `layouts`, the ones it supports (anything else is refused here, at plan time), and
     `batch_statistics = True` if it normalizes over the batch, so that `ghost_batch` applies to it."""
     norm = load_object(reference)
-    supported = tuple(getattr(norm, "layouts", LAYOUTS))
+    supported = getattr(norm, "layouts", LAYOUTS)
+    supported = (supported,) if isinstance(supported, str) else tuple(supported)  # ("channels") is a string
     if layout not in supported:
         raise PluginError(f"norm {reference!r} supports the layouts {', '.join(supported)}, not {layout} "
                           f"(its `layouts`)")

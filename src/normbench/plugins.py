@@ -94,5 +94,5 @@ def short_name(reference: str) -> str:
 
 def provenance(references: list[str]) -> dict[str, dict]:
     """Each plugin reference with its file and that file's SHA-256, for env.json."""
-    return {reference: {"file": str(source_file(reference)), "sha256": file_sha256(source_file(reference))}
+    return {reference: {"file": str(source_file(reference).resolve()), "sha256": file_sha256(source_file(reference))}
             for reference in references if is_plugin(reference)}

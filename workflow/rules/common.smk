@@ -113,6 +113,16 @@ def report_inputs():
     return {**tables, **({"bench": BENCH} if "benchmarks" in config else {})}
 
 
+def compare_target():
+    """The comparison page, where the config lists earlier runs to compare this one with."""
+    return ["reports/compare.html"] if config.get("compare") else []
+
+
+def compared_file(run):
+    """What a listed run is read from: its archive, or its results folder's run.json (the run finished)."""
+    return run if os.path.isfile(run) or run.endswith((".tar.gz", ".tgz")) else os.path.join(run, "run.json")
+
+
 def all_summaries():
     return [
         f"{RUNS}/{study}/{cell}/summary.json"

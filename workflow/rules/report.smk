@@ -29,3 +29,23 @@ rule report:
     shell:
         "normbench report --tables {params.tables} --config {params.config:q} {params.bench} "
         "--invocation {params.invocation} --figures {output.figures} --out {output.html} > {log} 2>&1"
+
+
+# Earlier runs beside this one, where the config lists them (compare: [...]).
+rule compare:
+    input:
+        runs=lambda wildcards: [compared_file(run) for run in config["compare"]],
+        this_run="results/run.json",
+    output:
+        html="reports/compare.html",
+        claims="reports/compare.csv",
+        cells="reports/compare_cells.csv",
+    params:
+        runs=lambda wildcards: " ".join(shlex.quote(run) for run in config["compare"]),
+    conda:
+        CONDA_ENV
+    log:
+        "results/logs/compare.log",
+    shell:
+        "normbench compare {params.runs} results --out {output.html} --csv {output.claims} > {log} 2>&1"
+
