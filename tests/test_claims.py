@@ -266,12 +266,17 @@ def test_tied_samples_get_the_resolution_of_the_measure():
 
 def test_holm_keeps_only_verdicts_that_survive_the_family():
     """p = 0.01, 0.02, 0.04 over three claims: Holm's thresholds are 0.05/3, 0.05/2 and 0.05."""
-    assert holm([0.01, 0.02, 0.04, math.nan]) == [True, True, True, None]
-    assert holm([0.01, 0.03, 0.04]) == [True, False, False]
+    assert holm([0.01, 0.02, 0.04, math.nan], [True] * 4) == [True, True, True, None]
+    assert holm([0.01, 0.03, 0.04], [True] * 3) == [True, False, False]
+    # The family is every claim tested, not only those that came out decided: an inconclusive one counts too.
+    assert holm([0.015, 0.03], [True, True]) == [True, True]
+    assert holm([0.015, 0.03, 0.5], [True, True, False]) == [True, False, None]
     decided = exact(0.1, 0.01, 5)
     p = p_value(decided, "above", 0.05, "supported")
     assert p == pytest.approx(2 * stats.t.sf((0.1 - 0.05) / (0.01 / math.sqrt(5)), 4))
-    assert math.isnan(p_value(decided, "above", 0.05, "inconclusive"))
+    undecided = exact(0.06, 0.05, 5)
+    assert decide(undecided, "above", 0.05) == "inconclusive" and p_value(undecided, "above", 0.05, "inconclusive") > 0.05
+    assert math.isnan(p_value(Estimate(0.1, math.nan, math.nan, 1, "seeds", 2), "above", 0.05, "inconclusive"))
 
 
 def probe_rows(cells: pd.DataFrame, rows_of) -> pd.DataFrame:

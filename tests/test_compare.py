@@ -1,6 +1,7 @@
 """Runs compared: verdicts that differ are flagged, step-time changes only beyond their noise, and a run archived
 and read back compares equal to itself."""
 
+import gzip
 import json
 import tarfile
 
@@ -34,8 +35,8 @@ def test_differing_verdicts_and_slower_steps_are_flagged():
     claims = claim_comparison([baseline, other])
     assert claims.set_index(["claim", "run"]).loc[("C6", "b"), "differs"]
     assert not claims[claims["claim"] == "C1"]["differs"].any()  # not run in either: nothing to differ
-    cells = cell_comparison([baseline, other])
-    assert len(cells) == 2 and cells["step_time_changed"].all()
+    cells, left_out = cell_comparison([baseline, other])
+    assert len(cells) == 2 and cells["step_time_changed"].all() and left_out == []
     assert cells["step_time_ratio"].to_numpy() == pytest.approx([2.0, 2.0], rel=0.05)
     assert (cells["ratio_low"] > 1).all() and cells["acc_difference"].abs().max() == 0
 
@@ -44,7 +45,7 @@ def test_a_change_within_the_noise_is_not_flagged():
     ratio, low, high = log_ratio_interval(pd.Series([1.0, 1.2, 0.9, 1.1]), pd.Series([1.05, 0.95, 1.15, 1.0]))
     assert low < 1 < high
     # 1% slower, with repeats that vary by 30%: within the noise.
-    cells = cell_comparison([finished_run("a", "supported", 0.01, 0.3), finished_run("b", "supported", 0.0101, 0.3)])
+    cells, _ = cell_comparison([finished_run("a", "supported", 0.01, 0.3), finished_run("b", "supported", 0.0101, 0.3)])
     assert not cells["step_time_changed"].any()
 
 
@@ -65,17 +66,28 @@ def test_a_run_archived_and_read_back_compares_equal_to_itself(tmp_path):
         assert not any(name.endswith(".pt") for name in tar.getnames())
     counts = render_compare([load_run(results), load_run(tmp_path / "run.tar.gz")], tmp_path / "compare.html",
                             tmp_path / "compare.csv")
-    assert counts == {"claims": 2, "differing verdicts": 0, "shared cells": 2, "step-time changes": 0}
+    assert counts == {"claims": 2, "differing verdicts": 0, "cells compared": 2, "step-time changes": 0}
     page = (tmp_path / "compare.html").read_text()
     assert 'class="flag"' not in page and "http://" not in page and "https://" not in page
     assert "20261129T120000-abcdef12" in page and "<style>" in page
     assert len(pd.read_csv(tmp_path / "compare_cells.csv")) == 2
 
 
+def test_cells_at_the_same_path_with_other_settings_are_not_compared():
+    baseline, other = finished_run("a", "supported", 0.01, 0.01), finished_run("b", "supported", 0.01, 0.01)
+    baseline = FinishedRun("a", {"run_id": "a"}, baseline.cells.assign(width=64), baseline.curves, baseline.claims)
+    widths = other.cells["cell"].map({"norm~bn": 64, "norm~gn": 256})  # gn trained wider in the other run
+    other = FinishedRun("b", {"run_id": "b"}, other.cells.assign(width=widths), other.curves, other.claims)
+    cells, left_out = cell_comparison([baseline, other])
+    assert list(cells["cell"]) == ["norm~bn"]
+    assert left_out == ["b: 1 cell(s) at the baseline's paths with other settings (not compared)"]
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda path: path.mkdir(), "the run has no run.json"),
     (lambda path: path.write_text("not an archive"), "is no run archive"),
     (lambda path: None, "no such results folder or run archive"),
+    (lambda path: path.write_bytes(gzip.compress(b"x" * 600)[:40]), "is no run archive|the archive is damaged"),
 ])
 def test_a_folder_or_file_that_is_no_finished_run_is_refused_clearly(tmp_path, make, message):
     make(tmp_path / "run")

@@ -8,20 +8,22 @@ import sys
 
 import pytest
 
+from normbench.claims import check_claims
 from normbench.cli import main
 from normbench.config import SettingsError
 from normbench.devices import GPUS_ENV, LOCKS_ENV, assign_gpus, claim_gpus
 from normbench.results import read_json
 
 HOLD = ("import sys, time; from pathlib import Path; from normbench.devices import claim_gpus\n"
-        "print(','.join(claim_gpus(int(sys.argv[1]), sys.argv[2].split(','), Path(sys.argv[3]), wait_s=30)), flush=True)\n"
+        "print(','.join(claim_gpus(int(sys.argv[1]), sys.argv[2].split(','), Path(sys.argv[3]), wait_s=30, "
+        "share=int(sys.argv[4]))), flush=True)\n"
         "time.sleep(60)")
 
 
-def holder(count: int, gpus: str, locks) -> tuple[subprocess.Popen, list[str]]:
-    """A process that claims `count` GPUs and keeps them, as a running train job does."""
-    process = subprocess.Popen([sys.executable, "-c", HOLD, str(count), gpus, str(locks)], stdout=subprocess.PIPE,
-                               text=True)
+def holder(count: int, gpus: str, locks, share: int = 1) -> tuple[subprocess.Popen, list[str]]:
+    """A process that claims `count` GPUs (alone, or one of `share` on each) and keeps them, as a train job does."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(count), gpus, str(locks), str(share)],
+                               stdout=subprocess.PIPE, text=True)
     return process, process.stdout.readline().strip().split(",")
 
 
@@ -43,6 +45,38 @@ def test_concurrent_jobs_never_share_and_a_dead_job_frees_its_gpus(tmp_path):
         for process, _ in jobs:
             process.kill()
             process.wait()
+
+
+def test_packed_cells_share_a_gpu_k_at_most_and_never_with_a_cell_that_needs_one_alone(tmp_path):
+    jobs = [holder(1, "0,1", tmp_path, share=2) for _ in range(4)]  # two GPUs, two packed cells on each
+    try:
+        claimed = sorted(gpu for _, gpus in jobs for gpu in gpus)
+        assert claimed == ["0", "0", "1", "1"]  # spread over both GPUs, two on each
+        with pytest.raises(SettingsError, match=r"no 1 shareable \(by 2\) GPU\(s\) among 0, 1"):
+            claim_gpus(1, ["0", "1"], tmp_path, wait_s=0.5, poll_s=0.1, share=2)  # a third on either: too many
+        with pytest.raises(SettingsError, match=r"no 1 free GPU\(s\) among 0, 1"):
+            claim_gpus(1, ["0", "1"], tmp_path, wait_s=0.5, poll_s=0.1)  # a cell that times its steps: none alone
+        on_zero = [process for process, gpus in jobs if gpus == ["0"]]
+        for process in on_zero:  # both sharers of GPU 0 end: it is free for a cell alone
+            process.kill()
+            process.wait()
+        assert claim_gpus(1, ["0", "1"], tmp_path, wait_s=5) == ["0"]
+        with pytest.raises(SettingsError, match=r"no 1 shareable"):  # and while it has it, no sharer joins
+            claim_gpus(1, ["0"], tmp_path, wait_s=0.5, poll_s=0.1, share=2)
+    finally:
+        for process, _ in jobs:
+            process.kill()
+            process.wait()
+
+
+def test_a_study_that_times_its_cells_may_not_pack_them():
+    cells = [{"norm": "bn", "probes": ["inference"]}]
+    with pytest.raises(SettingsError, match=r"study 'inference': claim C11 reads times, and its cells share GPUs "
+                                            r"\(resources: gpu_share 4\)"):
+        check_claims({"inference": {"claims": ["C11"]}}, {"inference": cells}, {"inference": 4})
+    grid = [{"norm": "bn", "bn_momentum": m, "batch_size": b, "probes": ["inference"]} for m in (0.1, 0.9)
+            for b in (16, 32)]
+    check_claims({"inference": {"claims": ["C8"]}}, {"inference": grid}, {"inference": 4})  # accuracy: may pack
 
 
 def test_a_cell_needing_more_gpus_than_the_machine_has_is_refused(tmp_path):
@@ -68,4 +102,4 @@ def test_a_train_command_claims_its_gpu_before_cuda_and_records_it(tmp_path, mon
           "model=mlp", "width=16", "train_subset=256", "test_subset=200", "batch_size=64", "epochs=1"])
     env = read_json(tmp_path / "cell/env.json")
     assert env["cuda_visible_devices"] == "3"  # on this CPU-only machine GPU 3 is faked: the cell ran on the CPU
-    assert env["device"] == "cpu" and env["device_uuid"] is None
+    assert env["device"] == "cpu" and env["device_uuid"] is None and env["gpu_share"] == 1

@@ -105,7 +105,7 @@ def test_workflow_runs_into_a_report_and_reruns_a_cell(tmp_path, fashion_root):
     compared = subprocess.run([str(BIN / "normbench"), "compare", "results", "run.tar.gz", "--out",
                                "reports/compare.html"], cwd=tmp_path, capture_output=True, text=True)
     assert compared.returncode == 0, compared.stderr
-    assert "0 differing verdicts, 8 shared cells, 0 step-time changes" in compared.stdout
+    assert "0 differing verdicts, 8 cells compared, 0 step-time changes" in compared.stdout
 
     # `make setup` again (it runs `normbench data`) leaves every finished cell up to date.
     setup = subprocess.run([str(BIN / "normbench"), "data", "fashion_mnist", "--root", str(fashion_root)],
@@ -253,3 +253,18 @@ def test_a_cell_over_its_time_limit_is_recorded_as_timed_out(tmp_path, fashion_r
     assert (cells["resumed_from_step"] > 0).all()
     planned = snakemake(tmp_path, "--dry-run")
     assert "Nothing to be done" in planned.stdout + planned.stderr, planned.stdout[-3000:]
+
+
+def test_a_packed_study_passes_its_share_and_a_timed_claim_refuses_packing(tmp_path, fashion_root):
+    write_config(tmp_path, fashion_root, resources={"gpu_share": 2})
+    planned = snakemake(tmp_path, "--dry-run", "--printshellcmds")
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    commands = [line.removeprefix("Shell command: ") for line in (planned.stdout + planned.stderr).splitlines()
+                if line.startswith("Shell command: normbench train")]
+    assert len(commands) == 8 and all(line.split(" > ")[0].endswith("--gpu-share 2") for line in commands)
+    write_config(tmp_path, fashion_root, resources={"gpu_share": 2}, claims=[
+        {"id": "mine", "statement": "GN steps as fast as BN", "measure": "train_samples_per_s",
+         "compare": {"norm": ["gn", "bn"]}, "combine": "ratio", "rule": "above", "threshold": 0.9}])
+    refused = snakemake(tmp_path, "--dry-run")
+    assert refused.returncode != 0
+    assert "claim mine reads times, and its cells share GPUs (resources: gpu_share 2)" in refused.stdout + refused.stderr

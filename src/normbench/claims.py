@@ -128,6 +128,7 @@ class Claim:
     needs: dict[str, tuple] = field(default_factory=dict)  # axis -> values the study's cells must include
     report_keys: tuple[str, ...] = ()  # keys the study's `report` section must set
     probes: tuple[str, ...] = ()  # probes the study's cells must record
+    reads_time: bool = False  # its effect is a time: its cells may not share a GPU (a study's gpu_share)
 
     @property
     def bar(self) -> str:
@@ -344,25 +345,38 @@ def power_analysis(estimate: Estimate, rule: str, threshold: float) -> tuple[flo
     return float(detectable), tuple(needed(spread) for spread in spreads)
 
 
-def p_value(estimate: Estimate, rule: str, threshold: float, verdict: str) -> float:
-    """The two-sided p-value of the t-test behind a decided verdict, against the threshold from the side the
-    interval lies on (for a supported `within` rule, the larger of the two one-sided tests'): below 0.05 exactly
-    when the 95% interval decides. NaN for an undecided claim, or one decided by a broken precondition."""
-    if verdict not in ("supported", "refuted") or estimate.fails:
-        return math.nan
+def _p_for(estimate: Estimate, rule: str, threshold: float, verdict: str) -> float:
+    """The two-sided p-value of the t-test that would give `verdict` (supported or refuted): against the threshold
+    from that verdict's side (for a supported `within` rule, the larger of the two one-sided tests'); 1 where a
+    censored side leaves no test."""
     t, lower, upper = estimate.on_scale(threshold), estimate.lower_side, estimate.upper_side
+
+    def beyond(side: Side | None, bar: float, above: bool) -> float:
+        return 1.0 if side is None else side.p_beyond(bar, above)
+
     if rule == "within":
         if verdict == "supported":
-            return max(lower.p_beyond(-t, above=True), upper.p_beyond(t, above=False))
-        return lower.p_beyond(t, above=True) if lower and lower.mean > t else upper.p_beyond(-t, above=False)
+            return max(beyond(lower, -t, True), beyond(upper, t, False))
+        return min(beyond(lower, t, True), beyond(upper, -t, False))
     if (rule == "above") == (verdict == "supported"):
-        return lower.p_beyond(t, above=True)
-    return upper.p_beyond(t, above=False)
+        return beyond(lower, t, True)
+    return beyond(upper, t, False)
 
 
-def holm(p_values: list[float]) -> list[bool | None]:
-    """Whether each decided verdict holds under Holm's correction over the claims decided in the run (family-wise
-    error 5%); None for a claim with no p-value."""
+def p_value(estimate: Estimate, rule: str, threshold: float, verdict: str) -> float:
+    """The p-value of the claim's test against its threshold: for a decided verdict, of the t-test behind it
+    (below 0.05 exactly when the 95% interval decides); for an inconclusive one, the smaller of the two verdicts'
+    (0.05 or more). NaN with fewer than two samples, or for a claim decided by a broken precondition."""
+    if estimate.fails or estimate.samples < 2 or math.isnan(estimate.low):
+        return math.nan
+    if verdict in ("supported", "refuted"):
+        return _p_for(estimate, rule, threshold, verdict)
+    return min(_p_for(estimate, rule, threshold, "supported"), _p_for(estimate, rule, threshold, "refuted"))
+
+
+def holm(p_values: list[float], decided: list[bool]) -> list[bool | None]:
+    """Whether each decided verdict holds under Holm's correction over every claim tested in the run (decided or
+    not: the family is fixed before the results, family-wise error 5%); None for a claim not decided."""
     from statsmodels.stats.multitest import multipletests
 
     tested = [i for i, p in enumerate(p_values) if not math.isnan(p)]
@@ -370,7 +384,7 @@ def holm(p_values: list[float]) -> list[bool | None]:
     if tested:
         rejected = multipletests([p_values[i] for i in tested], alpha=1 - CONFIDENCE, method="holm")[0]
         for i, reject in zip(tested, rejected):
-            holds[i] = bool(reject)
+            holds[i] = bool(reject) if decided[i] else None
     return holds
 
 
@@ -454,8 +468,8 @@ def _larger_stable_lr_with_bn(tables: Tables, spec: dict) -> Estimate:
              if (bn["upper"] == math.inf).any() else "",
              f"{(none['lower'] == 0).sum()} seed(s) without a norm stable at no lr" if (none["lower"] == 0).any() else "",
              f"{(bn['lower'] == 0).sum()} seed(s) with BN stable at no lr" if (bn["lower"] == 0).any() else "",
-             f"each boundary known to a grid step ({len(grid)} lrs over {math.log10(grid[-1] / grid[0]):.3g} "
-             f"decades)" if len(grid) > 1 else ""]
+             f"every seed's boundary known only as a range between two lrs of the grid ({len(grid)} lrs over "
+             f"{math.log10(grid[-1] / grid[0]):.3g} decades)" if len(grid) > 1 else ""]
     return bounded_interval(lower, upper, len(cells), join_notes(*notes))
 
 
@@ -706,13 +720,13 @@ CLAIMS: tuple[Claim, ...] = (
           "above", 0.02, _ln_against("bn"), {"norm": ("ln", "bn")}),
     Claim("C11", "At inference, BN folds into the preceding conv/linear layer for free", "lecture notes",
           "inference", "inference time unfolded over folded (x), with outputs equal to 1e-4 relative",
-          "above", 1.05, _folding_is_free, {"norm": ("bn",)}, probes=("inference",)),
+          "above", 1.05, _folding_is_free, {"norm": ("bn",)}, probes=("inference",), reads_time=True),
     Claim("C12", "Normalization costs compute: GN/LN are slower than BN", "Wu & He 2018; Zhang & Sennrich 2019",
           "benchmarks", "median forward+backward time of GN and LN over BN's, fp32 conv maps (x)",
           "above", 1.1, _gn_ln_slower_than_bn),
     Claim("C13", "BN speeds up training: the same accuracy in far fewer steps", "Ioffe & Szegedy 2015",
           "learning_rate", "steps to the target accuracy without a norm over those with BN, each at its best "
-          "learning rate (x; a run that never reaches it counts all its steps)",
+          "learning rate (x; a run that never reaches it is censored at the step budget: a bound, not a value)",
           "above", 2.0, _fewer_steps_with_bn, {"norm": ("bn", "none"), "lr": ()}, ("target_acc",)),
     Claim("C14", "Transformers need no normalization layer: Dynamic Tanh matches LayerNorm",
           "Zhu, Chen, He, LeCun & Liu 2025", "transformer",
@@ -775,7 +789,7 @@ def declared_claim(entry: dict, study: str) -> Claim:
     label = {value: short_name(value) if is_plugin(value) else value for value in (a, b)}
     return Claim(entry["id"], entry["statement"], entry.get("anchor", DECLARED), study,
                  f"{entry['measure']} of {axis} {label[a]} {sign} {label[b]}, paired by seed", entry["rule"],
-                 float(entry["threshold"]), measure, {axis: (a, b)})
+                 float(entry["threshold"]), measure, {axis: (a, b)}, reads_time=entry["measure"] == "train_samples_per_s")
 
 
 def study_claims(study: str, spec: dict) -> list[Claim]:
@@ -790,10 +804,12 @@ def claim_sections(config: dict) -> dict[str, dict]:
     return {**config.get("studies", {}), "benchmarks": config.get("benchmarks", {})}
 
 
-def check_claims(studies: dict[str, dict], cells_by_study: dict[str, list[dict]]) -> None:
+def check_claims(studies: dict[str, dict], cells_by_study: dict[str, list[dict]],
+                 gpu_shares: dict[str, int] | None = None) -> None:
     """Refuse, before any run, a claim that cannot be measured: unknown, declared by two studies, declared where
-    its measure finds no data (a training claim under `benchmarks`, C12 in a study), or declared by a study whose
-    cells lack the settings the claim compares or the probes it reads. `studies` are claim_sections(config)."""
+    its measure finds no data (a training claim under `benchmarks`, C12 in a study), declared by a study whose
+    cells lack the settings the claim compares or the probes it reads, or a claim on time by a study whose cells
+    share GPUs (`gpu_shares`: each study's gpu_share). `studies` are claim_sections(config)."""
     declared_by: dict[str, str] = {}
     defaults = Settings()
     for study, spec in studies.items():
@@ -813,6 +829,10 @@ def check_claims(studies: dict[str, dict], cells_by_study: dict[str, list[dict]]
                 raise SettingsError(f"claim {claim_id} is declared by both {declared_by[claim_id]!r} and {study!r}; "
                                     f"keep it in one study")
             declared_by[claim_id] = study
+            if claim.reads_time and (gpu_shares or {}).get(study, 1) > 1:
+                raise SettingsError(f"study {study!r}: claim {claim_id} reads times, and its cells share GPUs "
+                                    f"(resources: gpu_share {gpu_shares[study]}); time it on GPUs of its own "
+                                    f"(gpu_share 1) or drop the claim")
             for key in claim.report_keys:
                 if key not in spec.get("report", {}):
                     raise SettingsError(f"study {study!r}: claim {claim_id} needs report: {{{key}: ...}} in the study")
@@ -847,14 +867,16 @@ def evaluate(studies: dict[str, dict], tables_by_study: dict[str, Tables]) -> li
         detectable, needed = power_analysis(estimate, claim.rule, claim.threshold)
         verdict = decide(estimate, claim.rule, claim.threshold)
         note = join_notes(estimate.fails, estimate.note, dissent(estimate, claim, verdict))
-        if (verdict == "inconclusive" and estimate.censored and estimate.samples > 1
+        if verdict != "inconclusive":
+            needed = (math.nan, math.nan, math.nan)  # decided: no seeds to ask for
+        elif (estimate.censored and estimate.samples > 1
                 and deciding_side(estimate, claim.rule, claim.threshold) is None):
             note = join_notes(note, "censored samples leave open the side that would decide: more seeds cannot "
                                     "decide it; lengthen the runs or widen the grid")
             needed = (math.nan, math.nan, math.nan)
         verdicts.append(Verdict(claim, verdict, study, estimate, note, detectable, needed,
                                 p_value(estimate, claim.rule, claim.threshold, verdict)))
-    holds = holm([v.p_value for v in verdicts])
+    holds = holm([v.p_value for v in verdicts], [v.verdict in ("supported", "refuted") for v in verdicts])
     return [dataclasses.replace(v, holds_family_wise=hold) for v, hold in zip(verdicts, holds)]
 
 

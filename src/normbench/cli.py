@@ -24,7 +24,7 @@ def _train(args: argparse.Namespace) -> None:
 
         # Before anything may start CUDA, a plugin's import (in the check below) included.
         world_size = values.get("world_size", 1)
-        assign_gpus(world_size if isinstance(world_size, int) else 1, values.get("device", "auto"))
+        assign_gpus(world_size if isinstance(world_size, int) else 1, values.get("device", "auto"), args.gpu_share)
     settings = make_settings(values)
     summary = run_cell(settings, args.out, args.threads, args.timeout, args.time_limit, args.force)
     if under_torchrun() and int(os.environ["RANK"]) != 0:
@@ -129,6 +129,10 @@ def _compare(args: argparse.Namespace) -> None:
     from normbench.report.compare import render_compare
     from normbench.runs import load_run
 
+    from normbench.config import SettingsError
+
+    if len(args.runs) < 2:
+        raise SettingsError("compare needs at least two runs: the baseline first, then the runs set beside it")
     runs = [load_run(path) for path in args.runs]
     counts = render_compare(runs, Path(args.out), Path(args.csv) if args.csv else None)
     print(", ".join(f"{count} {what}" for what, count in counts.items()), "->", args.out)
@@ -163,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--time-limit", type=float, metavar="S",
                        help="seconds after which the cell stops, evaluates and is recorded as timed out "
                             "(resumable with a longer limit)")
+    train.add_argument("--gpu-share", type=int, default=1, metavar="K",
+                       help="under the workflow on a GPU machine: share each GPU with up to K-1 other cells "
+                            "(packing; the cell's step times then count nowhere); default 1, a GPU of its own")
     train.set_defaults(run=_train)
 
     settings = commands.add_parser("settings", help="list every setting of a cell with its default and meaning")

@@ -60,6 +60,8 @@ def environment(device: torch.device) -> dict:
         "device_name": device_name(device),
         # Which physical GPUs the cell saw (the workflow gives each cell its own) and the one it used.
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        # 1: the cell had its GPU(s) alone; k > 1: it shared them with up to k - 1 packed cells (no timing counts).
+        "gpu_share": int(os.environ.get("NORMBENCH_GPU_SHARE", "1")),
         "device_uuid": str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),

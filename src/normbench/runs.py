@@ -53,6 +53,8 @@ def run_record(config: dict, cells: pd.DataFrame, started: str | None, command: 
 def archive(results: Path, out: Path) -> list[str]:
     """Pack a finished run (results/ and the reports/ beside it) into a .tar.gz; the names packed."""
     results = Path(results)
+    if not results.is_dir():
+        raise SettingsError(f"{results}: no such folder; name a finished run's results/ folder")
     members = {RUN_RECORD: results / RUN_RECORD,
                **{f"tables/{name}.csv": results / "tables" / f"{name}.csv" for name in TABLES},
                **{name: results.parent / "reports" / name for name in REPORT_FILES}}
@@ -61,6 +63,7 @@ def archive(results: Path, out: Path) -> list[str]:
             raise SettingsError(f"{results} holds no finished run: {members[required]} is missing; run the "
                                 f"workflow through its report first (make reproduce, or snakemake)")
     present = {name: path for name, path in members.items() if path.is_file()}
+    _record(members[RUN_RECORD].read_bytes(), members[RUN_RECORD])  # an archive that compare can read
 
     def write(handle) -> None:
         with tarfile.open(fileobj=handle, mode="w:gz") as tar:
@@ -86,15 +89,29 @@ class FinishedRun:
         return self.record.get("run_id", self.source)
 
 
+def _record(text: bytes, where) -> dict:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SettingsError(f"{where}: run.json is not valid JSON ({error}); the report step writes it: rerun the "
+                            f"workflow's report") from None
+
+
 def _files_of(path: Path) -> dict[str, bytes]:
     """The run's files by archive name, from an archive or from a results/ folder."""
     if path.is_file():
         if not tarfile.is_tarfile(path):
             raise SettingsError(f"{path} is no run archive (a .tar.gz made by normbench archive)")
-        with tarfile.open(path) as tar:
-            return {member.name: tar.extractfile(member).read() for member in tar.getmembers() if member.isfile()}
+        try:
+            with tarfile.open(path) as tar:
+                return {member.name: tar.extractfile(member).read() for member in tar.getmembers() if member.isfile()}
+        except (tarfile.TarError, EOFError, OSError) as error:
+            raise SettingsError(f"{path}: the archive is damaged ({error or type(error).__name__}); archive the run "
+                                f"again") from None
     if not path.is_dir():
         raise SettingsError(f"{path}: no such results folder or run archive")
+    if (path / "results").is_dir() and not (path / RUN_RECORD).exists():
+        raise SettingsError(f"{path} is a checkout, not a run: name its results/ folder ({path / 'results'})")
     candidates = {RUN_RECORD: path / RUN_RECORD, "tables/cells.csv": path / "tables/cells.csv",
                   "tables/curves.csv": path / "tables/curves.csv", "claims.csv": path.parent / "reports/claims.csv"}
     return {name: file.read_bytes() for name, file in candidates.items() if file.is_file()}
@@ -110,7 +127,13 @@ def load_run(path: str | Path) -> FinishedRun:
                                 f"ran through its report, or an archive of one (normbench archive)")
 
     def table(name: str) -> pd.DataFrame:
-        return pd.read_csv(io.BytesIO(files[name])) if name in files else pd.DataFrame()
+        if name not in files:
+            return pd.DataFrame()
+        try:
+            return pd.read_csv(io.BytesIO(files[name]))
+        except (pd.errors.EmptyDataError, pd.errors.ParserError) as error:
+            raise SettingsError(f"{path}: {name} cannot be read ({error}); rerun the workflow's aggregate and "
+                                f"report steps") from None
 
-    return FinishedRun(str(path), json.loads(files[RUN_RECORD]), table("tables/cells.csv"),
+    return FinishedRun(str(path), _record(files[RUN_RECORD], path), table("tables/cells.csv"),
                        table("tables/curves.csv"), table("claims.csv"))

@@ -42,7 +42,7 @@ WARM_LOG = "results/logs/warm.log"
 
 
 # What a cell may use, unless the config's `resources` (top level, then the study's) say otherwise.
-DEFAULT_RESOURCES = {"time_limit_min": 120, "mem_mb": 4096, "threads_per_worker": 1}
+DEFAULT_RESOURCES = {"time_limit_min": 120, "mem_mb": 4096, "threads_per_worker": 1, "gpu_share": 1}
 RUNTIME_MARGIN_MIN = 5  # start-up, data loading, the last evaluation and the writes, beyond the training time limit
 
 
@@ -81,6 +81,7 @@ check_claims(
         study: [{**study_settings(study), **cell} for cell in cells]
         for study, cells in GRIDS.items()
     },
+    {study: study_resources(study)["gpu_share"] for study in config["studies"]},
 )
 
 
@@ -105,6 +106,8 @@ onstart:
             os.environ[devices.GPUS_ENV] = ",".join(machine_gpus())
             # one folder per user on this machine: concurrent workflows see each other's GPUs taken
             os.environ[devices.LOCKS_ENV] = os.path.join(tempfile.gettempdir(), f"normbench-gpu-locks-{os.getuid()}")
+            # A GPU held by this workflow frees within a cell's run time: wait up to that long for it.
+            os.environ[devices.WAIT_ENV] = str(60 * max(study_runtime_min(study) for study in config["studies"]))
 
 
 def report_inputs():
@@ -148,8 +151,12 @@ def cell_settings(wildcards):
 
 
 def cell_assignments(wildcards):
-    """The cell's given settings as quoted key=value words for `normbench train --set`."""
-    return " ".join(shlex.quote(format_assignment(key, value)) for key, value in cell_values(wildcards).items())
+    """The cell's given settings as quoted key=value words for `normbench train --set`. A packed cell's share of
+    its GPU follows them as `--gpu-share K`: carried here, it leaves the command line and the params of every
+    unpacked cell as they were, so that no finished cell becomes out of date."""
+    words = [shlex.quote(format_assignment(key, value)) for key, value in cell_values(wildcards).items()]
+    share = study_resources(wildcards.study)["gpu_share"]
+    return " ".join(words + ([f"--gpu-share {share}"] if share > 1 else []))
 
 
 def cell_threads(wildcards):
@@ -162,9 +169,13 @@ def cell_time_limit_s(wildcards):
     return round(study_resources(wildcards.study)["time_limit_min"] * 60)
 
 
+def study_runtime_min(study):
+    """What a scheduler grants a cell's job: the study's training time limit plus a margin (SLURM: --time)."""
+    return round(study_resources(study)["time_limit_min"]) + RUNTIME_MARGIN_MIN
+
+
 def cell_runtime_min(wildcards):
-    """What a scheduler grants the job: the cell's training time limit plus a margin (SLURM: --time)."""
-    return round(study_resources(wildcards.study)["time_limit_min"]) + RUNTIME_MARGIN_MIN
+    return study_runtime_min(wildcards.study)
 
 
 def cell_mem_mb(wildcards):
@@ -194,10 +205,20 @@ def on_cuda(device_setting):
 
 
 def cell_gpus(wildcards):
-    """One GPU per data-parallel worker for a cell that runs on CUDA, none otherwise (SLURM: --gpus; a profile's
-    `resources: gpu: N` caps the GPUs in use on one machine)."""
+    """One GPU per data-parallel worker for a cell that runs on CUDA alone, none otherwise (SLURM: --gpus; a
+    profile's `resources: gpu: N` caps the GPUs in use on one machine)."""
     settings = cell_settings(wildcards)
-    return settings.world_size if on_cuda(settings.device) else 0
+    packed = study_resources(wildcards.study)["gpu_share"] > 1
+    return settings.world_size if on_cuda(settings.device) and not packed else 0
+
+
+def cell_gpu_slots(wildcards):
+    """A packed cell's share of GPUs (one slot per worker): a profile's `resources: gpu_slots: N` caps the packed
+    cells running at once on one machine (its GPUs times the share)."""
+    settings = cell_settings(wildcards)
+    packed = study_resources(wildcards.study)["gpu_share"] > 1
+    return settings.world_size if on_cuda(settings.device) and packed else 0
+
 
 
 # The device settings of every cell, gathered once from the expanded grids.

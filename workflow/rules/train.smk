@@ -43,6 +43,7 @@ rule train:
     threads: cell_threads
     resources:
         gpu=cell_gpus,
+        gpu_slots=cell_gpu_slots,
         mem_mb=cell_mem_mb,
         runtime=cell_runtime_min,
         time_limit_s=cell_time_limit_s,

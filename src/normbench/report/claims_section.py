@@ -19,30 +19,32 @@ def decidability(verdict: claims.Verdict) -> str:
     if estimate is None or math.isnan(verdict.detectable_effect):
         return ""
     unit = estimate.sample_unit
-    scale = " (log scale)" if estimate.scale == "log" else ""
-    detect = f"detects {verdict.detectable_effect:.2g}{scale} from the bar with {estimate.samples} {unit} at 80% power"
+    scale = " (in natural log of the ratio)" if estimate.scale == "log" else ""
+    detect = (f"detects {verdict.detectable_effect:.2g}{scale} from the threshold with {estimate.samples} {unit} at "
+              f"80% power")
     if verdict.verdict != "inconclusive":
         family = {True: "holds", False: "does not hold", None: "not tested"}[verdict.holds_family_wise]
-        p = f"p = {verdict.p_value:.2g} against the bar, {family} family-wise (Holm)" if not math.isnan(
+        p = f"p = {verdict.p_value:.2g} against the threshold, {family} family-wise (Holm)" if not math.isnan(
             verdict.p_value) else ""
         return claims.join_notes(f"decided with {estimate.samples} {unit}", p, detect)
     low, point, high = verdict.seeds_needed
     if math.isnan(point):
         return detect
     if math.isinf(point):
-        return f"{detect}; the effect sits on the bar: no number of {unit} decides it"
+        return f"{detect}; the effect sits on the threshold: no number of {unit} decides it"
     span = "" if low == high else f" ({low:.0f}–{'∞' if math.isinf(high) else f'{high:.0f}'} over the spread's " \
                                   f"95% range)"
     return f"{detect}; decidable with ≈ {point:.0f} {unit}{span} at the observed effect"
 
 
 def family_wise(verdicts: list[claims.Verdict]) -> str:
-    """"n of m decided verdicts hold family-wise (Holm, 5%)" for the claims header."""
-    tested = [v.holds_family_wise for v in verdicts if v.holds_family_wise is not None]
-    if not tested:
+    """"n of m decided verdicts hold family-wise (Holm, 5%, over the k claims tested)" for the claims header."""
+    decided = [v.holds_family_wise for v in verdicts if v.holds_family_wise is not None]
+    tested = sum(not math.isnan(v.p_value) for v in verdicts)
+    if not decided:
         return "no verdict was decided by a test, so none is corrected for the family"
-    return (f"{sum(tested)} of {len(tested)} decided verdicts hold family-wise (Holm's correction over the "
-            f"{len(tested)} claims decided in this run, 5% family-wise error)")
+    return (f"{sum(decided)} of {len(decided)} decided verdicts hold family-wise (Holm's correction over the "
+            f"{tested} claims tested in this run, decided or not, at 5% family-wise error)")
 
 
 def claim_rows(verdicts: list[claims.Verdict], scales: dict[str, str] | None = None) -> list[dict]:
@@ -62,6 +64,7 @@ def claim_rows(verdicts: list[claims.Verdict], scales: dict[str, str] | None = N
             "evidence": f"{estimate.samples} {estimate.sample_unit}, {estimate.cells} {estimate.cell_unit}"
             if estimate else "",
             "note": note, "power": decidability(verdict), "study": verdict.study or "",
+            "family_wise": verdict.holds_family_wise,
             "anchor_id": ("benchmarks" if verdict.study == "benchmarks" else f"study-{verdict.study}")
             if verdict.study else "",
         })

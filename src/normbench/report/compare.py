@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from normbench.config import SETTING_NAMES
 from normbench.html import environment
 from normbench.results import write_atomic, write_table
 from normbench.runs import FinishedRun
@@ -52,8 +53,10 @@ def claim_comparison(runs: list[FinishedRun]) -> pd.DataFrame:
             rows.append({"claim": claim["claim"], "statement": claim["statement"], "run": run.name,
                          "verdict": claim["verdict"], "effect": _effect(claim), "rule": claim["rule"],
                          "study": study if isinstance(study, str) else "",
-                         "scale": study_scale(cells) if study != "benchmarks" else "micro-benchmarks",
-                         "holds_family_wise": claim.get("holds_family_wise")})
+                         "scale": study_scale(cells) if study != "benchmarks" else
+                         f"micro-benchmarks on {'; '.join(run.record.get('machines', [])) or 'an unrecorded machine'}",
+                         "holds_family_wise": claim.get("holds_family_wise") if pd.notna(claim.get("holds_family_wise"))
+                         else None})
     table = pd.DataFrame(rows)
     ran = table[table["verdict"] != "not run"]
     differs = ran.groupby("claim")["verdict"].nunique() > 1
@@ -91,13 +94,35 @@ def log_ratio_interval(baseline: pd.Series, other: pd.Series) -> tuple[float, fl
     return math.exp(difference), math.exp(difference - half), math.exp(difference + half)
 
 
-def cell_comparison(runs: list[FinishedRun]) -> pd.DataFrame:
-    """Every cell (same study and settings) that the baseline and another run both trained: the accuracy
-    difference and the step-time ratio with its interval over repeats, each machine named."""
-    baseline, rows = runs[0], []
+def same_settings(shared: pd.DataFrame) -> pd.Series:
+    """Rows of a merge (suffixes _a, _b) whose cells agree in every setting both record: a cell path names only
+    the grid's values, so two configs may train different cells into the same path."""
+    names = [name for name in SETTING_NAMES if f"{name}_a" in shared and f"{name}_b" in shared]
+    alike = pd.Series(True, index=shared.index)
+    for name in names:
+        a, b = shared[f"{name}_a"], shared[f"{name}_b"]
+        alike &= (a == b) | (a.isna() & b.isna()) | (a.astype(str) == b.astype(str))
+    return alike
+
+
+def cell_comparison(runs: list[FinishedRun]) -> tuple[pd.DataFrame, list[str]]:
+    """Every cell (same study, path and settings) that the baseline and another run both trained: the accuracy
+    difference and the step-time ratio with its interval over repeats, each machine named; changed step times
+    first. Also what was left out: cells of one run only, and cells at the same path with other settings."""
+    baseline, rows, left_out = runs[0], [], []
     for other in runs[1:]:
-        shared = baseline.cells.merge(other.cells, on=["study", "cell"], suffixes=("_a", "_b"))
-        for _, cell in shared.iterrows():
+        merged = baseline.cells.merge(other.cells, on=["study", "cell"], suffixes=("_a", "_b"), how="outer",
+                                      indicator=True)
+        only = {side: int((merged["_merge"] == side).sum()) for side in ("left_only", "right_only")}
+        both = merged[merged["_merge"] == "both"]
+        alike = same_settings(both)
+        if only["left_only"] or only["right_only"]:
+            left_out.append(f"{other.name}: {only['left_only']} cell(s) of the baseline and {only['right_only']} of "
+                            f"its own have no counterpart")
+        if (~alike).any():
+            left_out.append(f"{other.name}: {int((~alike).sum())} cell(s) at the baseline's paths with other settings "
+                            f"(not compared)")
+        for _, cell in both[alike].iterrows():
             def repeats(run: FinishedRun) -> pd.Series:
                 if run.curves.empty:
                     return pd.Series(dtype=float)
@@ -114,20 +139,23 @@ def cell_comparison(runs: list[FinishedRun]) -> pd.DataFrame:
                 "step_time_ratio": ratio, "ratio_low": low, "ratio_high": high,
                 "step_time_changed": bool(low > 1 or high < 1),  # NaN bounds compare False: not flagged
             })
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values("step_time_changed", ascending=False, kind="stable").reset_index(drop=True)
+    return table, left_out
 
 
 def render_compare(runs: list[FinishedRun], out: Path, csv: Path | None = None) -> dict[str, int]:
     """The comparison page (self-contained HTML, the report's style) and, with `csv`, the claims and cells
     tables as CSV (`csv` and `<csv stem>_cells.csv`). Returns counts of what was flagged."""
-    claims, cells = claim_comparison(runs), cell_comparison(runs)
+    claims, (cells, left_out) = claim_comparison(runs), cell_comparison(runs)
     by_claim = [{"claim": claim, "statement": group["statement"].iloc[0], "differs": bool(group["differs"].any()),
                  "runs": group.to_dict("records")} for claim, group in claims.groupby("claim", sort=False)]
     html = environment().get_template("compare.html").render(
         runs=[{"name": run.name, "source": run.source, **{key: run.record.get(key, "") for key in
                                                           ("commits", "machines", "started", "ended", "normbench",
                                                            "config_sha256")}} for run in runs],
-        claims=by_claim, cells=cells.to_dict("records"),
+        claims=by_claim, cells=cells.to_dict("records"), left_out=left_out,
         differing=sum(claim["differs"] for claim in by_claim),
         changed=int(cells["step_time_changed"].sum()) if len(cells) else 0)
     write_atomic(out, lambda f: f.write(html))
@@ -135,4 +163,4 @@ def render_compare(runs: list[FinishedRun], out: Path, csv: Path | None = None) 
         write_table(claims, csv)
         write_table(cells, csv.with_name(f"{csv.stem}_cells.csv"))
     return {"claims": len(by_claim), "differing verdicts": sum(claim["differs"] for claim in by_claim),
-            "shared cells": len(cells), "step-time changes": int(cells["step_time_changed"].sum()) if len(cells) else 0}
+            "cells compared": len(cells), "step-time changes": int(cells["step_time_changed"].sum()) if len(cells) else 0}

@@ -154,8 +154,17 @@ def _titled(grid, panels: dict):
 def finished(cells: pd.DataFrame, column: str) -> pd.DataFrame:
     """The cells with `column` blanked where they diverged: a diverged cell's accuracy or throughput is no
     measure of its norm, yet its settings keep their place on the axes (a study where every cell diverged
-    still draws, empty)."""
-    return cells.assign(**{column: cells[column].mask(cells["diverged"].astype(bool))})
+    still draws, empty). A throughput is blanked too where the cell shared its GPU with others (packing)."""
+    blank = cells["diverged"].astype(bool)
+    if column == "train_samples_per_s":
+        blank |= shared_device(cells)
+    return cells.assign(**{column: cells[column].mask(blank)})
+
+
+def shared_device(cells: pd.DataFrame) -> pd.Series:
+    """Cells that trained on a GPU shared with other cells (a study's gpu_share): their step times say nothing."""
+    share = cells["env_gpu_share"] if "env_gpu_share" in cells else pd.Series(1, index=cells.index)
+    return share.fillna(1).astype(float) > 1
 
 
 def accuracy_figure(cells: pd.DataFrame, x: str, facets: list[str]):

@@ -14,8 +14,8 @@ from normbench import claims
 from normbench.captions import FIGURE_CAPTIONS
 from normbench.report.figures import (TABLE_COLUMNS, _format, _label, _save, accuracy_figure, curves_figure,
                                       generalization_figure, gradient_profile_figure, ics_figure, inference_figure,
-                                      landscape_figure, percentiles_figure, saturation_figure, study_axes,
-                                      throughput_figure)
+                                      landscape_figure, percentiles_figure, saturation_figure, shared_device,
+                                      study_axes, throughput_figure)
 from normbench.report.tables import (drift_table, folding_table, generalization_table, learning_rate_table, shown,
                                      step_time_ratios)
 
@@ -133,6 +133,11 @@ def study_section(name: str, spec: dict, cells: pd.DataFrame, curves: pd.DataFra
         add("generalization", "Train - test accuracy gap", generalization_figure(cells, probes))
         section["tables"].append({"title": "Train and test accuracy (C9)", **generalization_table(cells, probes)})
     add("throughput", "Training throughput", throughput_figure(cells, x_or_norm, facets))
+    shared = int(shared_device(cells).sum())
+    if shared:  # packed cells (gpu_share): their step times count nowhere, and the caption says so
+        section["figures"][-1]["caption"] += (f" {shared} of {len(cells)} cells shared their GPU with other cells "
+                                              f"(the study's gpu_share): their throughput is left out here and in "
+                                              f"every step-time table.")
     if x == "lr":
         section["tables"].append({"title": "Learning-rate range and speed to target",
                                   **learning_rate_table(cells, curves, spec.get("report", {}))})
