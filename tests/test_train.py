@@ -1,5 +1,6 @@
 """The training loop end to end on tiny Fashion-MNIST cells: learning, determinism, resume, divergence."""
 
+import copy
 import math
 
 import pytest
@@ -373,3 +374,26 @@ def test_a_preempted_cell_stops_with_a_checkpoint_and_resumes_to_the_uninterrupt
     assert without_timing([resumed]) == without_timing([whole])
     assert without_timing(read_jsonl(tmp_path / "cut/metrics.jsonl")) == \
         without_timing(read_jsonl(tmp_path / "whole/metrics.jsonl"))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_optimizer_is_fused_on_cuda_and_steps_as_the_default_one(device, optimizer):
+    device = torch.device(device)
+    settings = make_settings({"model": "mlp", "width": 16, "optimizer": optimizer, "lr": 0.1, "weight_decay": 0.01})
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.LayerNorm(4)).to(device)
+    reference = copy.deepcopy(model)
+    chosen = train_module.make_optimizer(model, settings)
+    assert bool(chosen.defaults.get("fused")) == (device.type == "cuda")
+    groups = [{"params": [p for p in reference.parameters() if p.ndim > 1], "weight_decay": 0.01},
+              {"params": [p for p in reference.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    default = (torch.optim.SGD(groups, lr=0.1, momentum=settings.momentum) if optimizer == "sgd"
+               else torch.optim.AdamW(groups, lr=0.1))
+    x = torch.randn(16, 8, device=device)
+    for _ in range(3):
+        for net, opt in ((model, chosen), (reference, default)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for fused_param, default_param in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(fused_param, default_param, rtol=1e-5, atol=1e-6)
