@@ -158,19 +158,25 @@ def chance_accuracy(cells: pd.DataFrame) -> pd.Series:
     return chance.fillna(CHANCE_ACCURACY)
 
 
-def accuracy(cells: pd.DataFrame) -> pd.Series:
-    """Final test accuracy, with a diverged cell counted at chance (it ends predicting nothing useful) and a timed-out
-    one left out: it stopped early, so its accuracy says nothing of the full run (censored, not finished)."""
-    timed_out = cells["timed_out"].fillna(False).astype(bool) if "timed_out" in cells else False
+def accuracy(cells: pd.DataFrame, column: str = "final_test_acc") -> pd.Series:
+    """Final (or best) test accuracy, with a diverged cell counted at chance (it ends predicting nothing useful)
+    and a timed-out or failed one left out: it stopped early, so its accuracy says nothing of the full run."""
     diverged = cells["diverged"].astype(bool)
-    return cells["final_test_acc"].where(~diverged, chance_accuracy(cells)).where(~timed_out & (
-        diverged | cells["final_test_acc"].notna()))
+    return cells[column].where(~diverged, chance_accuracy(cells)).where(~unfinished(cells))
 
 
 def stable_lrs(cells: pd.DataFrame, stable_acc: float) -> list[float]:
-    """Learning rates at which no cell diverged and every cell ended at least `stable_acc` accurate."""
+    """Learning rates at which no cell diverged and every cell ended at least `stable_acc` accurate (a timed-out
+    or failed cell says neither: left out)."""
+    cells = cells[~unfinished(cells)]
     stable = (~cells["diverged"].astype(bool) & (cells["final_test_acc"] >= stable_acc)).groupby(cells["lr"]).all()
     return sorted(stable[stable].index)
+
+
+def unfinished(cells: pd.DataFrame) -> pd.Series:
+    """Cells that stopped early without diverging: timed out, or failed (out of memory)."""
+    flags = [cells[column].fillna(False).astype(bool) for column in ("timed_out", "failed") if column in cells]
+    return pd.concat(flags, axis=1).any(axis=1) if flags else pd.Series(False, index=cells.index)
 
 
 def best_lr(cells: pd.DataFrame) -> float:
@@ -196,9 +202,12 @@ def _paired(cells: pd.DataFrame, value: pd.Series, axis: str, a, b,
     averaged per seed."""
     keys = [c for c in dict.fromkeys([*varying_settings(cells), "seed"]) if c != axis]
     wide = cells.assign(_value=value).pivot_table(index=keys, columns=axis, values="_value").reindex(columns=[a, b])
-    paired = combine(wide[a], wide[b]).groupby(level="seed")  # a side without cells: no seed gives a value
-    # Ratios average on the log scale, as they are judged.
-    return np.exp(np.log(paired.obj).groupby(level="seed").mean()) if combine is operator.truediv else paired.mean()
+    paired = combine(wide[a], wide[b])  # a side without cells: no seed gives a value
+    # Ratios average on the log scale, as they are judged; a seed counts only with every condition (a seed missing
+    # one, timed out say, would average over easier or harder conditions than the others).
+    values = np.log(paired) if combine is operator.truediv else paired
+    means = values.groupby(level="seed").agg(lambda v: v.mean(skipna=False))
+    return np.exp(means) if combine is operator.truediv else means
 
 
 def accuracy_resolution(cells: pd.DataFrame) -> float:
@@ -242,10 +251,9 @@ def bounded_interval(lower: pd.Series, upper: pd.Series, cells: int, note: str =
     half_resolution = (math.log1p(resolution / 2) if log else resolution / 2)
 
     def side(values: pd.Series) -> Side:
-        sem = float(values.std(ddof=1) / math.sqrt(n))
-        if sem == 0 and half_resolution > 0:  # tied samples: no certainty finer than the measure itself
-            sem = half_resolution / Side(0.0, 1.0, n).end(upper=True)
-        return Side(float(values.mean()), sem, n)
+        # Tied samples (up to rounding) give no certainty finer than the measure itself.
+        floor = half_resolution / Side(0.0, 1.0, n).end(upper=True)
+        return Side(float(values.mean()), max(float(values.std(ddof=1) / math.sqrt(n)), floor), n)
 
     lower_side = side(ends["lower"]) if finite_lower else None
     upper_side = side(ends["upper"]) if finite_upper else None
@@ -425,32 +433,59 @@ def decide(estimate: Estimate, rule: str, threshold: float) -> str:
 # -- the measures ------------------------------------------------------------------------------------------
 
 
+def steps_to_target(cells: pd.DataFrame, curves: pd.DataFrame, target: float, budget: float) -> pd.DataFrame:
+    """Per seed, where its run first reached `target` test accuracy, as a range of steps: after the evaluation
+    before the first one at the target, and by that one (evaluations are where accuracy is known). A run that
+    never got there is censored: at the budget if it trained (or diverged) to the end, at its last step if it timed
+    out; a failed run is left out."""
+    rows = {}
+    for _, cell in cells.iterrows():
+        run = curves[curves["cell"] == cell["cell"]].sort_values("step")
+        at_target = run[run["test_acc"] >= target]
+        if cell.get("failed") == True:  # noqa: E712  a numpy bool, or NaN where the table has none
+            continue
+        if len(at_target):
+            first = at_target["step"].iloc[0]
+            before = run.loc[run["step"] < first, "step"]
+            rows[cell["seed"]] = (before.iloc[-1] if len(before) else 0.0, first)
+        elif cell.get("timed_out") == True:  # noqa: E712
+            rows[cell["seed"]] = (cell["steps"], math.inf)
+        else:
+            rows[cell["seed"]] = (budget, math.inf)
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"], dtype=float)
+
+
 def _fewer_steps_with_bn(tables: Tables, spec: dict) -> Estimate:
     cells, curves = tables.cells, tables.curves
     target, seeds = spec["report"]["target_acc"], sorted(cells["seed"].unique())
+    budget = curves["step"].max()
     steps = {}
     for norm in ("bn", "none"):
-        lr = best_lr(cells[cells["norm"] == norm])
-        steps[norm] = first_reach(curves[(curves["norm"] == norm) & (curves["lr"] == lr)], target)["step"].reindex(seeds)
-    # A run that never reaches the target (a diverged one included) is censored at the study's step budget: it
-    # would take at least that many steps. Without a norm that bounds the ratio from below, with BN from above.
-    budget = curves["step"].max()
-    lower = steps["none"].fillna(budget) / steps["bn"].fillna(np.inf)
-    upper = steps["none"].fillna(np.inf) / steps["bn"].fillna(budget)
-    unreached = {norm: int(steps[norm].isna().sum()) for norm in steps}
+        mine = cells[cells["norm"] == norm]
+        at_best = mine[mine["lr"] == best_lr(mine)]
+        steps[norm] = steps_to_target(at_best, curves, target, budget).reindex(seeds)
+    # none over BN: smallest when no-norm was quick and BN slow, largest the other way round.
+    with np.errstate(divide="ignore"):
+        lower = steps["none"]["lower"] / steps["bn"]["upper"]
+        upper = steps["none"]["upper"] / steps["bn"]["lower"]
+    unreached = {norm: int((steps[norm]["upper"] == math.inf).sum()) for norm in steps}
     notes = [f"{count} of {len(seeds)} seed(s) {'with BN' if norm == 'bn' else 'without a norm'} never reached "
-             f"{target:g} in {budget:g} steps (censored there)" for norm, count in unreached.items() if count]
-    return bounded_interval(lower, upper, len(cells), join_notes(*notes), log=True)
+             f"{target:g} (censored at the step budget, or where a timed-out run stopped)"
+             for norm, count in unreached.items() if count]
+    return bounded_interval(lower, upper, len(cells), join_notes(
+        *notes, "each seed's steps known to the evaluation that first reached the target"), log=True)
 
 
 def _boundary(grid: list[float], stable: list[float]) -> tuple[float, float]:
-    """Where a seed's largest stable learning rate lies, as a range between grid points: from the largest stable
-    lr to the next lr tried (open above the grid's top; below its bottom when no lr was stable)."""
+    """Where a seed's largest stable learning rate lies, as a range between grid points: from the top of the run
+    of stable lrs that starts at the grid's bottom (an unstable lr in between makes anything above it uncertain)
+    to the lr tried after the largest stable one (open above the grid's top; 0 when the bottom lr failed)."""
     if not stable:
         return 0.0, grid[0]
-    largest = max(stable)
-    above = [lr for lr in grid if lr > largest]
-    return largest, above[0] if above else math.inf
+    unstable = [lr for lr in grid if lr not in stable]
+    surely = [lr for lr in stable if not unstable or lr < unstable[0]]
+    above = [lr for lr in grid if lr > max(stable)]
+    return (max(surely) if surely else 0.0), (above[0] if above else math.inf)
 
 
 def _larger_stable_lr_with_bn(tables: Tables, spec: dict) -> Estimate:
@@ -470,7 +505,8 @@ def _larger_stable_lr_with_bn(tables: Tables, spec: dict) -> Estimate:
              f"{(bn['lower'] == 0).sum()} seed(s) with BN stable at no lr" if (bn["lower"] == 0).any() else "",
              f"every seed's boundary known only as a range between two lrs of the grid ({len(grid)} lrs over "
              f"{math.log10(grid[-1] / grid[0]):.3g} decades)" if len(grid) > 1 else ""]
-    return bounded_interval(lower, upper, len(cells), join_notes(*notes))
+    step = math.log10(grid[1] / grid[0]) if len(grid) > 1 else 0.0
+    return bounded_interval(lower, upper, len(cells), join_notes(*notes), resolution=step)
 
 
 def by_condition(cells: pd.DataFrame, axes: list[str], measure: Callable[[pd.DataFrame], Estimate]) -> tuple:
@@ -546,8 +582,9 @@ def _gn_ws_small_matches_bn_large(tables: Tables, spec: dict) -> Estimate:
     gn_ws = cells[cells["norm"] == "gn+ws"]
     joined = gn_ws.merge(largest, on="seed", suffixes=("_ws", "_bn"))
     effects = (joined["acc_ws"] - joined["acc_bn"]).groupby(joined["seed"]).mean()
-    note = (f"BN over {largest['statistics_batch'].max():g} images; GN+WS batch-independent (per-worker 2 = "
-            f"{gn_ws['batch_size'].max():g} / 2 workers)" if len(joined) else "no BN cell over 32 images or more")
+    note = (f"BN over {largest['statistics_batch'].max():g} images; GN+WS batch-independent (its batch of "
+            f"{gn_ws['batch_size'].max():g} trains as {gn_ws['batch_size'].max() / 2:g} workers of 2)" if len(joined)
+            else "no BN cell over 32 images or more")
     return mean_interval(effects, len(gn_ws) + len(largest), note, resolution=accuracy_resolution(cells))
 
 
@@ -585,10 +622,14 @@ def _gn_ln_slower_than_bn(tables: Tables, spec: dict) -> Estimate:
     conditions = tuple((f"{norm.upper()} on {device}", mean_interval(time_ratio(on_device, norm, "bn"), 2,
                                                                       unit="repeats", cell_unit="cases", log=True))
                        for device, on_device in rounds.groupby("device") for norm in ("gn", "ln"))
-    label, smallest = min(conditions, key=lambda condition: condition[1].value)
+    # Both must be slower: a condition below the bar refutes the claim, else the least certain one decides.
+    refuting = [c for c in conditions if decide(c[1], "above", 1.1) == "refuted"]
+    label, smallest = min(refuting or conditions, key=lambda condition: condition[1].high if refuting else
+                          condition[1].low)
     rms = (mean_interval(time_ratio(rounds, "rms", "ln"), 2, unit="repeats", log=True)
            if "rms" in set(rounds["norm"]) else None)
-    notes = [f"the smaller ratio: {label}", f"RMSNorm over LN's time: {format_estimate(rms)}" if rms else ""]
+    notes = [f"decided by {label} (both must be slower)",
+             f"RMSNorm over LN's time: {format_estimate(rms)} (below 1: faster)" if rms else ""]
     return dataclasses.replace(smallest, note=join_notes(*notes), conditions=conditions)
 
 
@@ -745,10 +786,12 @@ CLAIMS_BY_ID = {claim.id: claim for claim in CLAIMS}
 # cell at chance, as the built-in claims do).
 MEASURES: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
     "final_test_acc": lambda cells: accuracy(cells),
-    "best_test_acc": lambda cells: cells["best_test_acc"],
-    "final_test_loss": lambda cells: cells["final_test_loss"],
-    "final_train_loss": lambda cells: cells["final_train_loss"],
-    "train_samples_per_s": lambda cells: cells["train_samples_per_s"].mask(cells["diverged"].astype(bool)),
+    "best_test_acc": lambda cells: accuracy(cells, "best_test_acc"),
+    # A diverged cell has no final loss or speed worth a number: its seed drops out (the note counts them).
+    "final_test_loss": lambda cells: cells["final_test_loss"].mask(cells["diverged"].astype(bool) | unfinished(cells)),
+    "final_train_loss": lambda cells: cells["final_train_loss"].mask(cells["diverged"].astype(bool) | unfinished(cells)),
+    "train_samples_per_s": lambda cells: cells["train_samples_per_s"].mask(cells["diverged"].astype(bool)
+                                                                            | unfinished(cells)),
 }
 COMBINE = {"difference": operator.sub, "ratio": operator.truediv}
 DECLARED = "declared in the config"  # the anchor of a declared claim that names none
@@ -771,6 +814,9 @@ def declared_claim(entry: dict, study: str) -> Claim:
         raise problem("combine", f"{entry['combine']!r}; use difference or ratio")
     if entry["rule"] not in RULES:
         raise problem("rule", f"{entry['rule']!r}; use {', '.join(RULES)}")
+    if entry["combine"] == "ratio" and (entry["rule"] == "within" or float(entry["threshold"]) <= 0):
+        raise problem("rule", "a ratio is judged on the log scale against a positive threshold with above or below; "
+                              "for 'within', compare a difference")
     if len(entry["compare"]) != 1 or len(next(iter(entry["compare"].values()))) != 2:
         raise problem("compare", "name one setting and the two values compared, e.g. {norm: [dyt, ln]}")
     (axis, (a, b)), = entry["compare"].items()
@@ -872,7 +918,7 @@ def evaluate(studies: dict[str, dict], tables_by_study: dict[str, Tables]) -> li
         elif (estimate.censored and estimate.samples > 1
                 and deciding_side(estimate, claim.rule, claim.threshold) is None):
             note = join_notes(note, "censored samples leave open the side that would decide: more seeds cannot "
-                                    "decide it; lengthen the runs or widen the grid")
+                                    "decide it; lengthen the runs, evaluate more often or widen the grid")
             needed = (math.nan, math.nan, math.nan)
         verdicts.append(Verdict(claim, verdict, study, estimate, note, detectable, needed,
                                 p_value(estimate, claim.rule, claim.threshold, verdict)))
