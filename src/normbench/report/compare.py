@@ -110,9 +110,14 @@ def cell_comparison(runs: list[FinishedRun]) -> tuple[pd.DataFrame, list[str]]:
     difference and the step-time ratio with its interval over repeats, each machine named; changed step times
     first. Also what was left out: cells of one run only, and cells at the same path with other settings."""
     baseline, rows, left_out = runs[0], [], []
+    columns = ["study", "cell", "final_test_acc", "env_host", "env_device_name", *SETTING_NAMES]
+
+    def compared(cells: pd.DataFrame) -> pd.DataFrame:
+        return cells[[column for column in columns if column in cells]]
+
     for other in runs[1:]:
-        merged = baseline.cells.merge(other.cells, on=["study", "cell"], suffixes=("_a", "_b"), how="outer",
-                                      indicator=True)
+        merged = compared(baseline.cells).merge(compared(other.cells), on=["study", "cell"], suffixes=("_a", "_b"),
+                                                how="outer", indicator=True)
         only = {side: int((merged["_merge"] == side).sum()) for side in ("left_only", "right_only")}
         both = merged[merged["_merge"] == "both"]
         alike = same_settings(both)
