@@ -17,7 +17,7 @@ from normbench.runs import FinishedRun, archive, load_run
 def finished_run(name: str, verdict_c6: str, step_s: float, noise: float, seed: int = 0) -> FinishedRun:
     """Two cells of study `tiny` (eight evaluation intervals each, of `step_s` seconds a step) and two claims."""
     rng = np.random.default_rng(seed)
-    cells = pd.DataFrame([{"study": "tiny", "cell": f"norm~{norm}", "model": "mlp", "dataset": "fashion_mnist",
+    cells = pd.DataFrame([{"study": "tiny", "cell": f"norm~{norm}", "model": "mlp", "depth": 2, "width": 16, "dataset": "fashion_mnist",
                            "seed": 0, "total_steps": 80, "final_test_acc": 0.8 + 0.01 * (norm == "gn"),
                            "env_host": name, "env_device_name": "cpu model"} for norm in ("bn", "gn")])
     intervals = {norm: np.cumsum(10 * step_s * np.exp(rng.normal(0, noise, 8))) for norm in ("bn", "gn")}

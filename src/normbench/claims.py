@@ -206,7 +206,7 @@ def _paired(cells: pd.DataFrame, value: pd.Series, axis: str, a, b,
     # Ratios average on the log scale, as they are judged; a seed counts only with every condition (a seed missing
     # one, timed out say, would average over easier or harder conditions than the others).
     values = np.log(paired) if combine is operator.truediv else paired
-    means = values.groupby(level="seed").agg(lambda v: v.mean(skipna=False))
+    means = values.groupby(level="seed").mean(skipna=False)
     return np.exp(means) if combine is operator.truediv else means
 
 

@@ -18,21 +18,19 @@ import pandas as pd
 from normbench.config import SETTING_NAMES
 from normbench.html import environment
 from normbench.results import write_atomic, write_table
+from normbench.report.studies import scale
 from normbench.runs import FinishedRun
 
 CONFIDENCE = 0.95
 
 
 def study_scale(cells: pd.DataFrame) -> str:
-    """A study's scale in a few words: model, steps, data, device and seeds."""
+    """A study's scale in a few words: the report's (model, steps), then data, device and seeds."""
     if cells.empty:
         return ""
-    first = cells.iloc[0]
-    steps = " or ".join(sorted({f"{v:g}" for v in cells["total_steps"].dropna()}))
     devices = ", ".join(sorted(map(str, cells["env_device_name"].dropna().unique()))) \
-        if "env_device_name" in cells else str(first.get("device", ""))
-    return (f"{first['model']}, {steps} steps, {first['dataset']}, {devices}, "
-            f"{cells['seed'].nunique()} seed(s)")
+        if "env_device_name" in cells else str(cells["device"].iloc[0])
+    return f"{scale(cells)}, {cells['dataset'].iloc[0]}, {devices}, {cells['seed'].nunique()} seed(s)"
 
 
 def _effect(row: pd.Series) -> str:
@@ -156,16 +154,17 @@ def render_compare(runs: list[FinishedRun], out: Path, csv: Path | None = None) 
     claims, (cells, left_out) = claim_comparison(runs), cell_comparison(runs)
     by_claim = [{"claim": claim, "statement": group["statement"].iloc[0], "differs": bool(group["differs"].any()),
                  "runs": group.to_dict("records")} for claim, group in claims.groupby("claim", sort=False)]
+    counts = {"claims": len(by_claim), "differing verdicts": sum(claim["differs"] for claim in by_claim),
+              "cells compared": len(cells),
+              "step-time changes": int(cells["step_time_changed"].sum()) if len(cells) else 0}
     html = environment().get_template("compare.html").render(
         runs=[{"name": run.name, "source": run.source, **{key: run.record.get(key, "") for key in
                                                           ("commits", "machines", "started", "ended", "normbench",
                                                            "config_sha256")}} for run in runs],
         claims=by_claim, cells=cells.to_dict("records"), left_out=left_out,
-        differing=sum(claim["differs"] for claim in by_claim),
-        changed=int(cells["step_time_changed"].sum()) if len(cells) else 0)
+        differing=counts["differing verdicts"], changed=counts["step-time changes"])
     write_atomic(out, lambda f: f.write(html))
     if csv is not None:
         write_table(claims, csv)
         write_table(cells, csv.with_name(f"{csv.stem}_cells.csv"))
-    return {"claims": len(by_claim), "differing verdicts": sum(claim["differs"] for claim in by_claim),
-            "cells compared": len(cells), "step-time changes": int(cells["step_time_changed"].sum()) if len(cells) else 0}
+    return counts

@@ -154,11 +154,14 @@ def _titled(grid, panels: dict):
 def finished(cells: pd.DataFrame, column: str) -> pd.DataFrame:
     """The cells with `column` blanked where they diverged: a diverged cell's accuracy or throughput is no
     measure of its norm, yet its settings keep their place on the axes (a study where every cell diverged
-    still draws, empty). A throughput is blanked too where the cell shared its GPU with others (packing)."""
-    blank = cells["diverged"].astype(bool)
-    if column == "train_samples_per_s":
-        blank |= shared_device(cells)
-    return cells.assign(**{column: cells[column].mask(blank)})
+    still draws, empty)."""
+    return cells.assign(**{column: cells[column].mask(cells["diverged"].astype(bool))})
+
+
+def timed(cells: pd.DataFrame) -> pd.DataFrame:
+    """The cells with their throughput where it measures the norm: finished, on a GPU of their own (packing)."""
+    measured = finished(cells, "train_samples_per_s")
+    return measured.assign(train_samples_per_s=measured["train_samples_per_s"].mask(shared_device(cells)))
 
 
 def shared_device(cells: pd.DataFrame) -> pd.Series:
@@ -221,7 +224,7 @@ def curves_figure(curves: pd.DataFrame, x: str | None, facets: list[str]):
 def throughput_figure(cells: pd.DataFrame, x: str, facets: list[str]):
     """Training throughput per norm against the study's x axis, diverged cells left out (see `finished`)."""
     panels = _panels(cells, facets[:1])
-    grid = sns.catplot(finished(cells, "train_samples_per_s"), kind="bar", x=x, y="train_samples_per_s",
+    grid = sns.catplot(timed(cells), kind="bar", x=x, y="train_samples_per_s",
                        order=_order(cells, x), errorbar=t_interval, height=3.2, aspect=1.3, **_hue(cells), **panels)
     grid.set(ylim=(0, None))  # a throughput is positive; a wide interval over few seeds is cut at zero
     grid.set_axis_labels(_label(x), _label("train_samples_per_s"))

@@ -11,7 +11,7 @@ import pandas as pd
 
 from normbench import claims
 from normbench.plugins import is_plugin, short_name
-from normbench.report.figures import _format, _label, _order, finished, generalization
+from normbench.report.figures import _format, _label, _order, generalization, timed
 
 
 def folding_table(probes: pd.DataFrame) -> dict:
@@ -52,7 +52,7 @@ def step_time_ratios(cells: pd.DataFrame, keys: list[str]) -> dict | None:
     norms = _order(cells, "norm")
     if "bn" not in norms or len(norms) < 2:
         return None
-    rates = finished(cells, "train_samples_per_s").groupby([*keys, "norm"])["train_samples_per_s"].mean()
+    rates = timed(cells).groupby([*keys, "norm"])["train_samples_per_s"].mean()
     # With norm as the only axis there is one setting: a one-row table.
     rates = (rates.unstack("norm") if keys else rates.to_frame("every cell").T).reindex(columns=norms)
     ratios = rates.rdiv(rates["bn"], axis=0)
@@ -104,7 +104,7 @@ def leaderboard(by_study: dict[str, claims.Tables], studies: dict[str, dict]) ->
             continue
         axes = [axis for axis in claims.varying_settings(cells) if axis not in ("norm", "seed")]
         target = studies.get(study, {}).get("report", {}).get("target_acc")
-        rate = finished(cells, "train_samples_per_s")
+        rate = timed(cells)
         bn_rate = rate[rate["norm"] == "bn"]
         for (norm, *values), mine in cells.groupby(["norm", *axes], sort=False, dropna=False):
             setting = dict(zip(axes, values))
