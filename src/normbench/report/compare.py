@@ -113,7 +113,15 @@ def cell_comparison(runs: list[FinishedRun]) -> tuple[pd.DataFrame, list[str]]:
     def compared(cells: pd.DataFrame) -> pd.DataFrame:
         return cells[[column for column in columns if column in cells]]
 
+    def cell_repeats(run: FinishedRun) -> dict[tuple, pd.Series]:
+        """Each cell's step-time repeats, by (study, cell): one pass over the run's curves."""
+        return {} if run.curves.empty else {key: step_times(group)
+                                            for key, group in run.curves.groupby(["study", "cell"])}
+
+    none, baseline_repeats = pd.Series(dtype=float), cell_repeats(baseline)
+
     for other in runs[1:]:
+        other_repeats = cell_repeats(other)
         merged = compared(baseline.cells).merge(compared(other.cells), on=["study", "cell"], suffixes=("_a", "_b"),
                                                 how="outer", indicator=True)
         only = {side: int((merged["_merge"] == side).sum()) for side in ("left_only", "right_only")}
@@ -126,13 +134,8 @@ def cell_comparison(runs: list[FinishedRun]) -> tuple[pd.DataFrame, list[str]]:
             left_out.append(f"{other.name}: {int((~alike).sum())} cell(s) at the baseline's paths with other settings "
                             f"(not compared)")
         for _, cell in both[alike].iterrows():
-            def repeats(run: FinishedRun) -> pd.Series:
-                if run.curves.empty:
-                    return pd.Series(dtype=float)
-                return step_times(run.curves[(run.curves["study"] == cell["study"]) &
-                                             (run.curves["cell"] == cell["cell"])])
-
-            ratio, low, high = log_ratio_interval(repeats(baseline), repeats(other))
+            key = (cell["study"], cell["cell"])
+            ratio, low, high = log_ratio_interval(baseline_repeats.get(key, none), other_repeats.get(key, none))
             rows.append({
                 "study": cell["study"], "cell": cell["cell"], "baseline": baseline.name, "run": other.name,
                 "acc_baseline": cell["final_test_acc_a"], "acc_run": cell["final_test_acc_b"],
