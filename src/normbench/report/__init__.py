@@ -16,7 +16,7 @@ import pandas as pd
 from normbench import claims
 from normbench.html import environment
 from normbench.results import benchmark_rounds, read_json, write_atomic, write_json, write_table
-from normbench.runs import RUN_RECORD, config_sha256, run_record
+from normbench.runs import RUN_RECORD, run_record
 from normbench.report.tables import benchmark_machine, benchmark_table, leaderboard, numerics_table, shown
 from normbench.report.figures import set_style
 from normbench.report.studies import origins, scale, study_section, trained
@@ -116,7 +116,8 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
         by_study["benchmarks"] = claims.Tables(bench=rounds)
     verdicts = claims.evaluate(claims.claim_sections(config), by_study)  # on the full plugin references
     write_table(claims_table(verdicts), out.parent / "claims.csv")
-    write_json(tables.parent / RUN_RECORD, run_record(config, cells, run.get("started"), run.get("command")))
+    record = run_record(config, cells, run.get("started"), run.get("command"))
+    write_json(tables.parent / RUN_RECORD, record)
     by_study = {study: claims.Tables(*(shown(table) for table in (tables_.cells, tables_.curves, tables_.probes)),
                                      tables_.bench) for study, tables_ in by_study.items()}
     sections = [
@@ -128,7 +129,7 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
     how = origin.value_counts()
     details = {
         **provenance(cells),
-        "config sha256": config_sha256(config)[:16],
+        "config sha256": record["config_sha256"][:16],
         "command of this run": run.get("command", "not recorded (report rendered outside a workflow run)"),
         "reproduce with": "the command of this run, in the same folder (the default study: make reproduce)",
         "harness efficiency": harness_efficiency(cells),
