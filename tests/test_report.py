@@ -239,3 +239,20 @@ def test_bands_of_bounded_quantities_stay_in_their_range():
     assert ACCURACY_INTERVAL(values) == (0.0, 1.0)
     low, high = bounded_t_interval(-1, 1)([0.9, 0.95, 0.99])
     assert -1 <= low < 0.95 < high <= 1
+
+
+def test_figures_drawn_by_several_processes_make_the_same_report(tmp_path):
+    cells = synthetic_cells()
+    cells = pd.concat([cells, cells.assign(study="lr2", cell_dir=cells["cell_dir"].str.replace("/lr/", "/lr2/"))])
+    cells.to_csv(tmp_path / "cells.csv", index=False)
+    synthetic_curves(cells).assign(study=cells["study"].repeat(3).to_numpy()).to_csv(tmp_path / "curves.csv",
+                                                                                   index=False)
+    for empty in ("probes", "numerics"):
+        (tmp_path / f"{empty}.csv").write_text("")
+    config = {"studies": {"lr": {}, "lr2": {}}}
+    pages = []
+    for jobs in (1, 2):
+        render_report(tmp_path, config, tmp_path / f"{jobs}.html", tmp_path / f"figures{jobs}", jobs=jobs)
+        pages.append(re.sub(r"Generated \S+", "", (tmp_path / f"{jobs}.html").read_text()))
+    assert pages[0] == pages[1] and 'id="study-lr2"' in pages[1]
+    assert sorted(p.name for p in (tmp_path / "figures2").iterdir()) == ["lr", "lr2"]

@@ -114,7 +114,8 @@ def _report(args: argparse.Namespace) -> None:
     else:
         config = load_settings_file(args.config)
     render_report(Path(args.tables), config, Path(args.out), Path(args.figures),
-                  Path(args.bench) if args.bench else None, Path(args.invocation) if args.invocation else None)
+                  Path(args.bench) if args.bench else None, Path(args.invocation) if args.invocation else None,
+                  args.jobs)
     print(f"report -> {args.out}")
 
 
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--invocation", help="the workflow run's record (start time, command), where there is one")
     report.add_argument("--figures", default="reports/figures", help="folder for the figures as PNG files")
     report.add_argument("--out", default="reports/report.html")
+    report.add_argument("--jobs", type=int, default=1, help="processes drawing the figures (default 1)")
     report.set_defaults(run=_report)
     pack = commands.add_parser("archive", help="pack a finished run (tables, claims, run.json, report; no weights) "
                                                "into a .tar.gz to share, commit or compare")

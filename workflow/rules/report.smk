@@ -22,13 +22,14 @@ rule report:
         bench=lambda wildcards, input: f"--bench {input.bench}" if "bench" in input.keys() else "",
         invocation=INVOCATION,
         captions=FIGURE_CAPTIONS,
+    threads: os.cpu_count()  # the figures of the studies drawn at once; Snakemake caps it at --cores
     conda:
         CONDA_ENV
     log:
         "results/logs/report.log",
     shell:
         "normbench report --tables {params.tables} --config {params.config:q} {params.bench} "
-        "--invocation {params.invocation} --figures {output.figures} --out {output.html} > {log} 2>&1"
+        "--invocation {params.invocation} --figures {output.figures} --out {output.html} --jobs {threads} > {log} 2>&1"
 
 
 # Earlier runs beside this one, where the config lists them (compare: [...]).

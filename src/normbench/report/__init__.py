@@ -9,6 +9,8 @@ comparison of runs (normbench.report.compare), sharing one page style.
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -86,14 +88,22 @@ def _read(path: Path) -> pd.DataFrame:
         return pd.DataFrame(columns=["study"])
 
 
+def _sections(arguments: list[tuple], jobs: int) -> list[dict]:
+    """The study sections, drawn by `jobs` forked processes at once (their figures are most of the report's time)."""
+    if jobs <= 1 or len(arguments) <= 1:
+        return [study_section(*args) for args in arguments]
+    with ProcessPoolExecutor(min(jobs, len(arguments)), mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(study_section, *zip(*arguments)))
+
+
 def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, bench: Path | None = None,
-                  invocation: Path | None = None) -> None:
+                  invocation: Path | None = None, jobs: int = 1) -> None:
     """Write the report for the workflow `config` from the tables in `tables` and the micro-benchmarks in
     `bench`: reports/report.html, its figures as files under `figures_dir`, claims.csv beside the page, and the
     run's record (run.json) beside the tables' folder.
 
     `invocation` is the workflow run's record (its start time and command line): cells trained since
-    that start are marked as trained in this run, the others as reused.
+    that start are marked as trained in this run, the others as reused. `jobs` processes draw the figures.
     """
     cells, curves, probes, numerics = (_read(tables / f"{name}.csv") for name in ("cells", "curves", "probes", "numerics"))
     # A cell that failed (out of memory) measured nothing: listed in the provenance, left out of every table below.
@@ -120,11 +130,9 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
     write_json(tables.parent / RUN_RECORD, record)
     by_study = {study: claims.Tables(*(shown(table) for table in (tables_.cells, tables_.curves, tables_.probes)),
                                      tables_.bench) for study, tables_ in by_study.items()}
-    sections = [
-        study_section(study, studies.get(study, {}), tables_.cells, tables_.curves, tables_.probes,
-                      out.parent.resolve(), figures_dir)
-        for study, tables_ in by_study.items() if study != "benchmarks"
-    ]
+    sections = _sections([(study, studies.get(study, {}), tables_.cells, tables_.curves, tables_.probes,
+                           out.parent.resolve(), figures_dir)
+                          for study, tables_ in by_study.items() if study != "benchmarks"], jobs)
     template = environment().get_template("report.html")
     how = origin.value_counts()
     details = {
