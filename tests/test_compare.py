@@ -11,7 +11,7 @@ import pytest
 
 from normbench.report.compare import cell_comparison, claim_comparison, log_ratio_interval, render_compare
 from normbench.config import SettingsError
-from normbench.runs import FinishedRun, archive, load_run
+from normbench.runs import FinishedRun, archive, load_run, record_run
 
 
 def finished_run(name: str, verdict_c6: str, step_s: float, noise: float, seed: int = 0) -> FinishedRun:
@@ -71,6 +71,39 @@ def test_a_run_archived_and_read_back_compares_equal_to_itself(tmp_path):
     assert 'class="flag"' not in page and "http://" not in page and "https://" not in page
     assert "20261129T120000-abcdef12" in page and "<style>" in page
     assert len(pd.read_csv(tmp_path / "compare_cells.csv")) == 2
+
+
+def test_a_gpu_run_is_recorded_with_its_device_wall_time_and_speed(tmp_path):
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    (results / "tables").mkdir(parents=True)
+    reports.mkdir()
+    run = finished_run("a", "supported", 0.01, 0.05)
+    cells = run.cells.assign(env_device=["cuda:0", "cpu"], env_device_name=["NVIDIA H200", "AMD EPYC"],
+                             env_driver=["580.159.04", None], env_torch="2.11.0+cu130")
+    cells.to_csv(results / "tables/cells.csv", index=False)
+    run.claims.to_csv(reports / "claims.csv", index=False)
+    (reports / "report.html").write_text("<html></html>")
+    (results / "run.json").write_text(json.dumps({"run_id": "r", "commits": ["abc"], "config": {"studies": {}},
+                                                  "started": "2026-11-29T10:00:00+00:00",
+                                                  "ended": "2026-11-29T10:09:30+00:00"}))
+    bench = tmp_path / "speed.json"
+    bench.write_text(json.dumps({"benchmarks": [{"name": "test_start_up_against_import_torch", "extra_info": {}}, {
+        "name": "test_training_steps_against_a_minimal_loop",
+        "extra_info": {"normbench_samples_per_s": [100_000.0, 110_000.0, 90_000.0],
+                       "minimal_samples_per_s": [100_000.0, 100_000.0, 100_000.0], "device": "cuda", "batch_size": 256}}]}))
+    folder = record_run(results, tmp_path / "docs/runs", bench)
+    assert folder.name == "2026-11-29-h200"
+    assert sorted(p.name for p in folder.iterdir()) == ["cells.csv", "claims.csv", "report.html", "run.json",
+                                                        "run.tar.gz"]
+    assert load_run(folder / "run.tar.gz").record["run_id"] == "r"  # compare reads the recorded run
+    record = json.loads((folder / "run.json").read_text())
+    assert record["device_name"] == "NVIDIA H200" and record["driver"] == "580.159.04"  # the GPU cells', not the CPU's
+    assert record["torch"] == "2.11.0+cu130" and record["commit"] == "abc" and record["workflow_wall_s"] == 570
+    assert record["bench_samples_per_s_fp32_bn"] == 100_000 and record["gpu_overhead_ratio"] == pytest.approx(1.0)
+    assert record["run"]["run_id"] == "r" and record["config"] == {"studies": {}}
+    bench.write_text(json.dumps({"benchmarks": []}))
+    with pytest.raises(SettingsError, match="make bench"):
+        record_run(results, tmp_path / "docs/runs", bench)
 
 
 def test_cells_at_the_same_path_with_other_settings_are_not_compared():

@@ -126,6 +126,12 @@ def _archive(args: argparse.Namespace) -> None:
     print(f"{len(packed)} files ({', '.join(packed)}) -> {args.out}")
 
 
+def _record(args: argparse.Namespace) -> None:
+    from normbench.runs import record_run
+
+    print(f"recorded -> {record_run(Path(args.results), Path(args.out), Path(args.bench) if args.bench else None)}")
+
+
 def _compare(args: argparse.Namespace) -> None:
     from normbench.report.compare import render_compare
     from normbench.runs import load_run
@@ -228,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("results", help="the run's results/ folder (reports/ beside it)")
     pack.add_argument("--out", required=True, help="the archive to write, e.g. run.tar.gz")
     pack.set_defaults(run=_archive)
+    record = commands.add_parser("record", help="keep a finished run in the repository (docs/runs/<date>-<device>/): "
+                                                "claims, cells, report and run.json, with make bench's speed")
+    record.add_argument("results", help="the run's results/ folder (reports/ beside it)")
+    record.add_argument("--bench", help="make bench's JSON (results/bench/speed.json): samples/s and overhead ratio")
+    record.add_argument("--out", default="docs/runs", help="the folder of recorded runs")
+    record.set_defaults(run=_record)
     compare = commands.add_parser("compare", help="finished runs side by side: each claim's verdict at each run's "
                                                   "scale, and the cells they share (accuracy, step time)")
     compare.add_argument("runs", nargs="+", metavar="RUN",

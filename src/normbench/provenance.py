@@ -38,6 +38,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version (nvidia-smi's), where there is one."""
+    try:
+        found = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, check=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found[0] if found else None
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
@@ -63,6 +73,7 @@ def environment(device: torch.device) -> dict:
         # 1: the cell had its GPU(s) alone; k > 1: it shared them with up to k - 1 packed cells (no timing counts).
         "gpu_share": int(os.environ.get("NORMBENCH_GPU_SHARE", "1")),
         "device_uuid": str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None,
+        "driver": nvidia_driver() if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0],  # what else ran on the machine as the cell started

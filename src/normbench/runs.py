@@ -2,7 +2,8 @@
 
 A run is a results/ folder with reports/ beside it, or an archive of the two made by `normbench archive`:
 run.json, the tables, claims.csv and the report, without weights or checkpoints, small enough to share or
-commit. `normbench compare` reads either.
+commit. `normbench compare` reads either. `normbench record` keeps a run in the repository (docs/runs/), with
+the figures a GPU run is judged by.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import datetime
 import hashlib
 import io
 import json
+import re
+import shutil
+import statistics
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +24,7 @@ import pandas as pd
 import normbench
 from normbench.config import SettingsError
 from normbench.provenance import git_commit
-from normbench.results import write_atomic
+from normbench.results import read_json, write_atomic, write_json
 
 RUN_RECORD = "run.json"
 TABLES = ("cells", "curves", "probes", "numerics")
@@ -137,3 +141,49 @@ def load_run(path: str | Path) -> FinishedRun:
 
     return FinishedRun(str(path), _record(files[RUN_RECORD], path), table("tables/cells.csv"),
                        table("tables/curves.csv"), table("claims.csv"))
+
+
+def training_speed(bench: Path) -> dict:
+    """normbench's training samples/s and its ratio to a minimal hand-written loop, from `make bench`'s JSON
+    (medians over the paired rounds), with the device they ran on."""
+    data = read_json(bench)
+    for case in data.get("benchmarks", []):
+        if case.get("name", "").startswith("test_training_steps_against_a_minimal_loop"):
+            info = case["extra_info"]
+            ours, minimal = info["normbench_samples_per_s"], info["minimal_samples_per_s"]
+            return {"bench_device": info.get("device"), "bench_batch_size": info.get("batch_size"),
+                    "bench_samples_per_s_fp32_bn": statistics.median(ours),
+                    "gpu_overhead_ratio": statistics.median(a / b for a, b in zip(ours, minimal))}
+    raise SettingsError(f"{bench} holds no training benchmark; run `make bench` (it writes results/bench/speed.json)")
+
+
+def record_run(results: Path, out_root: Path, bench: Path | None = None) -> Path:
+    """Record a finished run in the repository as <out_root>/<date>-<device>/: its claims, cells and report, and
+    run.json with what a reader checks first (the device, driver and torch the cells ran on, the commit, the
+    workflow's wall time and, from `make bench`, normbench's fp32 BN samples/s and overhead ratio) beside the run's
+    own record; and the run's archive (run.tar.gz), which `normbench compare` reads. Returns the folder."""
+    results = Path(results)
+    run = load_run(results)
+    record = run.record
+    gpu_cells = run.cells[run.cells.get("env_device", pd.Series(dtype=str)).astype(str).str.startswith("cuda")]
+    devices = gpu_cells if len(gpu_cells) else run.cells  # a GPU run's CPU-only cells (gloo) name no device
+
+    def distinct(column: str) -> str | None:
+        values = sorted(map(str, devices[column].dropna().unique())) if column in devices else []
+        return "; ".join(values) or None
+
+    device = distinct("env_device_name") or "unknown device"
+    wall_s = (datetime.datetime.fromisoformat(record["ended"]) - datetime.datetime.fromisoformat(record["started"]))
+    summary = {"device_name": device, "driver": distinct("env_driver"), "torch": distinct("env_torch"),
+               "commit": "; ".join(record.get("commits", [])), "config": record.get("config"),
+               "workflow_wall_s": wall_s.total_seconds(), **(training_speed(bench) if bench else {}), "run": record}
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower().replace("nvidia", "")).strip("-")
+    folder = Path(out_root) / f"{record['started'][:10]}-{slug}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for source in (results / "tables/cells.csv", results.parent / "reports/claims.csv",
+                   results.parent / "reports/report.html"):
+        if source.is_file():
+            shutil.copyfile(source, folder / source.name)
+    archive(results, folder / "run.tar.gz")
+    write_json(folder / RUN_RECORD, summary)
+    return folder

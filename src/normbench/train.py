@@ -367,245 +367,304 @@ def train(settings: Settings, out_dir: str | Path, worker: Worker = Worker(), ti
 
 def _train(settings: Settings, out_dir: Path, worker: Worker, time_limit_s: float | None,
            stop_requests: list[str]) -> dict:
-    started = time.perf_counter()
-    out_dir = Path(out_dir)
-    device = resolve_device(settings.device, worker)
-    precision = Precision(settings.precision, device)
-    train_split, test_split = load_data(settings, device, precision.storage_dtype)
-
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    model, trained = prepare_model(settings, device, precision.storage_dtype, memory_format, worker)
-    optimizer = make_optimizer(model, settings)
-    steps_per_epoch = len(train_split) // settings.global_batch_size  # the last partial batch is dropped
-    total_steps = steps_per_epoch * settings.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, settings))
-    eval_steps = {round(steps_per_epoch * (e + k / settings.evals_per_epoch))
-                  for e in range(settings.epochs) for k in range(1, settings.evals_per_epoch + 1)}
-    # Probe the first step (the network at initialization) and the last before each evaluation (main worker).
-    probe_steps = {0, *(step - 1 for step in eval_steps)} if worker.is_main else set()
-
-    checkpoint_path = out_dir / results.CHECKPOINT
-    progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler, precision.scaler, settings, device,
-                               worker) or Progress()
-    if worker.world_size > 1:  # every rank read the checkpoint itself: they must resume at the same step
-        steps = [None] * worker.world_size
-        dist.all_gather_object(steps, progress.step)
-        if len(set(steps)) > 1:
-            raise SettingsError(f"the workers of this cell read {checkpoint_path} differently (resuming at steps "
-                                f"{steps}); the cell folder must be one file system that every rank sees")
-    if worker.is_main:
-        results.write_json(out_dir / results.CONFIG, settings.to_dict())
-        results.write_json(out_dir / results.ENV, {**environment(device), **numerics_record(device),
-                                                   "world_size": worker.world_size,
-                                                   "plugins": plugins.provenance([settings.norm, settings.model])})
-
-    diverged_reason = timed_out_reason = failed_reason = None
-    # Each step's loss stays on the device until the next sync point (each evaluation and every SYNC_EVERY_STEPS
-    # steps), where one collective and one read find the first diverged step among them: no sync per step.
-    window_losses: list[torch.Tensor] = []
-    skip_flags: list[tuple[int, torch.Tensor]] = []  # (step, skipped?) on the device since the last sync point (fp16)
-    loss_sum = torch.tensor(float(progress.train_sums[0]), device=device)
-    correct = torch.tensor(int(progress.train_sums[1]), device=device, dtype=torch.int64)
-    seen = int(progress.train_sums[2])
-
-    def save_state() -> None:
-        """The resumable state after progress.step: every worker gathers, rank 0 writes."""
-        rng = rng_states(device, worker, (loss_sum.item(), int(correct.item()), seen))
-        if worker.is_main:
-            results.write_jsonl(out_dir / results.METRICS, progress.metrics)
-            results.write_jsonl(out_dir / results.PROBES, progress.probes)
-            elapsed = time.perf_counter() - started  # the checkpoint counts this session's time too
-            save_checkpoint(checkpoint_path, model, optimizer, scheduler, precision.scaler,
-                            dataclasses.replace(progress, wall_time_s=progress.wall_time_s + elapsed), settings, rng)
-
-    permutation, permutation_epoch = None, None
-    clock = DeviceClock(device)
-    interval_started = clock.mark()
-    probe_s = 0.0  # time of the probed steps inside the current training interval
-    phase_marks: list[tuple] = []  # (before forward, after loss, after backward, after the optimizer) of timed steps
-    compile_time_s = None
-    # The fixed test images the mechanism probes look at (percentiles during training, folding after it).
-    probe_inputs = test_split.inputs[:EVAL_BATCH_SIZE].contiguous(memory_format=memory_format) if settings.probes \
-        else None
-    if "percentiles" in settings.probes and progress.step == 0 and worker.is_main:  # the network at initialization
-        progress.probes += probes.percentile_rows(model, probe_inputs, 0)
-    bar = tqdm(total=total_steps, initial=progress.step, desc=str(out_dir), unit="step", file=sys.stderr,
-               disable=None if worker.is_main else True, leave=False)
-    model.train()
+    run = CellRun(settings, out_dir, worker, time_limit_s, stop_requests)
     try:  # out of memory ends the cell as a result (failed), like divergence, not as a crash
-        for step in range(progress.step, total_steps):
-            epoch, step_in_epoch = divmod(step, steps_per_epoch)
-            if permutation_epoch != epoch:
-                permutation, permutation_epoch = epoch_permutation(settings.seed, epoch, len(train_split), device), epoch
-            index = batch_indices(permutation, step_in_epoch, settings, worker.rank)
-            inputs, labels = train_split.inputs[index], train_split.labels[index]
-            if settings.augment:
-                inputs = augment_batch(inputs, seeded_generator(settings.seed, step))
-            probe = Probe(model) if step in probe_steps else None
-            probe_started = clock.mark() if probe else None  # a probed step is timed as probing, not as training
-            if probe and "ics" in settings.probes:  # before this step's update, on the same batch
-                progress.probes += probes.ics_rows(model, inputs, labels, settings.effective_lr, step)
-            # A compiled model keeps its graph: no activation hooks, only the gradient and weight norms.
-            watching = probe.watching_activations() if probe and not settings.compile else contextlib.nullcontext()
-            # The phases of one step in SYNC_EVERY_STEPS (not a probed one) are timed apart, as timm's benchmark --detail.
-            compiling = settings.compile and compile_time_s is None  # the session's first step compiles the model
-            timed = step % SYNC_EVERY_STEPS == SYNC_EVERY_STEPS // 2 and probe is None and not compiling
-            marks = [clock.mark()] if timed else []
-            with precision.autocast(), watching:
-                logits = trained(inputs.contiguous(memory_format=memory_format))
-            loss = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten())  # per image, or per token
-            marks += [clock.mark()] if timed else []
-            window_losses.append(loss.detach())
-            optimizer.zero_grad(set_to_none=True)
-            precision.backward(loss)
-            marks += [clock.mark()] if timed else []
-            if probe:
-                precision.unscale(optimizer)
-                progress.probes += probe.rows(step)
-            skipped = precision.step(optimizer)
-            if skipped is not None:
-                skip_flags.append((step, skipped))
-            scheduler.step()
-            if timed:
-                phase_marks.append((*marks, clock.mark()))
-            if compiling:  # timed apart from training, probe and all: the interval restarts after it
-                compile_time_s = clock.seconds(interval_started, clock.mark())
-                interval_started = clock.mark()
-            elif probe:
-                probe_s += clock.seconds(probe_started, clock.mark())
-            else:
-                progress.timed_steps += 1
-            loss_sum += loss.detach() * labels.numel()
-            correct += (logits.argmax(-1) == labels).sum()
-            seen += labels.numel()
-            bar.update()
-            progress.step = step + 1
-
-            evaluating = progress.step in eval_steps
-            if not (evaluating or progress.step % SYNC_EVERY_STEPS == 0):
-                continue
-            # The global mean losses: every worker sees the same values, so all find the same diverged step.
-            losses = mean_over_workers(torch.stack(window_losses))
-            broke = (~torch.isfinite(losses) | (losses > settings.max_loss)).nonzero().flatten().tolist()  # one read
-            window_losses.clear()
-            skipped_at = [s for (s, _), flag in zip(skip_flags, torch.stack([f for _, f in skip_flags]).tolist())
-                          if flag] if skip_flags else []
-            skip_flags.clear()
-            if broke:
-                first_diverged = progress.step - len(losses) + broke[0]
-                diverged_reason = (f"training loss {float(losses[broke[0]]):.4g} at step {first_diverged} "
-                                   f"(bound: finite and <= {settings.max_loss:g})")
-                progress.step = first_diverged
-                progress.probes = [row for row in progress.probes if row["step"] < first_diverged]
-                progress.skipped_steps += sum(s < first_diverged for s in skipped_at)
+        for step in range(run.progress.step, run.total_steps):
+            run.train_step(step)
+            if run.at_sync_point() and run.sync_point():
                 break
-            progress.skipped_steps += len(skipped_at)
-            # Every worker has the same limit and asks here, so all stop at the same step.
-            out_of_time = time_limit_s is not None and any_worker(time.perf_counter() - started > time_limit_s, device)
-            if out_of_time and progress.step < total_steps:
-                timed_out_reason = f"time limit of {time_limit_s:g} s reached after step {progress.step} of {total_steps}"
-                evaluating = True
-            preempted = any_worker(bool(stop_requests), device) and progress.step < total_steps
-            if evaluating:
-                progress.train_time_s += clock.seconds(interval_started, clock.mark()) - probe_s
-                progress.probe_time_s += probe_s
-                probe_s = 0.0
-                test_loss, test_acc = evaluate(model, test_split, memory_format, precision)
-                totals = all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(seen)]))
-                train_loss, train_acc = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
-                progress.metrics.append({
-                    "step": progress.step, "epoch": progress.step / steps_per_epoch,
-                    "train_loss": train_loss, "train_acc": train_acc,
-                    "test_loss": test_loss, "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"],
-                    "elapsed_s": progress.wall_time_s + time.perf_counter() - started,
-                    # Cumulative timed training: per evaluation interval, one repeat of the step time.
-                    "train_time_s": progress.train_time_s, "timed_steps": progress.timed_steps,
-                })
-                if worker.is_main and "percentiles" in settings.probes:
-                    progress.probes += probes.percentile_rows(model, probe_inputs, progress.step)
-                if worker.is_main:
-                    bar.write(f"step {progress.step}/{total_steps} epoch {progress.step / steps_per_epoch:.2f} "
-                              f"train_loss {train_loss:.4f} test_acc {test_acc:.4f}")
-                loss_sum.zero_()
-                correct.zero_()
-                seen = 0
-                if progress.step < total_steps:  # at the last evaluation the finished cell's files follow instead
-                    save_state()
-                interval_started = clock.mark()
-            if timed_out_reason:
-                break
-            if preempted:
-                if not evaluating:  # between evaluations: this interval's time and train sums go in the checkpoint
-                    progress.train_time_s += clock.seconds(interval_started, clock.mark()) - probe_s
-                    progress.probe_time_s += probe_s
-                    save_state()
-                raise Preempted(f"stopped by {stop_requests[0] if stop_requests else 'another worker'} after step "
-                                f"{progress.step} of {total_steps}, its checkpoint saved; run the cell again to "
-                                f"continue")
     except (torch.cuda.OutOfMemoryError, MemoryError) as error:
-        if worker.world_size > 1:  # the other workers wait in a collective: the cell fails as a whole
-            raise
-        failed_reason = f"out of memory at step {progress.step}: {(str(error) or type(error).__name__).splitlines()[0]}"
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    bar.close()
-    if threading.current_thread() is threading.main_thread():  # past the last sync point a signal ends the cell
-        for number in PREEMPTION_SIGNALS:                        # at once (it is rerun from its checkpoint)
-            signal.signal(number, signal.SIG_DFL)
-    synchronize(device)
-    if diverged_reason is not None or failed_reason is not None:  # the steps since the last evaluation still count
-        progress.train_time_s += clock.seconds(interval_started, clock.mark()) - probe_s
-        progress.probe_time_s += probe_s
-    phases = {name: [clock.seconds(marks[i], marks[i + 1]) for marks in phase_marks]
-              for i, name in enumerate(("forward", "backward", "optimizer"))}
+        run.out_of_memory(error)
+    return run.finish()
 
-    if worker.is_main and diverged_reason is None and timed_out_reason is None and failed_reason is None:
-        progress.probes += after_training_rows(settings, model, train_split, test_split, probe_inputs, memory_format,
-                                               precision, progress.step, progress.metrics[-1]["test_acc"])
-    # A diverged or failed cell has no final numbers.
-    final = progress.metrics[-1] if progress.metrics and diverged_reason is None and failed_reason is None else {}
-    probed_steps = sum(step < progress.step for step in probe_steps)
-    summary = {
-        "final_test_acc": final.get("test_acc"),
-        "best_test_acc": max((row["test_acc"] for row in progress.metrics), default=None),
-        # What always predicting the commonest test label scores: the accuracy a diverged cell is worth.
-        "chance_acc": float(torch.bincount(test_split.labels.flatten()).max() / test_split.labels.numel()),
-        "final_test_loss": final.get("test_loss"),
-        "final_train_loss": final.get("train_loss"),
-        "diverged": diverged_reason is not None,
-        "diverged_step": progress.step if diverged_reason else None,
-        "diverged_reason": diverged_reason,
-        "failed": failed_reason is not None,
-        "failed_step": progress.step if failed_reason else None,
-        "failure_reason": failed_reason,
-        "timed_out": timed_out_reason is not None,
-        "timed_out_reason": timed_out_reason,
-        "time_limit_s": time_limit_s,  # this session's: the workflow continues a timed-out cell when it rises
-        "steps": progress.step,
-        "skipped_steps": progress.skipped_steps,
-        "total_steps": total_steps,
-        # Over the steps that ran and were timed as training (not probed, not compiling); a diverged cell's steps
-        # past the diverged one ran too, up to the sync point that found it.
-        "train_samples_per_s": (progress.timed_steps * settings.global_batch_size / progress.train_time_s)
-        if progress.train_time_s > 0 and progress.timed_steps else None,
-        "train_time_s": progress.train_time_s,
-        "probe_time_s": progress.probe_time_s,
-        "probed_steps": probed_steps,
-        "wall_time_s": progress.wall_time_s + time.perf_counter() - started,
-        "num_params": sum(p.numel() for p in model.parameters()),
-        "peak_memory_mb": peak_memory_mb(device),
-        # Mean seconds per step of each phase, over one timed step in SYNC_EVERY_STEPS of this session.
-        **{f"{name}_s": sum(times) / len(times) if times else None for name, times in phases.items()},
-        "compile_time_s": compile_time_s,
-        "resumed_from_step": progress.resumed_from_step,
-    }
-    if worker.is_main:
-        results.write_jsonl(out_dir / results.METRICS, progress.metrics)
-        results.write_jsonl(out_dir / results.PROBES, progress.probes)
-        results.write_atomic(out_dir / results.WEIGHTS, lambda f: torch.save(model.state_dict(), f), mode="wb")
-        results.write_json(out_dir / results.SUMMARY, summary)
-        # A finished cell keeps its weights, not its resumable state: a forced rerun trains afresh. A timed-out
-        # cell keeps its checkpoint, so that a rerun with a longer limit goes on from where it stopped.
-        if timed_out_reason is None:
-            checkpoint_path.unlink(missing_ok=True)
-    return summary
+
+class CellRun:
+    """One session of a cell, in the phases `_train` calls in turn: build (data, model, optimizer, schedule and
+    the progress of a checkpoint), `train_step` (one optimizer step, probed or timed), `sync_point` (divergence,
+    skipped fp16 steps, time limit, preemption, and the evaluation when one is due) and `finish` (the probes of
+    the trained model, the summary and the cell's files)."""
+
+    def __init__(self, settings: Settings, out_dir: Path, worker: Worker, time_limit_s: float | None,
+                 stop_requests: list[str]) -> None:
+        self.started = time.perf_counter()
+        self.settings, self.out_dir, self.worker = settings, Path(out_dir), worker
+        self.time_limit_s, self.stop_requests = time_limit_s, stop_requests
+        self.device = device = resolve_device(settings.device, worker)
+        self.precision = Precision(settings.precision, device)
+        self.train_split, self.test_split = load_data(settings, device, self.precision.storage_dtype)
+        self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+        self.model, self.trained = prepare_model(settings, device, self.precision.storage_dtype, self.memory_format,
+                                                 worker)
+        self.optimizer = make_optimizer(self.model, settings)
+        self.steps_per_epoch = len(self.train_split) // settings.global_batch_size  # the last partial batch is dropped
+        self.total_steps = total_steps = self.steps_per_epoch * settings.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_multiplier(step, total_steps, settings))
+        self.eval_steps = {round(self.steps_per_epoch * (e + k / settings.evals_per_epoch))
+                           for e in range(settings.epochs) for k in range(1, settings.evals_per_epoch + 1)}
+        # Probe the first step (the network at initialization) and the last before each evaluation (main worker).
+        self.probe_steps = {0, *(step - 1 for step in self.eval_steps)} if worker.is_main else set()
+        self.checkpoint_path = self.out_dir / results.CHECKPOINT
+        self.progress = self.resumed_progress()
+        if worker.is_main:
+            results.write_json(self.out_dir / results.CONFIG, settings.to_dict())
+            results.write_json(self.out_dir / results.ENV, {
+                **environment(device), **numerics_record(device), "world_size": worker.world_size,
+                "plugins": plugins.provenance([settings.norm, settings.model])})
+
+        self.diverged_reason = self.timed_out_reason = self.failed_reason = None
+        # Each step's loss stays on the device until the next sync point (each evaluation and every
+        # SYNC_EVERY_STEPS steps), where one collective and one read find the first diverged step among them.
+        self.window_losses: list[torch.Tensor] = []
+        self.skip_flags: list[tuple[int, torch.Tensor]] = []  # (step, skipped?) since the last sync point (fp16)
+        self.loss_sum = torch.tensor(float(self.progress.train_sums[0]), device=device)
+        self.correct = torch.tensor(int(self.progress.train_sums[1]), device=device, dtype=torch.int64)
+        self.seen = int(self.progress.train_sums[2])
+        self.permutation, self.permutation_epoch = None, None
+        self.clock = DeviceClock(device)
+        self.interval_started = self.clock.mark()
+        self.probe_s = 0.0  # time of the probed steps inside the current training interval
+        self.phase_marks: list[tuple] = []  # before forward, after loss, backward, optimizer: of timed steps
+        self.compile_time_s = None
+        # The fixed test images the mechanism probes look at (percentiles during training, folding after it).
+        self.probe_inputs = self.test_split.inputs[:EVAL_BATCH_SIZE].contiguous(memory_format=self.memory_format) \
+            if settings.probes else None
+        if "percentiles" in settings.probes and self.progress.step == 0 and worker.is_main:  # at initialization
+            self.progress.probes += probes.percentile_rows(self.model, self.probe_inputs, 0)
+        self.bar = tqdm(total=total_steps, initial=self.progress.step, desc=str(self.out_dir), unit="step",
+                        file=sys.stderr, disable=None if worker.is_main else True, leave=False)
+        self.model.train()
+
+    def resumed_progress(self) -> Progress:
+        """The checkpoint's progress, or a fresh start; every rank reads the checkpoint and must agree."""
+        progress = load_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.scheduler,
+                                   self.precision.scaler, self.settings, self.device, self.worker) or Progress()
+        if self.worker.world_size > 1:
+            steps = [None] * self.worker.world_size
+            dist.all_gather_object(steps, progress.step)
+            if len(set(steps)) > 1:
+                raise SettingsError(f"the workers of this cell read {self.checkpoint_path} differently (resuming at "
+                                    f"steps {steps}); the cell folder must be one file system that every rank sees")
+        return progress
+
+    def save_state(self) -> None:
+        """The resumable state after progress.step: every worker gathers, rank 0 writes."""
+        rng = rng_states(self.device, self.worker, (self.loss_sum.item(), int(self.correct.item()), self.seen))
+        if self.worker.is_main:
+            results.write_jsonl(self.out_dir / results.METRICS, self.progress.metrics)
+            results.write_jsonl(self.out_dir / results.PROBES, self.progress.probes)
+            elapsed = time.perf_counter() - self.started  # the checkpoint counts this session's time too
+            save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.scheduler, self.precision.scaler,
+                            dataclasses.replace(self.progress, wall_time_s=self.progress.wall_time_s + elapsed),
+                            self.settings, rng)
+
+    def close_interval(self) -> None:
+        """Book the training interval since the last evaluation: its probed steps as probing, the rest as training."""
+        self.progress.train_time_s += self.clock.seconds(self.interval_started, self.clock.mark()) - self.probe_s
+        self.progress.probe_time_s += self.probe_s
+        self.probe_s = 0.0
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This worker's inputs and labels of `step`: the epoch's shuffle, then the step's augmentation."""
+        settings = self.settings
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        if self.permutation_epoch != epoch:
+            self.permutation = epoch_permutation(settings.seed, epoch, len(self.train_split), self.device)
+            self.permutation_epoch = epoch
+        index = batch_indices(self.permutation, step_in_epoch, settings, self.worker.rank)
+        inputs, labels = self.train_split.inputs[index], self.train_split.labels[index]
+        if settings.augment:
+            inputs = augment_batch(inputs, seeded_generator(settings.seed, step))
+        return inputs, labels
+
+    def train_step(self, step: int) -> None:
+        settings, clock, progress = self.settings, self.clock, self.progress
+        inputs, labels = self.batch(step)
+        probe = Probe(self.model) if step in self.probe_steps else None
+        probe_started = clock.mark() if probe else None  # a probed step is timed as probing, not as training
+        if probe and "ics" in settings.probes:  # before this step's update, on the same batch
+            progress.probes += probes.ics_rows(self.model, inputs, labels, settings.effective_lr, step)
+        # A compiled model keeps its graph: no activation hooks, only the gradient and weight norms.
+        watching = probe.watching_activations() if probe and not settings.compile else contextlib.nullcontext()
+        # The phases of one step in SYNC_EVERY_STEPS (not a probed one) are timed apart, as timm's benchmark --detail.
+        compiling = settings.compile and self.compile_time_s is None  # the session's first step compiles the model
+        timed = step % SYNC_EVERY_STEPS == SYNC_EVERY_STEPS // 2 and probe is None and not compiling
+        marks = [clock.mark()] if timed else []
+        with self.precision.autocast(), watching:
+            logits = self.trained(inputs.contiguous(memory_format=self.memory_format))
+        loss = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten())  # per image, or per token
+        marks += [clock.mark()] if timed else []
+        self.window_losses.append(loss.detach())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        marks += [clock.mark()] if timed else []
+        if probe:
+            self.precision.unscale(self.optimizer)
+            progress.probes += probe.rows(step)
+        skipped = self.precision.step(self.optimizer)
+        if skipped is not None:
+            self.skip_flags.append((step, skipped))
+        self.scheduler.step()
+        if timed:
+            self.phase_marks.append((*marks, clock.mark()))
+        if compiling:  # timed apart from training, probe and all: the interval restarts after it
+            self.compile_time_s = clock.seconds(self.interval_started, clock.mark())
+            self.interval_started = clock.mark()
+        elif probe:
+            self.probe_s += clock.seconds(probe_started, clock.mark())
+        else:
+            progress.timed_steps += 1
+        self.loss_sum += loss.detach() * labels.numel()
+        self.correct += (logits.argmax(-1) == labels).sum()
+        self.seen += labels.numel()
+        self.bar.update()
+        progress.step = step + 1
+
+    def at_sync_point(self) -> bool:
+        return self.progress.step in self.eval_steps or self.progress.step % SYNC_EVERY_STEPS == 0
+
+    def sync_point(self) -> bool:
+        """Read what the device holds since the last sync point: a diverged step ends the cell, so does the time
+        limit (after an evaluation) and a preemption request (with a checkpoint); evaluate when one is due.
+        True when training stops here."""
+        progress, device = self.progress, self.device
+        # The global mean losses: every worker sees the same values, so all find the same diverged step.
+        losses = mean_over_workers(torch.stack(self.window_losses))
+        broke = (~torch.isfinite(losses) | (losses > self.settings.max_loss)).nonzero().flatten().tolist()  # one read
+        self.window_losses.clear()
+        flags = torch.stack([flag for _, flag in self.skip_flags]).tolist() if self.skip_flags else []
+        skipped_at = [step for (step, _), flag in zip(self.skip_flags, flags) if flag]
+        self.skip_flags.clear()
+        if broke:
+            first_diverged = progress.step - len(losses) + broke[0]
+            self.diverged_reason = (f"training loss {float(losses[broke[0]]):.4g} at step {first_diverged} "
+                                    f"(bound: finite and <= {self.settings.max_loss:g})")
+            progress.step = first_diverged
+            progress.probes = [row for row in progress.probes if row["step"] < first_diverged]
+            progress.skipped_steps += sum(step < first_diverged for step in skipped_at)
+            return True
+        progress.skipped_steps += len(skipped_at)
+        evaluating = progress.step in self.eval_steps
+        # Every worker has the same limit and asks here, so all stop at the same step.
+        out_of_time = self.time_limit_s is not None and \
+            any_worker(time.perf_counter() - self.started > self.time_limit_s, device)
+        if out_of_time and progress.step < self.total_steps:
+            self.timed_out_reason = (f"time limit of {self.time_limit_s:g} s reached after step {progress.step} of "
+                                     f"{self.total_steps}")
+            evaluating = True
+        preempted = any_worker(bool(self.stop_requests), device) and progress.step < self.total_steps
+        if evaluating:
+            self.evaluation()
+        if self.timed_out_reason:
+            return True
+        if preempted:
+            if not evaluating:  # between evaluations: this interval's time and train sums go in the checkpoint
+                self.close_interval()
+                self.save_state()
+            raise Preempted(f"stopped by {self.stop_requests[0] if self.stop_requests else 'another worker'} after "
+                            f"step {progress.step} of {self.total_steps}, its checkpoint saved; run the cell again "
+                            f"to continue")
+        return False
+
+    def evaluation(self) -> None:
+        """Test loss and accuracy, the train numbers since the last evaluation, a metrics row and a checkpoint."""
+        progress = self.progress
+        self.close_interval()
+        test_loss, test_acc = evaluate(self.model, self.test_split, self.memory_format, self.precision)
+        totals = all_reduce_sum(torch.stack([self.loss_sum, self.correct.to(self.loss_sum.dtype),
+                                             self.loss_sum.new_tensor(self.seen)]))
+        train_loss, train_acc = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+        progress.metrics.append({
+            "step": progress.step, "epoch": progress.step / self.steps_per_epoch,
+            "train_loss": train_loss, "train_acc": train_acc,
+            "test_loss": test_loss, "test_acc": test_acc, "lr": self.optimizer.param_groups[0]["lr"],
+            "elapsed_s": progress.wall_time_s + time.perf_counter() - self.started,
+            # Cumulative timed training: per evaluation interval, one repeat of the step time.
+            "train_time_s": progress.train_time_s, "timed_steps": progress.timed_steps,
+        })
+        if self.worker.is_main and "percentiles" in self.settings.probes:
+            progress.probes += probes.percentile_rows(self.model, self.probe_inputs, progress.step)
+        if self.worker.is_main:
+            self.bar.write(f"step {progress.step}/{self.total_steps} epoch {progress.step / self.steps_per_epoch:.2f} "
+                           f"train_loss {train_loss:.4f} test_acc {test_acc:.4f}")
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        self.seen = 0
+        if progress.step < self.total_steps:  # at the last evaluation the finished cell's files follow instead
+            self.save_state()
+        self.interval_started = self.clock.mark()
+
+    def out_of_memory(self, error: BaseException) -> None:
+        if self.worker.world_size > 1:  # the other workers wait in a collective: the cell fails as a whole
+            raise error
+        self.failed_reason = (f"out of memory at step {self.progress.step}: "
+                              f"{(str(error) or type(error).__name__).splitlines()[0]}")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def finish(self) -> dict:
+        """The probes of the trained model, the summary and the cell's files (rank 0); returns the summary."""
+        settings, progress, worker = self.settings, self.progress, self.worker
+        self.bar.close()
+        if threading.current_thread() is threading.main_thread():  # past the last sync point a signal ends the cell
+            for number in PREEMPTION_SIGNALS:                        # at once (it is rerun from its checkpoint)
+                signal.signal(number, signal.SIG_DFL)
+        synchronize(self.device)
+        if self.diverged_reason is not None or self.failed_reason is not None:  # the steps since the last
+            self.close_interval()                                                # evaluation still count
+        phases = {name: [self.clock.seconds(marks[i], marks[i + 1]) for marks in self.phase_marks]
+                  for i, name in enumerate(("forward", "backward", "optimizer"))}
+        finished = self.diverged_reason is None and self.timed_out_reason is None and self.failed_reason is None
+        if worker.is_main and finished:
+            progress.probes += after_training_rows(settings, self.model, self.train_split, self.test_split,
+                                                   self.probe_inputs, self.memory_format, self.precision,
+                                                   progress.step, progress.metrics[-1]["test_acc"])
+        # A diverged or failed cell has no final numbers.
+        final = progress.metrics[-1] if progress.metrics and self.diverged_reason is None \
+            and self.failed_reason is None else {}
+        summary = {
+            "final_test_acc": final.get("test_acc"),
+            "best_test_acc": max((row["test_acc"] for row in progress.metrics), default=None),
+            # What always predicting the commonest test label scores: the accuracy a diverged cell is worth.
+            "chance_acc": float(torch.bincount(self.test_split.labels.flatten()).max()
+                                / self.test_split.labels.numel()),
+            "final_test_loss": final.get("test_loss"),
+            "final_train_loss": final.get("train_loss"),
+            "diverged": self.diverged_reason is not None,
+            "diverged_step": progress.step if self.diverged_reason else None,
+            "diverged_reason": self.diverged_reason,
+            "failed": self.failed_reason is not None,
+            "failed_step": progress.step if self.failed_reason else None,
+            "failure_reason": self.failed_reason,
+            "timed_out": self.timed_out_reason is not None,
+            "timed_out_reason": self.timed_out_reason,
+            "time_limit_s": self.time_limit_s,  # this session's: the workflow continues a timed-out cell when it rises
+            "steps": progress.step,
+            "skipped_steps": progress.skipped_steps,
+            "total_steps": self.total_steps,
+            # Over the steps that ran and were timed as training (not probed, not compiling); a diverged cell's
+            # steps past the diverged one ran too, up to the sync point that found it.
+            "train_samples_per_s": (progress.timed_steps * settings.global_batch_size / progress.train_time_s)
+            if progress.train_time_s > 0 and progress.timed_steps else None,
+            "train_time_s": progress.train_time_s,
+            "probe_time_s": progress.probe_time_s,
+            "probed_steps": sum(step < progress.step for step in self.probe_steps),
+            "wall_time_s": progress.wall_time_s + time.perf_counter() - self.started,
+            "num_params": sum(p.numel() for p in self.model.parameters()),
+            "peak_memory_mb": peak_memory_mb(self.device),
+            # Mean seconds per step of each phase, over one timed step in SYNC_EVERY_STEPS of this session.
+            **{f"{name}_s": sum(times) / len(times) if times else None for name, times in phases.items()},
+            "compile_time_s": self.compile_time_s,
+            "resumed_from_step": progress.resumed_from_step,
+        }
+        if worker.is_main:
+            results.write_jsonl(self.out_dir / results.METRICS, progress.metrics)
+            results.write_jsonl(self.out_dir / results.PROBES, progress.probes)
+            results.write_atomic(self.out_dir / results.WEIGHTS, lambda f: torch.save(self.model.state_dict(), f),
+                                 mode="wb")
+            results.write_json(self.out_dir / results.SUMMARY, summary)
+            # A finished cell keeps its weights, not its resumable state: a forced rerun trains afresh. A timed-out
+            # cell keeps its checkpoint, so that a rerun with a longer limit goes on from where it stopped.
+            if self.timed_out_reason is None:
+                self.checkpoint_path.unlink(missing_ok=True)
+        return summary
