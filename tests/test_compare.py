@@ -90,7 +90,8 @@ def test_a_gpu_run_is_recorded_with_its_device_wall_time_and_speed(tmp_path):
     bench.write_text(json.dumps({"benchmarks": [{"name": "test_start_up_against_import_torch", "extra_info": {}}, {
         "name": "test_training_steps_against_a_minimal_loop",
         "extra_info": {"normbench_samples_per_s": [100_000.0, 110_000.0, 90_000.0],
-                       "minimal_samples_per_s": [100_000.0, 100_000.0, 100_000.0], "device": "cuda", "batch_size": 256}}]}))
+                       "minimal_samples_per_s": [100_000.0, 100_000.0, 100_000.0], "device": "cuda", "device_name": "NVIDIA H200",
+                       "batch_size": 256}}]}))
     folder = record_run(results, tmp_path / "docs/runs", bench)
     assert folder.name == "2026-11-29-h200"
     assert sorted(p.name for p in folder.iterdir()) == ["cells.csv", "claims.csv", "report.html", "run.json",
@@ -101,9 +102,16 @@ def test_a_gpu_run_is_recorded_with_its_device_wall_time_and_speed(tmp_path):
     assert record["torch"] == "2.11.0+cu130" and record["commit"] == "abc" and record["workflow_wall_s"] == 570
     assert record["bench_samples_per_s_fp32_bn"] == 100_000 and record["gpu_overhead_ratio"] == pytest.approx(1.0)
     assert record["run"]["run_id"] == "r" and record["config"] == {"studies": {}}
-    bench.write_text(json.dumps({"benchmarks": []}))
-    with pytest.raises(SettingsError, match="make bench"):
-        record_run(results, tmp_path / "docs/runs", bench)
+    assert record_run(results, tmp_path / "docs/runs") == folder  # the same run again: recorded afresh
+    assert json.loads((folder / "run.json").read_text())["gpu_overhead_ratio"] is None  # no bench: said so
+    (results / "run.json").write_text(json.dumps({"run_id": "other", "started": "2026-11-29T11:00:00+00:00",
+                                                  "ended": "2026-11-29T11:05:00+00:00"}))
+    with pytest.raises(SettingsError, match="already records another run"):
+        record_run(results, tmp_path / "docs/runs")
+    for text in ('{"benchmarks": []}', "not json", '{"benchmarks": [{"name": "test_training_steps_against_a_minimal_loop"}]}'):
+        bench.write_text(text)
+        with pytest.raises(SettingsError, match="make bench"):
+            record_run(results, tmp_path / "other", bench)
 
 
 def test_cells_at_the_same_path_with_other_settings_are_not_compared():

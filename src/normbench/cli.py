@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "claims, cells, report and run.json, with make bench's speed")
     record.add_argument("results", help="the run's results/ folder (reports/ beside it)")
     record.add_argument("--bench", help="make bench's JSON (results/bench/speed.json): samples/s and overhead ratio")
-    record.add_argument("--out", default="docs/runs", help="the folder of recorded runs")
+    record.add_argument("--out", default="docs/runs", help="the folder of recorded runs (default docs/runs)")
     record.set_defaults(run=_record)
     compare = commands.add_parser("compare", help="finished runs side by side: each claim's verdict at each run's "
                                                   "scale, and the cells they share (accuracy, step time)")

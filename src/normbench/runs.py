@@ -24,7 +24,7 @@ import pandas as pd
 import normbench
 from normbench.config import SettingsError
 from normbench.provenance import git_commit
-from normbench.results import read_json, write_atomic, write_json
+from normbench.results import write_atomic, write_json
 
 RUN_RECORD = "run.json"
 TABLES = ("cells", "curves", "probes", "numerics")
@@ -145,16 +145,30 @@ def load_run(path: str | Path) -> FinishedRun:
 
 def training_speed(bench: Path) -> dict:
     """normbench's training samples/s and its ratio to a minimal hand-written loop, from `make bench`'s JSON
-    (medians over the paired rounds), with the device they ran on."""
-    data = read_json(bench)
-    for case in data.get("benchmarks", []):
-        if case.get("name", "").startswith("test_training_steps_against_a_minimal_loop"):
-            info = case["extra_info"]
-            ours, minimal = info["normbench_samples_per_s"], info["minimal_samples_per_s"]
-            return {"bench_device": info.get("device"), "bench_batch_size": info.get("batch_size"),
-                    "bench_samples_per_s_fp32_bn": statistics.median(ours),
-                    "gpu_overhead_ratio": statistics.median(a / b for a, b in zip(ours, minimal))}
-    raise SettingsError(f"{bench} holds no training benchmark; run `make bench` (it writes results/bench/speed.json)")
+    (medians over the paired rounds), with the device and batch they ran at."""
+    advice = "run `make bench` (it writes results/bench/speed.json) and name that file"
+    try:
+        data = json.loads(Path(bench).read_text())
+        case = next(case for case in data["benchmarks"]
+                    if case["name"].startswith("test_training_steps_against_a_minimal_loop"))
+        info = case["extra_info"]
+        ours, minimal = info["normbench_samples_per_s"], info["minimal_samples_per_s"]
+        return {"bench_device": info["device"], "bench_device_name": info["device_name"],
+                "bench_batch_size": info["batch_size"], "bench_samples_per_s_fp32_bn": statistics.median(ours),
+                "gpu_overhead_ratio": statistics.median(a / b for a, b in zip(ours, minimal, strict=True))}
+    except OSError as error:
+        raise SettingsError(f"{bench}: cannot be read ({error.strerror}); {advice}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SettingsError(f"{bench} is not valid JSON ({error}); {advice}") from None
+    except StopIteration:
+        raise SettingsError(f"{bench} holds no training benchmark; {advice}") from None
+    except (KeyError, TypeError, ValueError, statistics.StatisticsError) as error:
+        raise SettingsError(f"{bench}: its training benchmark lacks a figure ({type(error).__name__}: {error}); it "
+                            f"was written by another version of normbench; {advice}") from None
+
+
+NO_BENCH = dict.fromkeys(("bench_device", "bench_device_name", "bench_batch_size", "bench_samples_per_s_fp32_bn",
+                          "gpu_overhead_ratio"))
 
 
 def record_run(results: Path, out_root: Path, bench: Path | None = None) -> Path:
@@ -163,23 +177,37 @@ def record_run(results: Path, out_root: Path, bench: Path | None = None) -> Path
     workflow's wall time and, from `make bench`, normbench's fp32 BN samples/s and overhead ratio) beside the run's
     own record; and the run's archive (run.tar.gz), which `normbench compare` reads. Returns the folder."""
     results = Path(results)
+    if not results.is_dir():
+        raise SettingsError(f"{results}: no such folder; name a finished run's results/ folder (reports/ beside it)")
     run = load_run(results)
     record = run.record
-    gpu_cells = run.cells[run.cells.get("env_device", pd.Series(dtype=str)).astype(str).str.startswith("cuda")]
-    devices = gpu_cells if len(gpu_cells) else run.cells  # a GPU run's CPU-only cells (gloo) name no device
+    speed = training_speed(bench) if bench else NO_BENCH
+    try:
+        wall_s = (datetime.datetime.fromisoformat(record["ended"])
+                  - datetime.datetime.fromisoformat(record["started"])).total_seconds()
+    except (KeyError, TypeError, ValueError) as error:
+        raise SettingsError(f"{results / RUN_RECORD}: no start and end of the run ({type(error).__name__}: {error}); "
+                            f"the workflow's report step writes them: rerun it") from None
+    on_cuda = run.cells.get("env_device", pd.Series("", index=run.cells.index)).astype(str).str.startswith("cuda")
+    devices = run.cells[on_cuda] if on_cuda.any() else run.cells  # a GPU run's gloo cells name no GPU
 
     def distinct(column: str) -> str | None:
         values = sorted(map(str, devices[column].dropna().unique())) if column in devices else []
         return "; ".join(values) or None
 
     device = distinct("env_device_name") or "unknown device"
-    wall_s = (datetime.datetime.fromisoformat(record["ended"]) - datetime.datetime.fromisoformat(record["started"]))
     summary = {"device_name": device, "driver": distinct("env_driver"), "torch": distinct("env_torch"),
                "commit": "; ".join(record.get("commits", [])), "config": record.get("config"),
-               "workflow_wall_s": wall_s.total_seconds(), **(training_speed(bench) if bench else {}), "run": record}
+               "workflow_wall_s": wall_s, **speed, "run": record}
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower().replace("nvidia", "")).strip("-")
     folder = Path(out_root) / f"{record['started'][:10]}-{slug}"
-    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / RUN_RECORD).exists():
+        recorded = _record((folder / RUN_RECORD).read_bytes(), folder).get("run", {}).get("run_id")
+        if recorded != record.get("run_id"):
+            raise SettingsError(f"{folder} already records another run ({recorded}); move it aside (e.g. add the "
+                                f"time to its name) or record into another --out")
+        shutil.rmtree(folder)  # the same run recorded again: nothing of the earlier recording stays
+    folder.mkdir(parents=True)
     for source in (results / "tables/cells.csv", results.parent / "reports/claims.csv",
                    results.parent / "reports/report.html"):
         if source.is_file():

@@ -19,6 +19,8 @@ import yaml
 from normbench.cells import make_settings
 from normbench.data import load_data, model_io
 from normbench.models import build_model
+from normbench.provenance import device_name
+from normbench.precision import fp32_mode
 from normbench.timing import synchronize
 from normbench.train import epoch_permutation, resolve_device, train
 
@@ -29,7 +31,13 @@ TRAINING_ROUNDS = 5  # a round trains 12 steps twice, about 20 s on one core
 
 
 def minimal_loop_samples_per_s(settings) -> float:
-    """The same model, optimizer, batches and data as a normbench cell, trained by the shortest loop there is."""
+    """The same model, optimizer, batches and data as a normbench cell, trained by the shortest loop there is, in
+    the same arithmetic (IEEE float32: no TF32 convolutions on CUDA)."""
+    with fp32_mode(settings.tf32, settings.deterministic):
+        return _minimal_loop(settings)
+
+
+def _minimal_loop(settings) -> float:
     device = resolve_device(settings.device)
     train_split, _ = load_data(settings, device, torch.float32)
     torch.manual_seed(settings.seed)
@@ -69,8 +77,9 @@ def test_training_steps_against_a_minimal_loop(benchmark, record_ratio, fashion_
 
     benchmark.pedantic(both, rounds=TRAINING_ROUNDS, warmup_rounds=1)
     del ours[0], minimal[0]  # the warm-up round
-    benchmark.extra_info.update(normbench_samples_per_s=ours, minimal_samples_per_s=minimal,
-                                device=str(resolve_device(settings.device)), batch_size=settings.batch_size)
+    device = resolve_device(settings.device)
+    benchmark.extra_info.update(normbench_samples_per_s=ours, minimal_samples_per_s=minimal, device=device.type,
+                                device_name=device_name(device), batch_size=settings.batch_size)
     record_ratio("overhead ratio (normbench samples/s / minimal loop samples/s, median of paired rounds)",
                  statistics.median(a / b for a, b in zip(ours, minimal)))
 
