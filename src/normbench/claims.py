@@ -179,6 +179,11 @@ def unfinished(cells: pd.DataFrame) -> pd.Series:
     return pd.concat(flags, axis=1).any(axis=1) if flags else pd.Series(False, index=cells.index)
 
 
+def measured(cells: pd.DataFrame, column: str) -> pd.Series:
+    """`column` blanked where a cell diverged or stopped early (timed out, failed): no measure of its norm."""
+    return cells[column].mask(cells["diverged"].astype(bool) | unfinished(cells))
+
+
 def best_lr(cells: pd.DataFrame) -> float:
     """The learning rate with the highest mean accuracy over seeds."""
     return cells.assign(acc=accuracy(cells)).groupby("lr")["acc"].mean().idxmax()
@@ -439,11 +444,12 @@ def steps_to_target(cells: pd.DataFrame, curves: pd.DataFrame, target: float, bu
     never got there is censored: at the budget if it trained (or diverged) to the end, at its last step if it timed
     out; a failed run is left out."""
     rows = {}
+    runs = {name: run for name, run in curves.sort_values("step").groupby("cell")}
     for _, cell in cells.iterrows():
-        run = curves[curves["cell"] == cell["cell"]].sort_values("step")
-        at_target = run[run["test_acc"] >= target]
         if cell.get("failed") == True:  # noqa: E712  a numpy bool, or NaN where the table has none
             continue
+        run = runs.get(cell["cell"], curves.iloc[:0])
+        at_target = run[run["test_acc"] >= target]
         if len(at_target):
             first = at_target["step"].iloc[0]
             before = run.loc[run["step"] < first, "step"]
@@ -623,7 +629,8 @@ def _gn_ln_slower_than_bn(tables: Tables, spec: dict) -> Estimate:
                                                                       unit="repeats", cell_unit="cases", log=True))
                        for device, on_device in rounds.groupby("device") for norm in ("gn", "ln"))
     # Both must be slower: a condition below the bar refutes the claim, else the least certain one decides.
-    refuting = [c for c in conditions if decide(c[1], "above", 1.1) == "refuted"]
+    claim = CLAIMS_BY_ID["C12"]
+    refuting = [c for c in conditions if decide(c[1], claim.rule, claim.threshold) == "refuted"]
     label, smallest = min(refuting or conditions, key=lambda condition: condition[1].high if refuting else
                           condition[1].low)
     rms = (mean_interval(time_ratio(rounds, "rms", "ln"), 2, unit="repeats", log=True)
@@ -788,10 +795,9 @@ MEASURES: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
     "final_test_acc": lambda cells: accuracy(cells),
     "best_test_acc": lambda cells: accuracy(cells, "best_test_acc"),
     # A diverged cell has no final loss or speed worth a number: its seed drops out (the note counts them).
-    "final_test_loss": lambda cells: cells["final_test_loss"].mask(cells["diverged"].astype(bool) | unfinished(cells)),
-    "final_train_loss": lambda cells: cells["final_train_loss"].mask(cells["diverged"].astype(bool) | unfinished(cells)),
-    "train_samples_per_s": lambda cells: cells["train_samples_per_s"].mask(cells["diverged"].astype(bool)
-                                                                            | unfinished(cells)),
+    "final_test_loss": lambda cells: measured(cells, "final_test_loss"),
+    "final_train_loss": lambda cells: measured(cells, "final_train_loss"),
+    "train_samples_per_s": lambda cells: measured(cells, "train_samples_per_s"),
 }
 COMBINE = {"difference": operator.sub, "ratio": operator.truediv}
 DECLARED = "declared in the config"  # the anchor of a declared claim that names none

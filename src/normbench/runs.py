@@ -35,17 +35,18 @@ def config_sha256(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
+def distinct(table: pd.DataFrame, column: str) -> list[str]:
+    """The column's distinct values as sorted strings (none where the table lacks it)."""
+    return sorted(map(str, table[column].dropna().unique())) if column in table else []
+
+
 def run_record(config: dict, cells: pd.DataFrame, started: str | None, command: str | None) -> dict:
     """What identifies a run: the config (and its hash), the code (commits the cells were trained at), the
     machines and devices, when it started and ended, and normbench's version."""
     ended = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     started = started or (str(cells["env_time"].min()) if "env_time" in cells and len(cells) else ended)
     config_hash = config_sha256(config)
-
-    def distinct(column: str) -> list[str]:
-        return sorted(map(str, cells[column].dropna().unique())) if column in cells else []
-
-    commits = distinct("env_git_commit") or [git_commit() or "unknown"]
+    commits = distinct(cells, "env_git_commit") or [git_commit() or "unknown"]
     machines = sorted({f"{host}: {device}" for host, device in zip(cells.get("env_host", []),
                                                                     cells.get("env_device_name", []))})
     stamp = datetime.datetime.fromisoformat(started).strftime("%Y%m%dT%H%M%S")
@@ -190,13 +191,10 @@ def record_run(results: Path, out_root: Path, bench: Path | None = None) -> Path
                             f"the workflow's report step writes them: rerun it") from None
     on_cuda = run.cells.get("env_device", pd.Series("", index=run.cells.index)).astype(str).str.startswith("cuda")
     devices = run.cells[on_cuda] if on_cuda.any() else run.cells  # a GPU run's gloo cells name no GPU
-
-    def distinct(column: str) -> str | None:
-        values = sorted(map(str, devices[column].dropna().unique())) if column in devices else []
-        return "; ".join(values) or None
-
-    device = distinct("env_device_name") or "unknown device"
-    summary = {"device_name": device, "driver": distinct("env_driver"), "torch": distinct("env_torch"),
+    named = {column: "; ".join(distinct(devices, f"env_{column}")) or None
+             for column in ("device_name", "driver", "torch")}
+    device = named["device_name"] or "unknown device"
+    summary = {**named, "device_name": device,
                "commit": "; ".join(record.get("commits", [])), "config": record.get("config"),
                "workflow_wall_s": wall_s, **speed, "run": record}
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower().replace("nvidia", "")).strip("-")

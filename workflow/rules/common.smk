@@ -174,10 +174,6 @@ def study_runtime_min(study):
     return round(study_resources(study)["time_limit_min"]) + RUNTIME_MARGIN_MIN
 
 
-def cell_runtime_min(wildcards):
-    return study_runtime_min(wildcards.study)
-
-
 def cell_mem_mb(wildcards):
     return study_resources(wildcards.study)["mem_mb"]
 
@@ -204,21 +200,25 @@ def on_cuda(device_setting):
     return device_setting == "cuda" or (device_setting == "auto" and cuda_at_plan())
 
 
-def cell_gpus(wildcards):
-    """One GPU per data-parallel worker for a cell that runs on CUDA alone, none otherwise (SLURM: --gpus; a
-    profile's `resources: gpu: N` caps the GPUs in use on one machine)."""
+def cell_gpu_need(wildcards):
+    """(workers on CUDA, packed?): a cell that runs on CUDA needs one GPU per data-parallel worker, a whole one
+    unless its study packs cells (gpu_share > 1)."""
     settings = cell_settings(wildcards)
-    packed = study_resources(wildcards.study)["gpu_share"] > 1
-    return settings.world_size if on_cuda(settings.device) and not packed else 0
+    workers = settings.world_size if on_cuda(settings.device) else 0
+    return workers, study_resources(wildcards.study)["gpu_share"] > 1
+
+
+def cell_gpus(wildcards):
+    """GPUs of a cell's own (SLURM: --gpus; a profile's `resources: gpu: N` caps the GPUs in use on one machine)."""
+    workers, packed = cell_gpu_need(wildcards)
+    return 0 if packed else workers
 
 
 def cell_gpu_slots(wildcards):
-    """A packed cell's share of GPUs (one slot per worker): a profile's `resources: gpu_slots: N` caps the packed
+    """A packed cell's share of GPUs, one slot per worker: a profile's `resources: gpu_slots: N` caps the packed
     cells running at once on one machine (its GPUs times the share)."""
-    settings = cell_settings(wildcards)
-    packed = study_resources(wildcards.study)["gpu_share"] > 1
-    return settings.world_size if on_cuda(settings.device) and packed else 0
-
+    workers, packed = cell_gpu_need(wildcards)
+    return workers if packed else 0
 
 
 # The device settings of every cell, gathered once from the expanded grids.

@@ -45,7 +45,7 @@ rule train:
         gpu=cell_gpus,
         gpu_slots=cell_gpu_slots,
         mem_mb=cell_mem_mb,
-        runtime=cell_runtime_min,
+        runtime=lambda wildcards: study_runtime_min(wildcards.study),
         time_limit_s=cell_time_limit_s,
     # --force: Snakemake decides when a cell is out of date; a checkpoint of the same settings still resumes.
     shell:

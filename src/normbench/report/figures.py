@@ -152,10 +152,9 @@ def _titled(grid, panels: dict):
 
 
 def finished(cells: pd.DataFrame, column: str) -> pd.DataFrame:
-    """The cells with `column` blanked where they diverged: a diverged cell's accuracy or throughput is no
-    measure of its norm, yet its settings keep their place on the axes (a study where every cell diverged
-    still draws, empty)."""
-    return cells.assign(**{column: cells[column].mask(cells["diverged"].astype(bool))})
+    """The cells with `column` blanked where they diverged or stopped early (as the claims leave them out), yet
+    with their settings in place on the axes (a study where every cell diverged still draws, empty)."""
+    return cells.assign(**{column: claims.measured(cells, column)})
 
 
 def timed(cells: pd.DataFrame) -> pd.DataFrame:
