@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from normbench.norms import (NORM_NAMES, BatchRenorm, ChannelRMSNorm, DynamicTanh, FilterResponseNorm,
+from normbench.norms import (NORM_NAMES, BatchRenorm, ChannelRMSNorm, DynamicTanh, FilterResponseNorm, GhostBatchNorm,
                              NoisyBatchNorm, norm_factory, standardize_conv_weights)
 
 EPS = 1e-5
@@ -300,3 +300,38 @@ def test_batch_renorm_over_virtual_batches_equals_one_virtual_batch_after_anothe
     torch.testing.assert_close(layer.running_mean, one_at_a_time.running_mean, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(layer.running_var, one_at_a_time.running_var, rtol=1e-9, atol=1e-12)
     assert torch.isfinite(layer.running_var).all() and int(layer.num_batches_tracked) == 8
+
+
+@pytest.mark.parametrize("shape, channels_last", [((16, 3, 4, 4), False), ((16, 3, 4, 4), True), ((16, 5), False)])
+def test_ghost_batch_norm_is_torch_batch_norm_on_one_virtual_batch_after_another(shape, channels_last):
+    """The one-pass form against PyTorch's own BatchNorm run on each virtual batch in turn: outputs, gradients,
+    running statistics and the batch count."""
+    torch.manual_seed(10)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_ref = x.detach().clone().requires_grad_()
+    x.requires_grad_()
+    layer = GhostBatchNorm(shape[1], ghost_batch=4, momentum=0.3).double().train()
+    truth = (torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d)(shape[1], momentum=0.3).double()
+    with torch.no_grad():
+        for module in (layer, truth):
+            module.weight.copy_(torch.linspace(0.5, 2.0, shape[1]))
+            module.bias.copy_(torch.linspace(-1.0, 1.0, shape[1]))
+    out, expected = layer(x), torch.cat([truth(chunk) for chunk in x_ref.split(4)])
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    expected.backward(upstream)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.weight.grad, truth.weight.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.bias.grad, truth.bias.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.running_mean, truth.running_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.running_var, truth.running_var, rtol=1e-10, atol=1e-12)
+    assert int(layer.num_batches_tracked) == int(truth.num_batches_tracked) == 4
+
+
+def test_ghost_batch_norm_keeps_the_low_precision_dtype_of_its_input():
+    layer = GhostBatchNorm(3, ghost_batch=2).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(8, 3, 4, 4).bfloat16()).dtype == torch.bfloat16

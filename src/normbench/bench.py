@@ -95,12 +95,15 @@ def run(out: Path, max_time_s: float, threads: int | None = None, device: str = 
     """Run the micro-benchmarks on `device` (auto: CUDA where there is one) `repeats` times, each session in a
     process of its own, into one pytest-benchmark JSON at `out`: rounds included, each case's `repeat` in its
     extra_info."""
-    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter each time, not a copy of this one
+    # Each session a fresh process, forked from a server that has imported this module (torch, pytest) and run
+    # nothing: no allocator, thread pool or CUDA state carried over, and no import paid per repeat.
+    fresh = multiprocessing.get_context("forkserver")
+    fresh.set_forkserver_preload([__name__])
     with tempfile.TemporaryDirectory() as scratch:
         sessions = []
         for repeat in range(repeats):
             part = Path(scratch) / f"repeat{repeat}.json"
-            process = spawn.Process(target=session, args=(part, max_time_s, threads, device, repeat))
+            process = fresh.Process(target=session, args=(part, max_time_s, threads, device, repeat))
             process.start()
             process.join()
             if process.exitcode != 0:

@@ -91,16 +91,56 @@ class CrossProcessBatchNorm(AnyRankBatchNorm):
 class GhostBatchNorm(AnyRankBatchNorm):
     """BatchNorm whose training statistics come from virtual batches of `ghost_batch` samples (Hoffer et al.
     2017): the noise of small-batch statistics at any real batch size. Each virtual batch updates the running
-    statistics in turn; evaluation uses them as BN does."""
+    statistics in turn (counted as a batch of its own); evaluation uses them as BN does.
 
-    def __init__(self, num_features: int, ghost_batch: int, **kwargs) -> None:
+    Every virtual batch is normalized as channels of its own, (n, G*C, ...), in one native BatchNorm pass that
+    also returns their statistics: one kernel for all G of them instead of one per virtual batch (on a GPU, one
+    launch instead of G), and the running statistics' G updates in closed form."""
+
+    def __init__(self, num_features: int, ghost_batch: int | None, **kwargs) -> None:
         super().__init__(num_features, **kwargs)
         self.ghost_batch = ghost_batch
+
+    def _running_before_each(self, running: torch.Tensor, batches: torch.Tensor) -> torch.Tensor:
+        """The running estimate before each of G updates with `batches` (G, C) in turn, and after the last: row i
+        is (1-m)^i running + m sum_{j<i} (1-m)^(i-1-j) batches[j], the lerp of BN's momentum applied G times."""
+        keep = 1.0 - self.momentum
+        steps = torch.arange(len(batches) + 1, dtype=batches.dtype, device=batches.device)
+        lag = steps[:, None] - 1 - steps[None, :-1]  # i - 1 - j: (G + 1, G)
+        weights = torch.where(lag >= 0, self.momentum * keep ** lag.clamp(min=0), 0.0)  # no division: no overflow
+        return keep ** steps[:, None] * running + weights @ batches
+
+    def update_running(self, xs: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                            groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Update the running statistics with each virtual batch in turn, from the mean and inverse std that
+        BatchNorm's pass over `xs` returned. Returns each virtual batch's mean and std, and the running mean and
+        std as they stood before its update, all (G, C)."""
+        with torch.no_grad():
+            mean, std = mean.view(groups, -1), invstd.reciprocal().view(groups, -1)
+            count = xs.numel() / xs.shape[1]
+            batch_var = (std.square() - self.eps) * count / max(count - 1, 1)
+            running_mean = self._running_before_each(self.running_mean, mean)  # (G + 1, C)
+            running_var = self._running_before_each(self.running_var, batch_var)
+            self.running_mean.copy_(running_mean[-1])
+            self.running_var.copy_(running_var[-1])
+        return mean, std, running_mean[:-1], (running_var[:-1] + self.eps).sqrt()
+
+    def normalize(self, xs: torch.Tensor, groups: int) -> torch.Tensor:
+        """BN of every virtual batch of `xs` (n, G*C, ...), the affine map fused into the same pass."""
+        weight, bias = (self.weight.repeat(groups), self.bias.repeat(groups)) if self.affine else (None, None)
+        y, mean, invstd = torch.native_batch_norm(xs, weight, bias, None, None, True, 0.0, self.eps)
+        self.update_running(xs, mean, invstd, groups)
+        self.num_batches_tracked += groups
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        return torch.cat([super(GhostBatchNorm, self).forward(chunk) for chunk in x.split(self.ghost_batch)])
+        groups = x.shape[0] // self.ghost_batch if self.ghost_batch else 1
+        channels, rest = x.shape[1], x.shape[2:]
+        xs = x.reshape(groups, -1, channels, *rest).transpose(0, 1).reshape(-1, groups * channels, *rest)
+        y = self.normalize(xs, groups)
+        return y.reshape(-1, groups, channels, *rest).transpose(0, 1).reshape(x.shape)
 
 
 class NoisyBatchNorm(AnyRankBatchNorm):
@@ -140,7 +180,7 @@ class NoisyBatchNorm(AnyRankBatchNorm):
         return y * scale.view(shape) + shift.view(shape)
 
 
-class BatchRenorm(AnyRankBatchNorm):
+class BatchRenorm(GhostBatchNorm):
     """Batch Renormalization (Ioffe 2017): BN's batch statistics corrected towards the running ones,
     x_hat = (x - mu_B) / sigma_B * r + d, with r = sigma_B / sigma and d = (mu_B - mu) / sigma clipped to
     [1/rmax, rmax] and [-dmax, dmax] and treated as constants in the backward pass. The paper's schedule: plain BN
@@ -153,18 +193,8 @@ class BatchRenorm(AnyRankBatchNorm):
 
     def __init__(self, num_features: int, relax_steps: int = 40_000, ghost_batch: int | None = None,
                  **kwargs) -> None:
-        super().__init__(num_features, **kwargs)
+        super().__init__(num_features, ghost_batch, **kwargs)
         self.relax_steps = relax_steps
-        self.ghost_batch = ghost_batch
-
-    def _running_before_each(self, running: torch.Tensor, batches: torch.Tensor) -> torch.Tensor:
-        """The running estimate before each of G updates with `batches` (G, C) in turn, and after the last: row i
-        is (1-m)^i running + m sum_{j<i} (1-m)^(i-1-j) batches[j], the lerp of BN's momentum applied G times."""
-        keep = 1.0 - self.momentum
-        steps = torch.arange(len(batches) + 1, dtype=batches.dtype, device=batches.device)
-        lag = steps[:, None] - 1 - steps[None, :-1]  # i - 1 - j: (G + 1, G)
-        weights = torch.where(lag >= 0, self.momentum * keep ** lag.clamp(min=0), 0.0)  # no division: no overflow
-        return keep ** steps[:, None] * running + weights @ batches
 
     def limits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rmax, dmax) at this layer's current step, as tensors on its device: reading the step to the host would
@@ -173,32 +203,19 @@ class BatchRenorm(AnyRankBatchNorm):
         ramp = lambda end: ((step - start) / (end - start)).clamp(0.0, 1.0)  # noqa: E731
         return 1.0 + (self.RMAX - 1.0) * ramp(self.relax_steps), self.DMAX * ramp(self.relax_steps * 5 / 8)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
+    def normalize(self, xs: torch.Tensor, groups: int) -> torch.Tensor:
+        """BN's x_hat of each virtual batch, then r and d against the running statistics as they stood before it:
+        BRN differentiates through mu_B and sigma_B as BN does, and treats r and d as constants, a scale and shift
+        of BN's output."""
         rmax, dmax = self.limits()
-        # Every virtual batch as channels of its own, (n, G*C, ...): one native BatchNorm pass normalizes them all
-        # and returns their statistics (3x faster on the CPU than reducing over the 5-d view). BRN differentiates
-        # through mu_B and sigma_B as BN does, and treats r and d as constants: a scale and shift of BN's output.
-        groups = x.shape[0] // self.ghost_batch if self.ghost_batch else 1
-        channels, rest = x.shape[1], x.shape[2:]
-        xs = x.reshape(groups, -1, channels, *rest).transpose(0, 1).reshape(-1, groups * channels, *rest)
         x_hat, mean, invstd = torch.native_batch_norm(xs, None, None, None, None, True, 0.0, self.eps)
-        with torch.no_grad():  # r and d of each virtual batch against the running statistics as they stand then
-            mean, std = mean.view(groups, channels), invstd.reciprocal().view(groups, channels)
-            count = xs.numel() / xs.shape[1]
-            batch_var = (std.square() - self.eps) * count / max(count - 1, 1)
-            running_mean = self._running_before_each(self.running_mean, mean)  # (G + 1, C)
-            running_var = self._running_before_each(self.running_var, batch_var)
-            running_std = (running_var[:-1] + self.eps).sqrt()
-            r = (std / running_std).clamp(1 / rmax, rmax)
-            d = ((mean - running_mean[:-1]) / running_std).clamp(-dmax, dmax)
-            self.running_mean.copy_(running_mean[-1])
-            self.running_var.copy_(running_var[-1])
+        mean, std, running_mean, running_std = self.update_running(xs, mean, invstd, groups)
+        r = (std / running_std).clamp(1 / rmax, rmax)
+        d = ((mean - running_mean) / running_std).clamp(-dmax, dmax)
         self.num_batches_tracked += 1
-        shape = [1, -1] + [1] * len(rest)
-        y = torch.addcmul((d * self.weight + self.bias).view(shape), x_hat, (r * self.weight).view(shape))
-        return y.reshape(-1, groups, channels, *rest).transpose(0, 1).reshape(x.shape)
+        shape = [1, -1] + [1] * (xs.dim() - 2)
+        scale, shift = r * self.weight, d * self.weight + self.bias
+        return torch.addcmul(shift.view(shape), x_hat, scale.view(shape)).to(xs.dtype)
 
 
 class FilterResponseNorm(nn.Module):
