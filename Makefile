@@ -6,7 +6,7 @@ export PATH := $(BIN):$(PATH)
 DATA_ROOT := data
 DEBIAN_FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup dataset browser reproduce test bench lint clean
+.PHONY: setup dataset browser reproduce reproduce-gpu gpu-bundle test bench lint clean
 
 setup: $(VENV)/.installed dataset
 
@@ -31,6 +31,21 @@ browser:
 reproduce: setup
 	$(BIN)/snakemake
 	@echo "report: $(CURDIR)/reports/report.html"
+
+# Every claim at GPU scale on one CUDA GPU (config/gpu.yaml), with the GPU profile.
+reproduce-gpu: setup
+	$(BIN)/snakemake --workflow-profile workflow/profiles/gpu --configfile config/gpu.yaml
+	@echo "report: $(CURDIR)/reports/report.html"
+
+# For a GPU machine without network (.ci/gpu-check): wheels of what its image lacks, for CPython 3.12, and the
+# dataset, into .gpu/.
+GPU_WHEEL_PLATFORM := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+gpu-bundle: setup
+	mkdir -p .gpu/wheels .gpu/fashion-mnist
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: $(GPU_WHEEL_PLATFORM) -d .gpu/wheels -r .ci/gpu-wheels.txt
+	$(BIN)/pip wheel --quiet --no-deps -w .gpu/wheels connection_pool==0.0.3
+	cp $(DEBIAN_FASHION_MNIST:train-images-idx3-ubyte.gz=)*.gz .gpu/fashion-mnist/
 
 test: setup browser
 	$(BIN)/pytest

@@ -41,6 +41,17 @@ def test_differing_verdicts_and_slower_steps_are_flagged():
     assert (cells["ratio_low"] > 1).all() and cells["acc_difference"].abs().max() == 0
 
 
+def test_step_times_of_cells_that_shared_a_gpu_are_not_compared():
+    """A packed cell (gpu_share > 1) was timed beside other cells: twice as slow says nothing about the code."""
+    baseline, other = finished_run("a", "supported", 0.01, 0.01), finished_run("b", "supported", 0.02, 0.01, 1)
+    other = FinishedRun("b", other.record, other.cells.assign(env_gpu_share=[4, 1]), other.curves, other.claims)
+    cells, left_out = cell_comparison([baseline, other])
+    by_cell = cells.set_index("cell")
+    assert np.isnan(by_cell.loc["norm~bn", "step_time_ratio"]) and not by_cell.loc["norm~bn", "step_time_changed"]
+    assert by_cell.loc["norm~gn", "step_time_changed"]  # the gn cell had its GPU to itself in both runs
+    assert left_out == ["b: the step times of 1 cell(s) trained on a shared GPU (not compared)"]
+
+
 def test_a_change_within_the_noise_is_not_flagged():
     ratio, low, high = log_ratio_interval(pd.Series([1.0, 1.2, 0.9, 1.1]), pd.Series([1.05, 0.95, 1.15, 1.0]))
     assert low < 1 < high
@@ -87,11 +98,15 @@ def test_a_gpu_run_is_recorded_with_its_device_wall_time_and_speed(tmp_path):
                                                   "started": "2026-11-29T10:00:00+00:00",
                                                   "ended": "2026-11-29T10:09:30+00:00"}))
     bench = tmp_path / "speed.json"
+    speed = {"device": "cuda", "device_name": "NVIDIA H200", "batch_size": 256}
     bench.write_text(json.dumps({"benchmarks": [{"name": "test_start_up_against_import_torch", "extra_info": {}}, {
-        "name": "test_training_steps_against_a_minimal_loop",
+        "name": "test_training_steps_against_a_minimal_loop[False]",
+        "extra_info": {"normbench_samples_per_s": [25_000.0, 24_000.0, 26_000.0],
+                       "minimal_samples_per_s": [30_000.0, 30_000.0, 30_000.0], "compile": False, **speed}}, {
+        "name": "test_training_steps_against_a_minimal_loop[reduce-overhead]",
         "extra_info": {"normbench_samples_per_s": [100_000.0, 110_000.0, 90_000.0],
-                       "minimal_samples_per_s": [100_000.0, 100_000.0, 100_000.0], "device": "cuda", "device_name": "NVIDIA H200",
-                       "batch_size": 256}}]}))
+                       "minimal_samples_per_s": [100_000.0, 100_000.0, 100_000.0], "compile": "reduce-overhead",
+                       **speed}}]}))
     folder = record_run(results, tmp_path / "docs/runs", bench)
     assert folder.name == "2026-11-29-h200"
     assert sorted(p.name for p in folder.iterdir()) == ["cells.csv", "claims.csv", "report.html", "run.json",
@@ -101,6 +116,7 @@ def test_a_gpu_run_is_recorded_with_its_device_wall_time_and_speed(tmp_path):
     assert record["device_name"] == "NVIDIA H200" and record["driver"] == "580.159.04"  # the GPU cells', not the CPU's
     assert record["torch"] == "2.11.0+cu130" and record["commit"] == "abc" and record["workflow_wall_s"] == 570
     assert record["bench_samples_per_s_fp32_bn"] == 100_000 and record["gpu_overhead_ratio"] == pytest.approx(1.0)
+    assert record["bench_compile"] == "reduce-overhead"  # the faster of the two training benchmarks
     assert record["run"]["run_id"] == "r" and record["config"] == {"studies": {}}
     assert record_run(results, tmp_path / "docs/runs") == folder  # the same run again: recorded afresh
     assert json.loads((folder / "run.json").read_text())["gpu_overhead_ratio"] is None  # no bench: said so

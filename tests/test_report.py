@@ -15,7 +15,7 @@ from normbench.report import render_report
 from normbench.report.figures import (ACCURACY_INTERVAL, bounded_t_interval, geometric_mean, log_t_interval, study_axes,
                                       t_interval, throughput_figure)
 from normbench.report.studies import setup
-from normbench.report.tables import leaderboard, learning_rate_table, step_time_ratios
+from normbench.report.tables import _median_reach, leaderboard, learning_rate_table, step_time_ratios
 
 
 DEFAULTS = {**Settings().to_dict(), "probes": ""}  # every setting is a column of the aggregated table
@@ -60,6 +60,14 @@ def test_learning_rate_table_finds_stable_range_and_time_to_target():
     assert rows["none"][1:3] == ["0.1 to 0.1", "0"]  # 0.01 too inaccurate, 1.0 diverged
     assert rows["bn"][3] == "0.01" and rows["bn"][5] == "20"  # 0.8 * 20/30 >= 0.5 first at step 20
     assert rows["none"][5] == "30"
+
+
+def test_a_seed_that_never_reached_the_target_counts_as_beyond_every_seed_that_did():
+    """As C13 reads them (censored): the mean of the seeds that got there would flatter a norm that mostly did not."""
+    assert _median_reach(pd.Series([20.0, math.inf, math.inf])) == "not by most seeds (1 of 3 seeds)"
+    assert _median_reach(pd.Series([30.0, 20.0, math.inf])) == "30 (2 of 3 seeds)"
+    assert _median_reach(pd.Series([30.0, 20.0, 10.0])) == "20"
+    assert _median_reach(pd.Series([math.inf, math.inf])) == "never"
 
 
 def write_tables(folder):

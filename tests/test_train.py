@@ -280,12 +280,29 @@ def test_step_phases_are_timed_apart(tiny, tmp_path, device):
     assert summary["peak_memory_mb"] > (100 if device == "cpu" else 0)  # the process's RSS; CUDA's allocations
 
 
+def test_compile_modes_reach_torch_compile_and_nothing_else_is_a_mode(tiny, monkeypatch):
+    from normbench.distributed import Worker
+
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: modes.append(mode) or module)
+    for setting in (True, "reduce-overhead", False):
+        train_module.prepare_model(tiny(compile=setting), torch.device("cpu"), torch.float32, torch.contiguous_format,
+                                   Worker())
+    assert modes == [None, "reduce-overhead"]
+    with pytest.raises(SettingsError, match="compile"):
+        tiny(compile="max-speed")
+
+
 @pytest.mark.slow
-def test_a_compiled_cell_trains_like_the_eager_one_and_times_its_compilation(tiny, tmp_path, device, capsys):
-    """From the command line, as a user runs it: the compiling first step (probed, too) is timed apart, once."""
+@pytest.mark.parametrize("mode", [True, "reduce-overhead"])
+def test_a_compiled_cell_trains_like_the_eager_one_and_times_its_compilation(tiny, tmp_path, device, capsys, mode):
+    """From the command line, as a user runs it: the compiling first step (probed, too) is timed apart, once. On a
+    GPU reduce-overhead replays CUDA graphs (on the CPU it is the default mode: tried there only on a GPU)."""
+    if mode == "reduce-overhead" and device == "cpu":
+        pytest.skip("CUDA graphs need a GPU; on the CPU reduce-overhead compiles as true does")
     settings = dict(model="mlp", width=32, epochs=1, device=device)
     eager = train(tiny(**settings), tmp_path / "eager")
-    words = [format_assignment(k, v) for k, v in tiny(**settings, compile=True).to_dict().items()]
+    words = [format_assignment(k, v) for k, v in tiny(**settings, compile=mode).to_dict().items()]
     main(["train", "--out", str(tmp_path / "compiled"), "--set", *words])
     compiled = read_json(tmp_path / "compiled/summary.json")
     assert compiled["compile_time_s"] > 0 and not compiled["diverged"]

@@ -192,7 +192,7 @@ def test_numbers_arrive_as_numbers_and_linked_axes_alone_make_a_study(tmp_path, 
     assert run.stdout.count(" width=16 ") == 2 and " batch_size=8 " in run.stdout
 
 
-@pytest.mark.parametrize("config, profile", [("config.yaml", "default"), ("full.yaml", "gpu"),
+@pytest.mark.parametrize("config, profile", [("config.yaml", "default"), ("full.yaml", "gpu"), ("gpu.yaml", "gpu"),
                                              ("gpu-smoke.yaml", "gpu")])
 def test_shipped_configs_validate_and_plan_every_cell(tmp_path, config, profile):
     shutil.copy(REPO / "config" / config, tmp_path / "config.yaml")
@@ -201,6 +201,15 @@ def test_shipped_configs_validate_and_plan_every_cell(tmp_path, config, profile)
     studies = yaml.safe_load((REPO / "config" / config).read_text())["studies"]
     cells = sum(len(study_cells(name, spec)) for name, spec in studies.items())
     assert re.search(rf"^train\s+{cells}$", run.stdout, re.MULTILINE), run.stdout[-3000:]
+
+
+def test_the_gpu_config_measures_every_claim():
+    """config/gpu.yaml is the paper-scale run of a GPU record: no claim row may stay `not run`."""
+    from normbench.claims import CLAIMS_BY_ID
+
+    config = yaml.safe_load((REPO / "config/gpu.yaml").read_text())
+    listed = [claim for spec in [*config["studies"].values(), config["benchmarks"]] for claim in spec.get("claims", [])]
+    assert sorted(listed) == sorted(CLAIMS_BY_ID)
 
 
 def test_lint_is_clean():

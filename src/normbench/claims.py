@@ -189,13 +189,6 @@ def best_lr(cells: pd.DataFrame) -> float:
     return cells.assign(acc=accuracy(cells)).groupby("lr")["acc"].mean().idxmax()
 
 
-def first_reach(curves: pd.DataFrame, target_acc: float) -> pd.DataFrame:
-    """Per seed, the first evaluation whose test accuracy reaches `target_acc`: its step and
-    elapsed_s (seeds that never reach it are absent)."""
-    reached = curves[curves["test_acc"] >= target_acc].sort_values("step").groupby("seed").first()
-    return reached[["step", "elapsed_s"]]
-
-
 def varying_settings(cells: pd.DataFrame) -> list[str]:
     """Settings that take more than one value among a study's cells: its grid axes."""
     return [name for name in SETTING_NAMES if name in cells and cells[name].nunique(dropna=False) > 1]
@@ -440,9 +433,9 @@ def decide(estimate: Estimate, rule: str, threshold: float) -> str:
 
 def steps_to_target(cells: pd.DataFrame, curves: pd.DataFrame, target: float, budget: float) -> pd.DataFrame:
     """Per seed, where its run first reached `target` test accuracy, as a range of steps: after the evaluation
-    before the first one at the target, and by that one (evaluations are where accuracy is known). A run that
-    never got there is censored: at the budget if it trained (or diverged) to the end, at its last step if it timed
-    out; a failed run is left out."""
+    before the first one at the target, and by that one (evaluations are where accuracy is known), with the
+    training seconds by then (elapsed_s). A run that never got there is censored: at the budget if it trained (or
+    diverged) to the end, at its last step if it timed out (upper and elapsed_s infinite); a failed run is left out."""
     rows = {}
     runs = {name: run for name, run in curves.sort_values("step").groupby("cell")}
     for _, cell in cells.iterrows():
@@ -453,12 +446,12 @@ def steps_to_target(cells: pd.DataFrame, curves: pd.DataFrame, target: float, bu
         if len(at_target):
             first = at_target["step"].iloc[0]
             before = run.loc[run["step"] < first, "step"]
-            rows[cell["seed"]] = (before.iloc[-1] if len(before) else 0.0, first)
+            rows[cell["seed"]] = (before.iloc[-1] if len(before) else 0.0, first, at_target["elapsed_s"].iloc[0])
         elif cell.get("timed_out") == True:  # noqa: E712
-            rows[cell["seed"]] = (cell["steps"], math.inf)
+            rows[cell["seed"]] = (cell["steps"], math.inf, math.inf)
         else:
-            rows[cell["seed"]] = (budget, math.inf)
-    return pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"], dtype=float)
+            rows[cell["seed"]] = (budget, math.inf, math.inf)
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper", "elapsed_s"], dtype=float)
 
 
 def _fewer_steps_with_bn(tables: Tables, spec: dict) -> Estimate:

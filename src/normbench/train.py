@@ -327,7 +327,9 @@ def prepare_model(settings: Settings, device: torch.device, dtype: torch.dtype, 
     if worker.world_size > 1:
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     # torch.compile wraps only what trains; evaluation runs the eager model (the same parameters).
-    return model, torch.compile(trained) if settings.compile else trained
+    if not settings.compile:
+        return model, trained
+    return model, torch.compile(trained, mode="reduce-overhead" if settings.compile == "reduce-overhead" else None)
 
 
 def after_training_rows(settings: Settings, model: torch.nn.Module, train_split: Split, test_split: Split,
@@ -490,6 +492,8 @@ class CellRun:
         compiling = settings.compile and self.compile_time_s is None  # the session's first step compiles the model
         timed = step % SYNC_EVERY_STEPS == SYNC_EVERY_STEPS // 2 and probe is None and not compiling
         marks = [clock.mark()] if timed else []
+        if settings.compile == "reduce-overhead":  # a new training step: the last one's graph outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         with self.precision.autocast(), watching:
             logits = self.trained(inputs.contiguous(memory_format=self.memory_format))
         loss = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten())  # per image, or per token

@@ -1,7 +1,8 @@
 """normbench's speed against its baselines, measured in one run on this machine (`make bench`).
 
 - training: normbench's training steps against a minimal hand-written loop on the same model, batch and data, on
-  the GPU where there is one (ResNet-20 of width 16, fp32 BN, batch 256: the figure a GPU run record quotes);
+  the GPU where there is one (ResNet-20 of width 16, fp32 BN, batch 256: the figure a GPU run record quotes), eager
+  and, on a GPU, both compiled with CUDA graphs (`compile: reduce-overhead`);
 - start-up: `normbench --help` against `python -c "import torch"`;
 - planning: a dry run of a 1,000-cell config.
 """
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 import yaml
@@ -37,19 +39,20 @@ def minimal_loop_samples_per_s(settings) -> float:
     train_split, _ = load_data(settings, device, torch.float32)
     torch.manual_seed(settings.seed)
     model = build_model(settings, *model_io(settings)).to(device).train()
+    forward = torch.compile(model, mode="reduce-overhead") if settings.compile == "reduce-overhead" else model
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
                                 fused=device.type == "cuda" or None)  # at its best, as normbench's on CUDA
     permutation = epoch_permutation(settings.seed, 0, len(train_split), device)
     steps = len(train_split) // settings.batch_size
 
     def step(index: torch.Tensor) -> None:
-        loss = F.cross_entropy(model(train_split.inputs[index]), train_split.labels[index])
+        loss = F.cross_entropy(forward(train_split.inputs[index]), train_split.labels[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     with fp32_mode(settings.tf32, settings.deterministic):
-        step(permutation[:settings.batch_size])  # untimed, as normbench's first (probed) step: allocation, autotuning
+        step(permutation[:settings.batch_size])  # untimed, as normbench's first step: allocation, autotuning, compiling
         synchronize(device)
         started = time.perf_counter()
         for index in permutation[settings.batch_size:steps * settings.batch_size].split(settings.batch_size):
@@ -58,11 +61,14 @@ def minimal_loop_samples_per_s(settings) -> float:
     return (steps - 1) * settings.batch_size / (time.perf_counter() - started)
 
 
-def test_training_steps_against_a_minimal_loop(benchmark, record_ratio, fashion_root, tmp_path):
+@pytest.mark.parametrize("compile_mode", [False, "reduce-overhead"])
+def test_training_steps_against_a_minimal_loop(benchmark, record_ratio, fashion_root, tmp_path, compile_mode):
     cuda = torch.cuda.is_available()
+    if compile_mode and not cuda:
+        pytest.skip("CUDA graphs need a GPU")
     settings = make_settings({"data_root": str(fashion_root), "model": "resnet20", "width": 16, "batch_size": 256,
                               "train_subset": 256 * (200 if cuda else 12), "test_subset": 100, "epochs": 1,
-                              "device": "auto"})
+                              "device": "auto", "compile": compile_mode})
     torch.set_num_threads(1)
     runs = iter(range(1000))
     ours, minimal = [], []
@@ -75,8 +81,10 @@ def test_training_steps_against_a_minimal_loop(benchmark, record_ratio, fashion_
     del ours[0], minimal[0]  # the warm-up round
     device = resolve_device(settings.device)
     benchmark.extra_info.update(normbench_samples_per_s=ours, minimal_samples_per_s=minimal, device=device.type,
-                                device_name=device_name(device), batch_size=settings.batch_size)
-    record_ratio("overhead ratio (normbench samples/s / minimal loop samples/s, median of paired rounds)",
+                                device_name=device_name(device), batch_size=settings.batch_size,
+                                compile=compile_mode)
+    mode = f", compile {compile_mode}" if compile_mode else ""
+    record_ratio(f"overhead ratio (normbench samples/s / minimal loop samples/s, median of paired rounds{mode})",
                  statistics.median(a / b for a, b in zip(ours, minimal)))
 
 

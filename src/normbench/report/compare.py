@@ -18,6 +18,7 @@ import pandas as pd
 from normbench.config import SETTING_NAMES
 from normbench.html import environment
 from normbench.results import write_atomic, write_table
+from normbench.report.figures import shared_device
 from normbench.report.studies import scale
 from normbench.runs import FinishedRun
 
@@ -111,7 +112,9 @@ def cell_comparison(runs: list[FinishedRun]) -> tuple[pd.DataFrame, list[str]]:
     columns = ["study", "cell", "final_test_acc", "env_host", "env_device_name", *SETTING_NAMES]
 
     def compared(cells: pd.DataFrame) -> pd.DataFrame:
-        return cells[[column for column in columns if column in cells]]
+        """The columns compared, and whether the cell shared its GPU with others (packing): then its step times were
+        taken beside theirs and compare nothing."""
+        return cells[[column for column in columns if column in cells]].assign(packed=shared_device(cells))
 
     def cell_repeats(run: FinishedRun) -> dict[tuple, pd.Series]:
         """Each cell's step-time repeats, by (study, cell): one pass over the run's curves."""
@@ -133,9 +136,15 @@ def cell_comparison(runs: list[FinishedRun]) -> tuple[pd.DataFrame, list[str]]:
         if (~alike).any():
             left_out.append(f"{other.name}: {int((~alike).sum())} cell(s) at the baseline's paths with other settings "
                             f"(not compared)")
+        packed = both[alike]["packed_a"].astype(bool) | both[alike]["packed_b"].astype(bool)
+        if packed.any():
+            left_out.append(f"{other.name}: the step times of {int(packed.sum())} cell(s) trained on a shared GPU "
+                            f"(not compared)")
         for _, cell in both[alike].iterrows():
             key = (cell["study"], cell["cell"])
-            ratio, low, high = log_ratio_interval(baseline_repeats.get(key, none), other_repeats.get(key, none))
+            repeats = (none, none) if cell["packed_a"] or cell["packed_b"] else \
+                (baseline_repeats.get(key, none), other_repeats.get(key, none))
+            ratio, low, high = log_ratio_interval(*repeats)
             rows.append({
                 "study": cell["study"], "cell": cell["cell"], "baseline": baseline.name, "run": other.name,
                 "acc_baseline": cell["final_test_acc_a"], "acc_run": cell["final_test_acc_b"],
