@@ -45,6 +45,8 @@ gpu-bundle: setup
 	mkdir -p .gpu/wheels .gpu/fashion-mnist
 	$(BIN)/pip download --quiet --no-deps --only-binary=:all: $(GPU_WHEEL_PLATFORM) -d .gpu/wheels -r .ci/gpu-wheels.txt
 	$(BIN)/pip wheel --quiet --no-deps -w .gpu/wheels connection_pool==0.0.3
+	@test -e $(DEBIAN_FASHION_MNIST) || { echo "gpu-bundle takes Fashion-MNIST from Debian's dataset-fashion-mnist \
+	(apt-get install -y dataset-fashion-mnist, as root)"; exit 1; }
 	cp $(DEBIAN_FASHION_MNIST:train-images-idx3-ubyte.gz=)*.gz .gpu/fashion-mnist/
 
 test: setup browser

@@ -303,23 +303,25 @@ def test_batch_renorm_over_virtual_batches_equals_one_virtual_batch_after_anothe
 
 
 @pytest.mark.parametrize("shape, channels_last", [((16, 3, 4, 4), False), ((16, 3, 4, 4), True), ((16, 5), False)])
-def test_ghost_batch_norm_is_torch_batch_norm_on_one_virtual_batch_after_another(shape, channels_last):
+def test_ghost_batch_norm_is_torch_batch_norm_on_one_virtual_batch_after_another(shape, channels_last, device):
     """The one-pass form against PyTorch's own BatchNorm run on each virtual batch in turn: outputs, gradients,
-    running statistics and the batch count."""
+    running statistics, the batch count and the memory format."""
     torch.manual_seed(10)
-    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x_ref = x.detach().clone().requires_grad_()
     x.requires_grad_()
-    layer = GhostBatchNorm(shape[1], ghost_batch=4, momentum=0.3).double().train()
+    layer = GhostBatchNorm(shape[1], ghost_batch=4, momentum=0.3).double().to(device).train()
     truth = (torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d)(shape[1], momentum=0.3).double()
+    truth = truth.to(device)
     with torch.no_grad():
         for module in (layer, truth):
             module.weight.copy_(torch.linspace(0.5, 2.0, shape[1]))
             module.bias.copy_(torch.linspace(-1.0, 1.0, shape[1]))
     out, expected = layer(x), torch.cat([truth(chunk) for chunk in x_ref.split(4)])
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
     upstream = torch.randn_like(out)
     out.backward(upstream)
     expected.backward(upstream)
@@ -331,7 +333,23 @@ def test_ghost_batch_norm_is_torch_batch_norm_on_one_virtual_batch_after_another
     assert int(layer.num_batches_tracked) == int(truth.num_batches_tracked) == 4
 
 
-def test_ghost_batch_norm_keeps_the_low_precision_dtype_of_its_input():
-    layer = GhostBatchNorm(3, ghost_batch=2).train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer(torch.randn(8, 3, 4, 4).bfloat16()).dtype == torch.bfloat16
+def test_ghost_batch_norm_under_autocast_keeps_its_input_dtype_and_float32_statistics(device):
+    """Autocast would run the running statistics' matmul in bf16 (an error of 1e-2): they stay float32."""
+    torch.manual_seed(11)
+    x = (torch.randn(32, 3, 4, 4) * 2 + 3).bfloat16().to(device)
+    layer, truth = (GhostBatchNorm(3, ghost_batch=2).to(device).train(),
+                    torch.nn.BatchNorm2d(3).to(device).train())
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    for chunk in x.float().split(2):
+        truth(chunk)
+    torch.testing.assert_close(layer.running_mean, truth.running_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.running_var, truth.running_var, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, ghost_batch", [((10, 3), 4), ((2, 3), 4), ((8, 3), 1)])
+def test_ghost_batch_norm_refuses_a_batch_it_cannot_split(shape, ghost_batch):
+    with pytest.raises(ValueError, match="does not split into virtual batches"):
+        GhostBatchNorm(3, ghost_batch=ghost_batch).train()(torch.randn(shape))
+    with pytest.raises(ValueError, match="needs a momentum"):
+        GhostBatchNorm(3, ghost_batch=2, momentum=None)

@@ -99,6 +99,9 @@ class GhostBatchNorm(AnyRankBatchNorm):
 
     def __init__(self, num_features: int, ghost_batch: int | None, **kwargs) -> None:
         super().__init__(num_features, **kwargs)
+        if self.momentum is None:
+            raise ValueError(f"{type(self).__name__} needs a momentum: its running statistics follow each virtual "
+                             "batch in turn (no cumulative average)")
         self.ghost_batch = ghost_batch
 
     def _running_before_each(self, running: torch.Tensor, batches: torch.Tensor) -> torch.Tensor:
@@ -115,12 +118,14 @@ class GhostBatchNorm(AnyRankBatchNorm):
         """Update the running statistics with each virtual batch in turn, from the mean and inverse std that
         BatchNorm's pass over `xs` returned. Returns each virtual batch's mean and std, and the running mean and
         std as they stood before its update, all (G, C)."""
-        with torch.no_grad():
-            mean, std = mean.view(groups, -1), invstd.reciprocal().view(groups, -1)
+        # In float32 at least and outside autocast, which would run the matmul of _running_before_each in bf16.
+        with torch.no_grad(), torch.autocast(xs.device.type, enabled=False):
+            dtype = torch.promote_types(self.running_mean.dtype, torch.float32)
+            mean, std = mean.to(dtype).view(groups, -1), invstd.to(dtype).reciprocal().view(groups, -1)
             count = xs.numel() / xs.shape[1]
-            batch_var = (std.square() - self.eps) * count / max(count - 1, 1)
-            running_mean = self._running_before_each(self.running_mean, mean)  # (G + 1, C)
-            running_var = self._running_before_each(self.running_var, batch_var)
+            batch_var = (std.square() - self.eps) * count / (count - 1)
+            running_mean = self._running_before_each(self.running_mean.to(dtype), mean)  # (G + 1, C)
+            running_var = self._running_before_each(self.running_var.to(dtype), batch_var)
             self.running_mean.copy_(running_mean[-1])
             self.running_var.copy_(running_var[-1])
         return mean, std, running_mean[:-1], (running_var[:-1] + self.eps).sqrt()
@@ -136,11 +141,17 @@ class GhostBatchNorm(AnyRankBatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        groups = x.shape[0] // self.ghost_batch if self.ghost_batch else 1
-        channels, rest = x.shape[1], x.shape[2:]
+        size = self.ghost_batch or x.shape[0]
+        if x.shape[0] % size or size * x[0, 0].numel() < 2:
+            raise ValueError(f"{type(self).__name__}: a batch of {x.shape[0]} does not split into virtual batches of "
+                             f"{size} with more than one value per channel each")
+        groups, channels, rest = x.shape[0] // size, x.shape[1], x.shape[2:]
         xs = x.reshape(groups, -1, channels, *rest).transpose(0, 1).reshape(-1, groups * channels, *rest)
         y = self.normalize(xs, groups)
-        return y.reshape(-1, groups, channels, *rest).transpose(0, 1).reshape(x.shape)
+        y = y.reshape(-1, groups, channels, *rest).transpose(0, 1).reshape(x.shape)
+        # The next conv reads channels_last as fast as the input came: keep it (the reshapes above made NCHW).
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
 
 class NoisyBatchNorm(AnyRankBatchNorm):

@@ -65,7 +65,9 @@ def step_time_ratios(cells: pd.DataFrame, keys: list[str]) -> dict | None:
 def _median_reach(by_seed: pd.Series) -> str:
     """The median over seeds of where each first reached a target (steps or seconds), a seed that never did counting
     as beyond every one that did (censored, as C13 reads it), so slow norms are not flattered by their lucky seeds."""
-    reached, seeds = int(np.isfinite(by_seed).sum()), len(by_seed)
+    reached, seeds = int(np.isfinite(by_seed).sum()), len(by_seed)  # seeds of finished (or diverged) runs
+    if not seeds:
+        return "no finished run"
     if not reached:
         return "never"
     median = by_seed.sort_values().iloc[(seeds - 1) // 2]  # the lower median: defined while half the seeds reach
@@ -103,9 +105,10 @@ def shown(table: pd.DataFrame) -> pd.DataFrame:
 def leaderboard(by_study: dict[str, claims.Tables], studies: dict[str, dict]) -> dict | None:
     """Every norm of the run, built in or plugged in, per study and setting (the study's other axes, seeds
     aside: a norm at two learning rates is two rows): final accuracy over seeds with its interval (clipped to
-    [0, 1]), the mean first step at the study's target accuracy (where it sets one), step time relative to BN's at
-    the same setting (or, where BN has no cell at it, BN's over the study; one study's cells share a device), and
-    diverged cells. "How does my norm compare?" on one screen; the report's tables sort by any column."""
+    [0, 1]), the median step at which seeds first reached the study's target accuracy (where it sets one; a seed
+    that never did counts as beyond them), step time relative to BN's at the same setting (or, where BN has no cell
+    at it, BN's over the study; one study's cells share a device), and diverged cells. "How does my norm compare?"
+    on one screen; the report's tables sort by any column."""
     rows = []
     for study, tables_ in by_study.items():
         cells, curves = tables_.cells, tables_.curves
