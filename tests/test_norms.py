@@ -302,10 +302,12 @@ def test_batch_renorm_over_virtual_batches_equals_one_virtual_batch_after_anothe
     assert torch.isfinite(layer.running_var).all() and int(layer.num_batches_tracked) == 8
 
 
+@pytest.mark.parametrize("one_pass", [False, True])
 @pytest.mark.parametrize("shape, channels_last", [((16, 3, 4, 4), False), ((16, 3, 4, 4), True), ((16, 5), False)])
-def test_ghost_batch_norm_is_torch_batch_norm_on_one_virtual_batch_after_another(shape, channels_last, device):
-    """The one-pass form against PyTorch's own BatchNorm run on each virtual batch in turn: outputs, gradients,
-    running statistics, the batch count and the memory format."""
+def test_ghost_batch_norm_is_torch_batch_norm_on_one_virtual_batch_after_another(shape, channels_last, device,
+                                                                                  one_pass):
+    """Both forms (the GPU's one pass, which the CPU runs here on request) against PyTorch's own BatchNorm run on
+    each virtual batch in turn: outputs, gradients, running statistics, the batch count and the memory format."""
     torch.manual_seed(10)
     x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(device)
     if channels_last:
@@ -319,7 +321,8 @@ def test_ghost_batch_norm_is_torch_batch_norm_on_one_virtual_batch_after_another
         for module in (layer, truth):
             module.weight.copy_(torch.linspace(0.5, 2.0, shape[1]))
             module.bias.copy_(torch.linspace(-1.0, 1.0, shape[1]))
-    out, expected = layer(x), torch.cat([truth(chunk) for chunk in x_ref.split(4)])
+    out = layer.one_pass(x, 4) if one_pass else layer(x)
+    expected = torch.cat([truth(chunk) for chunk in x_ref.split(4)])
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
     upstream = torch.randn_like(out)
@@ -333,14 +336,15 @@ def test_ghost_batch_norm_is_torch_batch_norm_on_one_virtual_batch_after_another
     assert int(layer.num_batches_tracked) == int(truth.num_batches_tracked) == 4
 
 
-def test_ghost_batch_norm_under_autocast_keeps_its_input_dtype_and_float32_statistics(device):
-    """Autocast would run the running statistics' matmul in bf16 (an error of 1e-2): they stay float32."""
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_ghost_batch_norm_under_autocast_keeps_its_input_dtype_and_float32_statistics(device, one_pass):
+    """Autocast would run the one pass's running-statistics matmul in bf16 (an error of 1e-2): they stay float32."""
     torch.manual_seed(11)
     x = (torch.randn(32, 3, 4, 4) * 2 + 3).bfloat16().to(device)
     layer, truth = (GhostBatchNorm(3, ghost_batch=2).to(device).train(),
                     torch.nn.BatchNorm2d(3).to(device).train())
     with torch.autocast(device, dtype=torch.bfloat16):
-        assert layer(x).dtype == torch.bfloat16
+        assert (layer.one_pass(x, 2) if one_pass else layer(x)).dtype == torch.bfloat16
     for chunk in x.float().split(2):
         truth(chunk)
     torch.testing.assert_close(layer.running_mean, truth.running_mean, rtol=1e-5, atol=1e-5)
