@@ -116,7 +116,7 @@ def settings_help() -> list[tuple[str, str, str]]:
         limits = [f"{word} {schema[key]}" for key, word in (("minimum", ">="), ("exclusiveMinimum", ">"),
                                                              ("maximum", "<=")) if key in schema]
         kinds = "/".join(sorted(_types(schema) - {"null"}))
-        allowed = allowed and [value if isinstance(value, str) else json.dumps(value) for value in allowed]  # booleans as JSON spells them
+        allowed = [value if isinstance(value, str) else json.dumps(value) for value in allowed or []]  # false, true
         facts = ([f"one of: {', '.join(allowed)}" if "items" not in schema else f"any of: {', '.join(allowed)}"]
                  if allowed else [kinds] if kinds else []) + limits + (["or null"] if "null" in _types(schema) else [])
         return f"{schema.get('description', '')} [{'; '.join(facts)}]" if facts else schema.get("description", "")

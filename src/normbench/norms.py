@@ -116,7 +116,7 @@ class GhostBatchNorm(AnyRankBatchNorm):
         return keep ** steps[:, None] * running + weights @ batches
 
     def update_running(self, xs: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
-                            groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Update the running statistics with each virtual batch in turn, from the mean and inverse std that
         BatchNorm's pass over `xs` returned. Returns each virtual batch's mean and std, and the running mean and
         std as they stood before its update, all (G, C)."""

@@ -144,6 +144,9 @@ def load_run(path: str | Path) -> FinishedRun:
                        table("tables/curves.csv"), table("claims.csv"))
 
 
+TRAINING_BENCHMARK = "test_training_steps_against_a_minimal_loop"  # make bench's case (tests/benchmarks)
+
+
 def training_speed(bench: Path) -> dict:
     """normbench's training samples/s and its ratio to a minimal hand-written loop, from `make bench`'s JSON
     (medians over the paired rounds), with the device and batch they ran at: of its training benchmarks (eager, and
@@ -156,9 +159,8 @@ def training_speed(bench: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SettingsError(f"{bench} is not valid JSON ({error}); {advice}") from None
     benchmarks = data.get("benchmarks") if isinstance(data, dict) else None
-    cases = [case.get("extra_info") for case in benchmarks if isinstance(case, dict)
-             and str(case.get("name")).startswith("test_training_steps_against_a_minimal_loop")] \
-        if isinstance(benchmarks, list) else []
+    cases = [case.get("extra_info") for case in (benchmarks if isinstance(benchmarks, list) else [])
+             if isinstance(case, dict) and str(case.get("name")).startswith(TRAINING_BENCHMARK)]
     if not cases:
         raise SettingsError(f"{bench} holds no training benchmark; {advice}")
     try:

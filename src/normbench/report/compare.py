@@ -140,10 +140,9 @@ def cell_comparison(runs: list[FinishedRun]) -> tuple[pd.DataFrame, list[str]]:
         if packed.any():
             left_out.append(f"{other.name}: the step times of {int(packed.sum())} cell(s) trained on a shared GPU "
                             f"(not compared)")
-        for _, cell in both[alike].iterrows():
+        for index, cell in both[alike].iterrows():
             key = (cell["study"], cell["cell"])
-            repeats = (none, none) if cell["packed_a"] or cell["packed_b"] else \
-                (baseline_repeats.get(key, none), other_repeats.get(key, none))
+            repeats = (none, none) if packed[index] else (baseline_repeats.get(key, none), other_repeats.get(key, none))
             ratio, low, high = log_ratio_interval(*repeats)
             rows.append({
                 "study": cell["study"], "cell": cell["cell"], "baseline": baseline.name, "run": other.name,
