@@ -1,19 +1,28 @@
-"""The norm micro-benchmarks: sessions repeated in separate processes, every case timed, rounds kept for the
-ratios, intervals over the repeats."""
+"""The micro-benchmarks: sessions repeated in separate processes, every case timed, rounds kept for the
+ratios, intervals over the repeats; a study's model timed with BN folded and not."""
 
+import json
+
+import pytest
 import torch
 
 from normbench.bench import CASES, DTYPES
 from normbench.cli import main
 from normbench.provenance import device_name
-from normbench.report.tables import benchmark_table
+from normbench.report import rounds_of
+from normbench.report.tables import benchmark_table, folding_time_table
 from normbench.results import benchmark_rounds
+
+
+FOLD = {"inference": {"model": "resnet", "depth": 8, "width": 8, "channels_last": True}}
 
 
 def test_bench_times_every_case_and_reports_ratios_to_bn(tmp_path):
     out = tmp_path / "norms.json"
-    main(["bench", "--out", str(out), "--max-time", "0.01", "--threads", "1", "--device", "cpu", "--repeats", "2"])
-    rounds = benchmark_rounds(out)
+    main(["bench", "--out", str(out), "--max-time", "0.01", "--threads", "1", "--device", "cpu", "--repeats", "2",
+          "--fold", json.dumps(FOLD)])
+    everything = benchmark_rounds(out)
+    rounds = rounds_of(everything, "benchmarks")
     assert set(rounds["repeat"]) == {0, 1}
     assert set(rounds["device"]) == {device_name(torch.device("cpu"))} and set(rounds["threads"]) == {1}
     timed = rounds.groupby(["repeat", "layout", "norm", "dtype"])["time_s"].agg(["size", "min"])
@@ -31,3 +40,21 @@ def test_bench_times_every_case_and_reports_ratios_to_bn(tmp_path):
     low, high = map(float, interval.rstrip("]").split(", "))
     assert low <= float(value) <= high and float(value) > 0  # the mean of two repeats' ratios, with its interval
     assert table["measured_on"] == f"{device_name(torch.device('cpu'))}, 1 CPU threads"
+
+    # The inference study's ResNet-8, unfolded and folded, in each repeat: C11's speed, with its interval.
+    folding = rounds_of(everything, "inference")
+    assert len(folding) + len(rounds) == len(everything)
+    timed = folding.groupby(["repeat", "network"])["time_s"].agg(["size", "min"])
+    assert len(timed) == 4 and (timed["size"] >= 5).all() and (timed["min"] > 0).all()
+    assert set(folding["shape"]) == {"250x1x28x28"}  # the CPU's evaluation batch
+    row = folding_time_table(folding)["rows"][0]
+    assert row[1] == "250x1x28x28" and row[-1] == "2" and float(row[2]) > 0 and float(row[3]) > 0
+
+
+@pytest.mark.parametrize("fold, message", [
+    ("{", r"--fold: not JSON"),
+    ('{"inference": {"model": "resnet", "width": "wide"}}', r"folding benchmark of study 'inference': setting 'width'"),
+])
+def test_bad_folding_settings_are_named_before_any_session(tmp_path, fold, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", "--out", str(tmp_path / "norms.json"), "--fold", fold])

@@ -352,27 +352,46 @@ def test_generalization_gap_without_bn_minus_with_bn():
     assert result.estimate.value == pytest.approx(0.10) and result.verdict == "supported"
 
 
+def folding_rounds(speedups: list[float], study: str = "inference") -> pd.DataFrame:
+    """Micro-benchmark rounds of a study's model folded and not, one repeat per speed-up."""
+    rng = np.random.default_rng(6)
+    return pd.DataFrame([{"repeat": repeat, "fold_study": study, "network": network, "device": "cpu",
+                          "shape": "250x1x28x28", "time_s": t}
+                         for repeat, speedup in enumerate(speedups)
+                         for network, time_s in (("unfolded", speedup * 1e-2), ("folded", 1e-2))
+                         for t in rng.normal(time_s, 1e-5, 20)])
+
+
 @pytest.mark.parametrize("difference, expected", [(1e-7, "supported"), (1e-3, "refuted")])
-def test_folding_needs_equal_outputs_to_count_its_speed(difference, expected):
+def test_folding_speed_comes_from_the_benchmarks_and_needs_equal_outputs(difference, expected):
     cells = cells_table({"batch_size": [8, 64]}, lambda point, rng: 0.9, norm="bn", device="cpu")
-    rows = probe_rows(cells, lambda cell: [("infer_s_unfolded", 1.3 + 0.01 * cell["seed"], {}),
-                                           ("infer_s_folded", 1.0, {}), ("fold_rel_diff", difference, {})])
-    result = verdict("inference", "C11", Tables(cells, probes=rows))
+    rows = probe_rows(cells, lambda cell: [("fold_rel_diff", difference, {})])
+    result = verdict("inference", "C11", Tables(cells, probes=rows, bench=folding_rounds([1.3, 1.32, 1.34])))
     assert result.estimate.value == pytest.approx(1.32, rel=1e-3) and result.verdict == expected
+    assert result.estimate.sample_unit == "repeats" and result.estimate.samples == 3
+    assert "timed by the micro-benchmarks on cpu, batch 250" in result.note
+
+
+def test_folding_not_timed_is_inconclusive_and_says_where_it_is_timed():
+    cells = cells_table({"batch_size": [8]}, lambda point, rng: 0.9, norm="bn", device="cpu")
+    result = verdict("inference", "C11", Tables(cells, probes=probe_rows(cells, lambda cell: [("fold_rel_diff", 1e-7, {})])))
+    assert result.verdict == "inconclusive" and "the micro-benchmarks time it" in result.note
 
 
 def test_a_support_resting_on_one_condition_says_so_and_names_the_others():
-    """C11 over three conditions: folding is 1.3x faster at batch 128 alone, no faster at the other two."""
-    cells = cells_table({"batch_size": [16, 128], "bn_momentum": [0.1, 0.9]}, lambda point, rng: 0.9, norm="bn",
-                        device="cpu")
-    cells = cells[(cells["batch_size"] == 16) | (cells["bn_momentum"] == 0.9)]
-    speedup = {16: 1.0, 128: 1.3}
-    rows = probe_rows(cells, lambda cell: [("infer_s_unfolded", speedup[cell["batch_size"]] * (1 + 0.01 * cell["seed"]), {}),
-                                           ("infer_s_folded", 1.0, {}), ("fold_rel_diff", 1e-7, {})])
-    result = verdict("inference", "C11", Tables(cells, probes=rows))
-    assert result.verdict == "supported"  # the geometric mean over conditions is above 1.05
-    assert "the support rests on one of 3 conditions (batch_size 128, bn_momentum 0.9)" in result.note
-    assert "except batch_size 16, bn_momentum 0.1: refuted" in result.note
+    """C4 over four conditions: BN rescues only relu at N(0, 1), by enough to carry the mean past 0.1."""
+    def accuracy(point, rng):
+        rescued = point["norm"] == "bn" and (point["activation"], point["init"]) == ("relu", "normal-1")
+        return (0.7 if rescued else 0.1) + rng.normal(0, 0.002)
+
+    cells = cells_table({"activation": ["sigmoid", "relu"], "init": ["normal-0.01", "normal-1"],
+                         "norm": ["bn", "none"]}, accuracy)
+    result = verdict("init", "C4", Tables(cells))
+    assert result.verdict == "supported"  # the mean over conditions, 0.15, is above 0.1
+    assert "the support rests on one of 4 conditions (activation relu, init normal-1)" in result.note
+    assert all(f"{condition}: refuted" in result.note for condition in
+               ("activation relu, init normal-0.01", "activation sigmoid, init normal-0.01",
+                "activation sigmoid, init normal-1"))
 
 
 def test_small_batch_gap_reads_ghost_batches_as_per_worker_batches():

@@ -228,6 +228,24 @@ def test_bare_snakemake_uses_the_default_profile_and_config():
     assert re.search(rf"^train\s+{cells}$", run.stdout, re.MULTILINE), run.stdout[-3000:]
 
 
+def test_folding_is_checked_in_the_cells_and_timed_by_the_benchmarks(tmp_path, fashion_root):
+    """C11: the trained cells compare folded outputs; the bench job, alone, times the study's model folded and not."""
+    write_config(tmp_path, fashion_root, fixed={"model": "resnet", "depth": 8, "width": 4, "train_subset": 128,
+                                                "test_subset": 100, "batch_size": 32, "epochs": 1,
+                                                "evals_per_epoch": 1, "lr": 0.05, "probes": ["inference"]},
+                 grid={"seed": [0, 1]}, claims=["C11"])
+    run = snakemake(tmp_path, "--printshellcmds")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"--fold '\{\"tiny\": \{.*\"model\": \"resnet\"", run.stdout + run.stderr)
+    probes = pd.read_csv(tmp_path / "results/tables/probes.csv")
+    assert (probes.loc[probes["quantity"] == "fold_rel_diff", "value"] < 1e-4).sum() == 2
+    assert not probes["quantity"].str.startswith("infer_s").any()  # no timing beside training
+    c11 = pd.read_csv(tmp_path / "reports/claims.csv").set_index("claim").loc["C11"]
+    assert c11["samples"] == 2 and c11["sample_unit"] == "repeats" and c11["estimate"] > 0
+    assert "timed by the micro-benchmarks on" in c11["note"]
+    assert "inference time, timed while nothing else ran (C11)" in (tmp_path / "reports/report.html").read_text()
+
+
 def test_a_users_config_runs_alone_and_reads_exponents_as_numbers(tmp_path, fashion_root):
     write_config(tmp_path, fashion_root, grid={"norm": ["bn", "gn"]}, claims=[])
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())

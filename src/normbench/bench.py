@@ -1,4 +1,5 @@
-"""Micro-benchmarks of the norm layers (pytest-benchmark): forward + backward time per norm, layout and dtype.
+"""Micro-benchmarks (pytest-benchmark): forward + backward time of the norm layers per norm, layout and dtype (C12),
+and inference with BN folded into the conv before it against unfolded, for the model of each study that claims C11.
 
 Every case runs in one pytest session on the same inputs and device, so each
 ratio against BatchNorm is measured in one run. `run` repeats that session in
@@ -9,7 +10,12 @@ repeats. Each repeat runs the cases in its own shuffled order after a
 warm-up case that is thrown away, so no norm always pays for coming first
 (BN, the denominator of every ratio, used to). Conv maps are channels_last,
 as the studies train them. On CUDA each round waits for the GPU, so a round
-times the kernels, not their launch.
+times the kernels, not their launch. Folding is timed here rather than in
+its study's cells, which trained beside other jobs: a cell's timings moved
+with what ran on the other core (an unfolded/folded ratio of 1.12-1.67 alone
+against 0.94-1.02 beside training). The architecture decides the time, so an
+untrained model of the study's settings stands in for the trained ones (whose
+folded outputs the cells check).
 """
 
 from __future__ import annotations
@@ -22,11 +28,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from normbench.cells import make_settings
+from normbench.config import SettingsError
+from normbench.data import model_io
+from normbench.models import build_model
 from normbench.norms import norm_factory
+from normbench.probes import fold_bn
 from normbench.provenance import device_name
 from normbench.results import read_json, write_json
 from normbench.timing import synchronize
-from normbench.train import resolve_device
+from normbench.train import eval_batch_size, resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Conv maps and tokens (batch, patches + class token, width) as each device trains them. On the CPU a small
@@ -62,6 +73,30 @@ def test_norm_forward_backward(benchmark, device: torch.device, case_position: i
     benchmark(forward_backward)
 
 
+@pytest.mark.parametrize("network", ["unfolded", "folded"])
+def test_inference_with_bn_folded(benchmark, device: torch.device, case_position: int, fold_study: str,
+                                  fold_settings: dict, network: str) -> None:
+    """A study's model in eval mode on a batch of the device's evaluation size, fp32, its BN folded or not (C11)."""
+    settings = make_settings(fold_settings)
+    input_shape, num_classes = model_io(settings)
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    model = build_model(settings, input_shape, num_classes).to(device).eval()
+    model = (fold_bn(model) if network == "folded" else model).to(memory_format=memory_format)
+    shape = (eval_batch_size(device), *input_shape)
+    x = torch.randn(shape).to(device).contiguous(memory_format=memory_format) if len(shape) == 4 else \
+        torch.randint(num_classes, shape, device=device)  # token ids for the language model
+    benchmark.extra_info.update(fold_study=fold_study, network=network, shape="x".join(map(str, shape)),
+                                position=case_position, device=device_name(device), threads=torch.get_num_threads())
+
+    @torch.no_grad()
+    def inference() -> None:
+        model(x)
+        synchronize(device)
+
+    benchmark(inference)
+
+
 WARM_UP = "warm_up"  # extra_info key of the case each session runs first and `run` throws away
 
 
@@ -74,15 +109,23 @@ def test_warm_up(benchmark, device: torch.device) -> None:
 
 
 class _SessionPlugin:
-    """Gives the benchmarks the device that `run` was asked for (the `device` fixture), and runs the cases in an
-    order of their own per session, after the warm-up."""
+    """Gives the benchmarks the device that `run` was asked for (the `device` fixture) and the studies whose folding
+    they time, and runs the cases in an order of their own per session, after the warm-up."""
 
-    def __init__(self, device: torch.device, order_seed: int) -> None:
-        self._device, self._order_seed, self._positions = device, order_seed, {}
+    def __init__(self, device: torch.device, order_seed: int, fold: dict[str, dict]) -> None:
+        self._device, self._order_seed, self._fold, self._positions = device, order_seed, fold, {}
 
     @pytest.fixture
     def device(self) -> torch.device:
         return self._device
+
+    @pytest.fixture
+    def fold_settings(self, fold_study: str) -> dict:
+        return self._fold[fold_study]
+
+    def pytest_generate_tests(self, metafunc) -> None:
+        if "fold_study" in metafunc.fixturenames:
+            metafunc.parametrize("fold_study", sorted(self._fold))
 
     @pytest.fixture
     def case_position(self, request) -> int:
@@ -95,10 +138,16 @@ class _SessionPlugin:
         self._positions = {item.nodeid: index for index, item in enumerate(items)}
 
 
-def run(out: Path, max_time_s: float, threads: int | None = None, device: str = "auto", repeats: int = 1) -> None:
+def run(out: Path, max_time_s: float, threads: int | None = None, device: str = "auto", repeats: int = 1,
+        fold: dict[str, dict] | None = None) -> None:
     """Run the micro-benchmarks on `device` (auto: CUDA where there is one) `repeats` times, each session in a
     process of its own, into one pytest-benchmark JSON at `out`: rounds included, each case's `repeat` in its
-    extra_info."""
+    extra_info. `fold` maps a study to the settings of the model whose inference is timed folded and unfolded."""
+    for study, values in (fold or {}).items():  # before any session: a bad setting is named, not a pytest error
+        try:
+            make_settings(values)
+        except SettingsError as error:
+            raise SettingsError(f"folding benchmark of study {study!r}: {error}") from None
     # Each session a fresh process, forked from a server that has imported this module (torch, pytest) and run
     # nothing: no allocator, thread pool or CUDA state carried over, and no import paid per repeat.
     fresh = multiprocessing.get_context("forkserver")
@@ -107,7 +156,7 @@ def run(out: Path, max_time_s: float, threads: int | None = None, device: str = 
         sessions = []
         for repeat in range(repeats):
             part = Path(scratch) / f"repeat{repeat}.json"
-            process = fresh.Process(target=session, args=(part, max_time_s, threads, device, repeat))
+            process = fresh.Process(target=session, args=(part, max_time_s, threads, device, repeat, fold or {}))
             process.start()
             process.join()
             if process.exitcode != 0:
@@ -121,7 +170,8 @@ def run(out: Path, max_time_s: float, threads: int | None = None, device: str = 
     write_json(out, merged)
 
 
-def session(out: Path, max_time_s: float, threads: int | None, device: str, order_seed: int = 0) -> None:
+def session(out: Path, max_time_s: float, threads: int | None, device: str, order_seed: int = 0,
+            fold: dict[str, dict] | None = None) -> None:
     """One pytest-benchmark session of every case, in this process and in the order `order_seed` shuffles them
     into, into `out`."""
     if threads:
@@ -134,6 +184,6 @@ def session(out: Path, max_time_s: float, threads: int | None, device: str, orde
                             "--benchmark-only", "--benchmark-save-data", f"--benchmark-json={out}",
                             f"--benchmark-max-time={max_time_s}", "--benchmark-min-rounds=5",
                             "--benchmark-warmup=on", "--benchmark-sort=name"],
-                           plugins=[_SessionPlugin(resolve_device(device), order_seed)])
+                           plugins=[_SessionPlugin(resolve_device(device), order_seed, fold or {})])
     if code != 0:
         raise RuntimeError(f"the norm micro-benchmarks failed (pytest exit code {code})")

@@ -160,6 +160,9 @@ def studies_table(config: dict[str, Any]) -> str:
         lines.append(f"| `{name}` | {claims} | {cells} | {model.model}, width {model.width}{depth}: {' × '.join(axes)} |")
     if "benchmarks" in config:
         claims = ", ".join(config["benchmarks"].get("claims", {})) or "none"
+        folding = [name for name, study in config["studies"].items() if "C11" in study.get("claims", [])]
+        folded = f"; inference with BN folded and not, for the model of {', '.join(folding)} (C11's speed)" \
+            if folding else ""
         lines.append(f"| micro-benchmarks | {claims} | | forward + backward of each norm layer on conv maps and "
-                     f"tokens, fp32 and bf16 (`normbench bench`) |")
+                     f"tokens, fp32 and bf16{folded} (`normbench bench`) |")
     return "\n".join(lines) + "\n"

@@ -93,9 +93,18 @@ def _numerics(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from normbench.bench import run
+    import json
 
-    run(Path(args.out), args.max_time, args.threads, args.device, args.repeats)
+    from normbench.bench import run
+    from normbench.config import SettingsError
+
+    try:
+        fold = json.loads(args.fold)
+    except json.JSONDecodeError as error:
+        raise SettingsError(f"--fold: not JSON ({error}); give {{study: {{setting: value, ...}}}}") from None
+    if not isinstance(fold, dict) or not all(isinstance(values, dict) for values in fold.values()):
+        raise SettingsError("--fold: give a JSON object of studies, each mapping settings to values")
+    run(Path(args.out), args.max_time, args.threads, args.device, args.repeats, fold)
     print(f"norm micro-benchmarks -> {args.out}")
 
 
@@ -216,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sessions, each in a process of its own; intervals are taken over them (default 5)")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                        help="where the layers run (default auto: CUDA where there is one)")
+    bench.add_argument("--fold", default="{}", metavar="JSON",
+                       help='time inference with BN folded and not (C11) for each study\'s model, e.g. '
+                            '\'{"inference": {"model": "resnet", "depth": 8}}\' (default: none)')
     bench.set_defaults(run=_bench)
 
     report = commands.add_parser("report", help="tables -> claim verdicts and one self-contained HTML report")

@@ -42,7 +42,7 @@ from normbench.probes import Probe
 from normbench.provenance import environment
 from normbench.timing import DeviceClock, synchronize
 
-EVAL_BATCH_SIZE = 1000
+PROBE_IMAGES = 1000  # the fixed test images the mechanism probes look at
 SYNC_EVERY_STEPS = 32  # steps between host reads of the divergence flag (and the time limit), besides evaluations
 
 
@@ -174,12 +174,20 @@ def batch_indices(permutation: torch.Tensor, step_in_epoch: int, settings: Setti
     return permutation[start:start + settings.batch_size]
 
 
+def eval_batch_size(device: torch.device) -> int:
+    """On the CPU small enough that a small CNN's maps stay in the core's cache: one thread evaluated 2,000 test images
+    with a ResNet-8 of width 8 in 0.22 s at 250 a batch against 0.31 s at 1,000 (a VGG-4 of width 16: 0.23 against
+    0.50 s). On an accelerator large: few launches."""
+    return 250 if device.type == "cpu" else 1000
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, memory_format: torch.memory_format,
-             precision: Precision, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, float]:
+             precision: Precision, batch_size: int | None = None) -> tuple[float, float]:
     """Mean loss and accuracy over a split (per image, or per token for text), in eval mode
-    (running statistics for BN), at the cell's precision."""
+    (running statistics for BN), at the cell's precision, in batches of `batch_size` (default: the device's)."""
     model.eval()
+    batch_size = batch_size or eval_batch_size(split.inputs.device)
     loss_sum, correct = 0.0, 0
     for start in range(0, len(split), batch_size):
         inputs = split.inputs[start:start + batch_size].contiguous(memory_format=memory_format)
@@ -340,7 +348,7 @@ def after_training_rows(settings: Settings, model: torch.nn.Module, train_split:
     running statistics."""
     rows = []
 
-    def accuracy_row(quantity: str, network: torch.nn.Module, split: Split, batch_size: int = EVAL_BATCH_SIZE):
+    def accuracy_row(quantity: str, network: torch.nn.Module, split: Split, batch_size: int | None = None):
         rows.append({"step": step, "quantity": quantity,
                      "value": evaluate(network, split, memory_format, precision, batch_size)[1]})
 
@@ -348,7 +356,7 @@ def after_training_rows(settings: Settings, model: torch.nn.Module, train_split:
         rows.append({"step": step, "quantity": "acc_ema", "value": test_acc})
         accuracy_row("acc_precise", probes.precise_bn(model, train_split.inputs, settings.batch_size), test_split)
         accuracy_row("acc_batch", probes.batch_statistics(model), test_split, settings.batch_size)
-        rows += probes.fold_rows(model, probe_inputs, step)
+        rows.append({"step": step, "quantity": "fold_rel_diff", "value": probes.fold_difference(model, probe_inputs)})
     if "generalization" in settings.probes:
         accuracy_row("train_acc_eval", model, train_split)
         rows.append({"step": step, "quantity": "test_acc_eval", "value": test_acc})
@@ -429,7 +437,7 @@ class CellRun:
         self.phase_marks: list[tuple] = []  # before forward, after loss, backward, optimizer: of timed steps
         self.compile_time_s = None
         # The fixed test images the mechanism probes look at (percentiles during training, folding after it).
-        self.probe_inputs = self.test_split.inputs[:EVAL_BATCH_SIZE].contiguous(memory_format=self.memory_format) \
+        self.probe_inputs = self.test_split.inputs[:PROBE_IMAGES].contiguous(memory_format=self.memory_format) \
             if settings.probes else None
         if "percentiles" in settings.probes and self.progress.step == 0 and worker.is_main:  # at initialization
             self.progress.probes += probes.percentile_rows(self.model, self.probe_inputs, 0)

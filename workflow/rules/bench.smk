@@ -5,6 +5,7 @@ rule bench:
         max_time=lambda wildcards: config["benchmarks"]["max_time_s"],  # the schema fills in the defaults
         repeats=lambda wildcards: config["benchmarks"]["repeats"],
         device=lambda wildcards: layer_device(),
+        fold=lambda wildcards: json.dumps(fold_benchmarks(), sort_keys=True),
     threads: os.cpu_count()  # alone on the machine (Snakemake caps it at --cores): timings untouched by training
     resources:
         gpu=lambda wildcards: int(layer_device() == "cuda"),
@@ -14,5 +15,5 @@ rule bench:
         "results/logs/bench.log",
     shell:
         "normbench bench --out {output} --max-time {params.max_time} --repeats {params.repeats} --threads {threads} "
-        "--device {params.device} "
+        "--device {params.device} --fold {params.fold:q} "
         "> {log} 2>&1"

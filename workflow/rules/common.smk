@@ -232,6 +232,18 @@ def layer_device():
     return "cuda" if any(on_cuda(device) for device in CELL_DEVICES) else "cpu"
 
 
+def fold_benchmarks():
+    """The model of each study that claims C11, as the settings of its first BN cell: the micro-benchmarks time its
+    inference with BN folded and not, while nothing else runs (the cells check the folded outputs)."""
+    models = {}
+    for study, spec in config["studies"].items():
+        cells = [{**study_settings(study), **cell} for cell in GRIDS[study]]
+        bn_cells = [cell for cell in cells if cell.get("norm", Settings.norm) == "bn"]
+        if "C11" in spec.get("claims", []) and bn_cells:
+            models[study] = bn_cells[0]
+    return models
+
+
 def timed_out_marker(wildcards):
     """A timed-out cell continues when its time limit rises: at planning, such a cell gets (or renews) a file
     `time_limit_raised` in its folder, an input of its train job that is then newer than its outputs. Once a

@@ -96,6 +96,13 @@ def _sections(arguments: list[tuple], jobs: int) -> list[dict]:
         return list(pool.map(study_section, *zip(*arguments)))
 
 
+def rounds_of(rounds: pd.DataFrame, study: str) -> pd.DataFrame:
+    """The micro-benchmark rounds a study's claims read: its model's inference folded and not (C11); for
+    `benchmarks`, the norm layers' (C12)."""
+    folding = rounds["fold_study"] if "fold_study" in rounds else pd.Series(None, index=rounds.index, dtype=object)
+    return rounds[folding.isna()] if study == "benchmarks" else rounds[folding == study]
+
+
 def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, bench: Path | None = None,
                   invocation: Path | None = None, jobs: int = 1) -> None:
     """Write the report for the workflow `config` from the tables in `tables` and the micro-benchmarks in
@@ -119,11 +126,12 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
     set_style()
     # Sections in the config's order (studies of earlier runs that the config no longer names, last).
     order = {study: index for index, study in enumerate(studies)}
-    by_study = {study: claims.Tables(study_cells, curves[curves["study"] == study], probes[probes["study"] == study])
+    by_study = {study: claims.Tables(study_cells, curves[curves["study"] == study], probes[probes["study"] == study],
+                                     rounds_of(rounds, study))
                 for study, study_cells in sorted(cells.groupby("study", sort=False),
                                                  key=lambda item: order.get(item[0], len(order)))}
     if not rounds.empty:
-        by_study["benchmarks"] = claims.Tables(bench=rounds)
+        by_study["benchmarks"] = claims.Tables(bench=rounds_of(rounds, "benchmarks"))
     verdicts = claims.evaluate(claims.claim_sections(config), by_study)  # on the full plugin references
     write_table(claims_table(verdicts), out.parent / "claims.csv")
     record = run_record(config, cells, run.get("started"), run.get("command"))
@@ -131,7 +139,7 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
     by_study = {study: claims.Tables(*(shown(table) for table in (tables_.cells, tables_.curves, tables_.probes)),
                                      tables_.bench) for study, tables_ in by_study.items()}
     sections = _sections([(study, studies.get(study, {}), tables_.cells, tables_.curves, tables_.probes,
-                           out.parent.resolve(), figures_dir)
+                           tables_.bench, out.parent.resolve(), figures_dir)
                           for study, tables_ in by_study.items() if study != "benchmarks"], jobs)
     template = environment().get_template("report.html")
     how = origin.value_counts()
@@ -151,7 +159,7 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
     html = template.render(claims=claim_rows(verdicts, scales), family_wise=family_wise(verdicts),
                            sections=sections, provenance=details,
                            leaderboard=leaderboard(by_study, studies),
-                           numerics=numerics_table(numerics), benchmarks=benchmark_table(rounds),
+                           numerics=numerics_table(numerics), benchmarks=benchmark_table(rounds_of(rounds, "benchmarks")),
                            benchmarks_description=config.get("benchmarks", {}).get("description", ""),
                            generated=pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"))
     write_atomic(out, lambda f: f.write(html))

@@ -17,8 +17,8 @@ from normbench.report.figures import (TABLE_COLUMNS, _format, _label, _save, acc
                                       generalization_figure, gradient_profile_figure, ics_figure, inference_figure,
                                       landscape_figure, percentiles_figure, saturation_figure, shared_device,
                                       study_axes, throughput_figure)
-from normbench.report.tables import (drift_table, folding_table, generalization_table, learning_rate_table, shown,
-                                     step_time_ratios)
+from normbench.report.tables import (drift_table, folding_table, folding_time_table, generalization_table,
+                                     learning_rate_table, shown, step_time_ratios)
 
 
 def origins(cells: pd.DataFrame, started: str | None) -> pd.Series:
@@ -97,7 +97,7 @@ def reference(spec: dict, cells: pd.DataFrame) -> dict | None:
 
 
 def study_section(name: str, spec: dict, cells: pd.DataFrame, curves: pd.DataFrame, probes: pd.DataFrame,
-                  report_dir: Path, figures_dir: Path) -> dict:
+                  bench: pd.DataFrame, report_dir: Path, figures_dir: Path) -> dict:
     if "ghost_batch" in cells:  # per-worker BN as ghost batches: the images behind each statistic
         cells = cells.assign(statistics_batch=claims.statistics_batch(cells))
         curves = curves.assign(statistics_batch=claims.statistics_batch(curves)) if "ghost_batch" in curves else curves
@@ -130,7 +130,10 @@ def study_section(name: str, spec: dict, cells: pd.DataFrame, curves: pd.DataFra
         add("landscape", "Loss landscape along the gradient", landscape_figure(probes))
     if "acc_ema" in quantities:
         add("inference", "Accuracy with running, precise and per-batch BN statistics", inference_figure(probes))
-        section["tables"].append({"title": "BN folded into the conv before it (C11)", **folding_table(probes)})
+        section["tables"].append({"title": "BN folded into the conv before it: outputs (C11)", **folding_table(probes)})
+    if len(bench):
+        section["tables"].append({"title": "BN folded into the conv before it: inference time, timed while nothing "
+                                           "else ran (C11)", **folding_time_table(bench)})
     if "train_acc_eval" in quantities:
         add("generalization", "Train - test accuracy gap", generalization_figure(cells, probes))
         section["tables"].append({"title": "Train and test accuracy (C9)", **generalization_table(cells, probes)})

@@ -16,16 +16,24 @@ from normbench.report.figures import _format, _label, _order, generalization, ti
 
 
 def folding_table(probes: pd.DataFrame) -> dict:
-    """BN folding per setting: the largest output difference and the inference speed-up, mean over seeds (C11)."""
-    wide = probes.pivot_table(index=["batch_size", "bn_momentum", "seed"], columns="quantity", values="value")
-    wide["speedup"] = wide["infer_s_unfolded"] / wide["infer_s_folded"]
-    table = wide.groupby(level=["batch_size", "bn_momentum"]).agg(
-        diff=("fold_rel_diff", "max"), unfolded=("infer_s_unfolded", "mean"), folded=("infer_s_folded", "mean"),
-        speedup=("speedup", "mean"))
-    return {"columns": ["batch size", "BN momentum", "largest output difference (relative)",
-                        "unfolded inference (ms)", "folded inference (ms)", "unfolded / folded"],
-            "rows": [[_format(b), _format(m), f"{row['diff']:.2g}", _format(row["unfolded"] * 1e3),
-                      _format(row["folded"] * 1e3), _format(row["speedup"])] for (b, m), row in table.iterrows()]}
+    """BN folding per setting: the largest output difference of the trained models, over seeds (C11)."""
+    folded = probes[probes["quantity"] == "fold_rel_diff"].groupby(["batch_size", "bn_momentum"])["value"].max()
+    return {"columns": ["batch size", "BN momentum", "largest output difference (relative)"],
+            "rows": [[_format(b), _format(m), f"{diff:.2g}"] for (b, m), diff in folded.items()]}
+
+
+def folding_time_table(rounds: pd.DataFrame) -> dict:
+    """The study's model's inference time folded and not, from the micro-benchmarks (C11): medians over every
+    round, and the ratio's geometric mean with its 95% interval over the repeats."""
+    estimate = claims.mean_interval(claims.time_ratio(rounds, "unfolded", "folded", by="network"), 2, unit="repeats",
+                                    log=True)
+    interval = "" if math.isnan(estimate.low) else f" [{estimate.low:.2f}, {estimate.high:.2f}]"
+    medians = rounds.groupby("network")["time_s"].median()
+    return {"columns": ["device", "batch (inputs)", "unfolded (ms)", "folded (ms)", "unfolded / folded [95% CI]",
+                        "repeats"],
+            "rows": [[rounds["device"].iloc[0], rounds["shape"].iloc[0], _format(medians["unfolded"] * 1e3),
+                      _format(medians["folded"] * 1e3), f"{estimate.value:.2f}{interval}",
+                      str(rounds["repeat"].nunique())]]}
 
 
 def generalization_table(cells: pd.DataFrame, probes: pd.DataFrame) -> dict:
