@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from normbench.bench import CASES, DTYPES
+from normbench.bench import CASES, DTYPES, FOLD_ROUNDS
 from normbench.cli import main
 from normbench.provenance import device_name
 from normbench.report import rounds_of
@@ -45,10 +45,11 @@ def test_bench_times_every_case_and_reports_ratios_to_bn(tmp_path):
     folding = rounds_of(everything, "inference")
     assert len(folding) + len(rounds) == len(everything)
     timed = folding.groupby(["repeat", "network"])["time_s"].agg(["size", "min"])
-    assert len(timed) == 4 and (timed["size"] >= 5).all() and (timed["min"] > 0).all()
+    assert len(timed) == 4 and (timed["size"] == FOLD_ROUNDS).all() and (timed["min"] > 0).all()  # both each round
     assert set(folding["shape"]) == {"250x1x28x28"}  # the CPU's evaluation batch
     row = folding_time_table(folding)["rows"][0]
-    assert row[1] == "250x1x28x28" and row[-1] == "2" and float(row[2]) > 0 and float(row[3]) > 0
+    assert row[1:3] == ["resnet depth 8 width 8", "250x1x28x28"] and row[-1] == "2"
+    assert float(row[3]) > 0 and float(row[4]) > 0
 
 
 @pytest.mark.parametrize("fold, message", [

@@ -356,7 +356,7 @@ def folding_rounds(speedups: list[float], study: str = "inference") -> pd.DataFr
     """Micro-benchmark rounds of a study's model folded and not, one repeat per speed-up."""
     rng = np.random.default_rng(6)
     return pd.DataFrame([{"repeat": repeat, "fold_study": study, "network": network, "device": "cpu",
-                          "shape": "250x1x28x28", "time_s": t}
+                          "shape": "250x1x28x28", "model": "resnet depth 8 width 8", "time_s": t}
                          for repeat, speedup in enumerate(speedups)
                          for network, time_s in (("unfolded", speedup * 1e-2), ("folded", 1e-2))
                          for t in rng.normal(time_s, 1e-5, 20)])
@@ -369,7 +369,7 @@ def test_folding_speed_comes_from_the_benchmarks_and_needs_equal_outputs(differe
     result = verdict("inference", "C11", Tables(cells, probes=rows, bench=folding_rounds([1.3, 1.32, 1.34])))
     assert result.estimate.value == pytest.approx(1.32, rel=1e-3) and result.verdict == expected
     assert result.estimate.sample_unit == "repeats" and result.estimate.samples == 3
-    assert "timed by the micro-benchmarks on cpu, batch 250" in result.note
+    assert "timed by the micro-benchmarks on cpu, an untrained resnet depth 8 width 8 at batch 250" in result.note
 
 
 def test_folding_not_timed_is_inconclusive_and_says_where_it_is_timed():

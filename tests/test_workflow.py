@@ -246,6 +246,24 @@ def test_folding_is_checked_in_the_cells_and_timed_by_the_benchmarks(tmp_path, f
     assert "inference time, timed while nothing else ran (C11)" in (tmp_path / "reports/report.html").read_text()
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"grid": {"width": [4, 8]}}, r"study 'tiny' claims C11, and its cells differ in width: the micro-benchmarks "
+                                  r"time one model"),
+    ({"benchmarks": None}, r"study 'tiny' claims C11, whose inference time the micro-benchmarks take: add a "
+                           r"`benchmarks:` section"),
+])
+def test_folding_claims_are_refused_where_no_single_model_would_be_timed(tmp_path, fashion_root, change, message):
+    write_config(tmp_path, fashion_root, fixed={"model": "resnet", "depth": 8, "probes": ["inference"]},
+                 grid=change.get("grid", {"seed": [0]}), claims=["C11"])
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    if "benchmarks" in change:
+        del config["benchmarks"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    planned = snakemake(tmp_path, "--dry-run")
+    output = planned.stdout + planned.stderr
+    assert planned.returncode != 0 and re.search(message, output), output[-3000:]
+
+
 def test_a_users_config_runs_alone_and_reads_exponents_as_numbers(tmp_path, fashion_root):
     write_config(tmp_path, fashion_root, grid={"norm": ["bn", "gn"]}, claims=[])
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())

@@ -20,6 +20,7 @@ folded outputs the cells check).
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import random
 import tempfile
@@ -33,10 +34,11 @@ from normbench.config import SettingsError
 from normbench.data import model_io
 from normbench.models import build_model
 from normbench.norms import norm_factory
+from normbench.precision import fp32_mode
 from normbench.probes import fold_bn
 from normbench.provenance import device_name
-from normbench.results import read_json, write_json
-from normbench.timing import synchronize
+from normbench.results import PAIRED_ROUNDS, read_json, write_json
+from normbench.timing import DeviceClock, synchronize
 from normbench.train import eval_batch_size, resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -73,28 +75,43 @@ def test_norm_forward_backward(benchmark, device: torch.device, case_position: i
     benchmark(forward_backward)
 
 
-@pytest.mark.parametrize("network", ["unfolded", "folded"])
+FOLD_ROUNDS = 10  # rounds per repeat, each timing the unfolded and then the folded model
+
+
 def test_inference_with_bn_folded(benchmark, device: torch.device, case_position: int, fold_study: str,
-                                  fold_settings: dict, network: str) -> None:
-    """A study's model in eval mode on a batch of the device's evaluation size, fp32, its BN folded or not (C11)."""
+                                  fold_settings: dict) -> None:
+    """A study's model in eval mode on a batch of the device's evaluation size, unfolded and with its BN folded (C11),
+    in fp32 as its cells run (TF32 only where the study sets tf32). Each round times the two back to back: this
+    machine's speed drifts by tens of percent within seconds, and timed as two cases, apart, the ratio went from
+    0.94 to 1.57 between repeats of one run."""
     settings = make_settings(fold_settings)
     input_shape, num_classes = model_io(settings)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     torch.manual_seed(0)
     model = build_model(settings, input_shape, num_classes).to(device).eval()
-    model = (fold_bn(model) if network == "folded" else model).to(memory_format=memory_format)
+    networks = {"unfolded": model.to(memory_format=memory_format),
+                "folded": fold_bn(model).to(memory_format=memory_format)}
     shape = (eval_batch_size(device), *input_shape)
     x = torch.randn(shape).to(device).contiguous(memory_format=memory_format) if len(shape) == 4 else \
         torch.randint(num_classes, shape, device=device)  # token ids for the language model
-    benchmark.extra_info.update(fold_study=fold_study, network=network, shape="x".join(map(str, shape)),
-                                position=case_position, device=device_name(device), threads=torch.get_num_threads())
+    clock = DeviceClock(device)
+    times: dict[str, list[float]] = {name: [] for name in networks}
 
-    @torch.no_grad()
-    def inference() -> None:
-        model(x)
-        synchronize(device)
+    def both() -> None:
+        for name, network in networks.items():
+            started = clock.mark()
+            network(x)
+            times[name].append(clock.seconds(started, clock.mark()))
 
-    benchmark(inference)
+    with torch.no_grad(), fp32_mode(settings.tf32, settings.deterministic):
+        both()  # warm-up, not kept
+        for kept in times.values():
+            kept.clear()
+        benchmark.pedantic(both, rounds=FOLD_ROUNDS)
+    depth = f" depth {settings.depth}" if settings.depth else ""
+    benchmark.extra_info.update(fold_study=fold_study, shape="x".join(map(str, shape)), position=case_position,
+                                model=f"{settings.model}{depth} width {settings.width}", device=device_name(device),
+                                threads=torch.get_num_threads(), **{PAIRED_ROUNDS: times})
 
 
 WARM_UP = "warm_up"  # extra_info key of the case each session runs first and `run` throws away
@@ -160,7 +177,7 @@ def run(out: Path, max_time_s: float, threads: int | None = None, device: str = 
             process.start()
             process.join()
             if process.exitcode != 0:
-                raise RuntimeError(f"the norm micro-benchmarks failed in repeat {repeat} (exit code {process.exitcode})")
+                raise RuntimeError(f"the micro-benchmarks failed in repeat {repeat} (exit code {process.exitcode})")
             sessions.append(read_json(part))
     for repeat, result in enumerate(sessions):
         for case in result["benchmarks"]:
@@ -170,10 +187,28 @@ def run(out: Path, max_time_s: float, threads: int | None = None, device: str = 
     write_json(out, merged)
 
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> None:
+    """Keep freed buffers in the process, as a steady loop does. By default glibc gives large freed activations
+    back to the OS and faults their pages in again when they are reallocated, more in some processes than in
+    others: with the same code, the inference study's folded model took 27 ms a batch in some sessions and 46 ms
+    in others, and the unfolded/folded ratio went from 1.0 to 1.7; with this, 1.1 to 1.3."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: its allocator keeps its own policy
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 25)  # glibc's largest: buffers up to 32 MB come from the heap
+
+
 def session(out: Path, max_time_s: float, threads: int | None, device: str, order_seed: int = 0,
             fold: dict[str, dict] | None = None) -> None:
     """One pytest-benchmark session of every case, in this process and in the order `order_seed` shuffles them
     into, into `out`."""
+    keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -186,4 +221,4 @@ def session(out: Path, max_time_s: float, threads: int | None, device: str, orde
                             "--benchmark-warmup=on", "--benchmark-sort=name"],
                            plugins=[_SessionPlugin(resolve_device(device), order_seed, fold or {})])
     if code != 0:
-        raise RuntimeError(f"the norm micro-benchmarks failed (pytest exit code {code})")
+        raise RuntimeError(f"the micro-benchmarks failed (pytest exit code {code})")

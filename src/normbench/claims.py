@@ -711,8 +711,8 @@ def _folding_is_free(tables: Tables, spec: dict) -> Estimate:
         return Estimate(math.nan, math.nan, math.nan, 0, "repeats", 0, join_notes(
             f"largest folded output difference {worst:.2g} relative", "inference not timed: the micro-benchmarks time "
             "it (the config's benchmarks section)"), "cases", fails=fails, scale="log")
-    timed_on = ", ".join(f"{device}, batch {shape.split('x')[0]}" for device, shape in
-                         rounds[["device", "shape"]].drop_duplicates().itertuples(index=False))
+    timed_on = ", ".join(f"{device}, an untrained {model} at batch {shape.split('x')[0]}" for device, model, shape in
+                         rounds[["device", "model", "shape"]].drop_duplicates().itertuples(index=False))
     estimate = mean_interval(time_ratio(rounds, "unfolded", "folded", by="network"), rounds["network"].nunique(),
                              unit="repeats", cell_unit="cases", log=True)
     note = join_notes(estimate.note, f"largest folded output difference {worst:.2g} relative (the trained cells)",

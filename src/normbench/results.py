@@ -126,9 +126,19 @@ def aggregate(summary_paths: Iterable[str | Path], runs_root: str | Path,
     return {"cells": pd.DataFrame(cells), "curves": pd.DataFrame(curves), "probes": pd.DataFrame(probes)}
 
 
+PAIRED_ROUNDS = "rounds_by_network"  # extra_info of a benchmark case whose rounds each time several networks
+
+
 def benchmark_rounds(path: str | Path) -> pd.DataFrame:
     """pytest-benchmark's JSON (run with --benchmark-save-data) as tidy rows: one per timing round,
-    with the case's extra_info (layout, norm, dtype, shape, device, threads, and the repeat: its session)."""
-    benchmarks = read_json(path)["benchmarks"]
-    return pd.DataFrame([{"repeat": 0, **bench["extra_info"], "round": index, "time_s": seconds}
-                         for bench in benchmarks for index, seconds in enumerate(bench["stats"]["data"])])
+    with the case's extra_info (layout, norm, dtype, shape, device, threads, and the repeat: its session). A case
+    whose rounds each timed several networks (PAIRED_ROUNDS, C11's folding) gives one row per network and
+    round, with its `network`."""
+    rows = []
+    for bench in read_json(path)["benchmarks"]:
+        info = {"repeat": 0, **bench["extra_info"]}
+        paired = info.pop(PAIRED_ROUNDS, None)
+        parts = paired.items() if paired else [(None, bench["stats"]["data"])]
+        rows += [{**info, **({"network": network} if network else {}), "round": index, "time_s": seconds}
+                 for network, times in parts for index, seconds in enumerate(times)]
+    return pd.DataFrame(rows)

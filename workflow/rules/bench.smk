@@ -1,11 +1,13 @@
 rule bench:
+    input:
+        folded_model_files,
     output:
         BENCH,
     params:
         max_time=lambda wildcards: config["benchmarks"]["max_time_s"],  # the schema fills in the defaults
         repeats=lambda wildcards: config["benchmarks"]["repeats"],
         device=lambda wildcards: layer_device(),
-        fold=lambda wildcards: json.dumps(fold_benchmarks(), sort_keys=True),
+        fold=lambda wildcards: json.dumps(FOLDED_MODELS, sort_keys=True),
     threads: os.cpu_count()  # alone on the machine (Snakemake caps it at --cores): timings untouched by training
     resources:
         gpu=lambda wildcards: int(layer_device() == "cuda"),

@@ -12,7 +12,7 @@ import pandas as pd
 import yaml
 from snakemake.utils import Paramspace, validate
 
-from normbench.cells import study_cells
+from normbench.cells import ARCHITECTURE, study_cells
 from normbench.claims import check_claims, claim_sections
 from normbench.config import Settings, SettingsError, format_assignment, normalize_workflow_config
 from normbench.data import dataset_files
@@ -83,6 +83,39 @@ check_claims(
     },
     {study: study_resources(study)["gpu_share"] for study in config["studies"]},
 )
+
+# The settings that decide a model's inference time: a training setting changed reruns the cells, not the benchmarks.
+TIMED_SETTINGS = (*ARCHITECTURE, "channels_last", "tf32", "deterministic")
+
+
+def folded_models():
+    """The model of each study that claims C11: the micro-benchmarks time its inference with BN folded and not, while
+    nothing else runs (the cells check the folded outputs). Refused where no benchmark would time it, or where the
+    study's cells hold several models (one is timed)."""
+    models = {}
+    for study, spec in config["studies"].items():
+        if "C11" not in spec.get("claims", []):
+            continue
+        if "benchmarks" not in config:
+            raise SettingsError(f"study {study!r} claims C11, whose inference time the micro-benchmarks take: add a "
+                                f"`benchmarks:` section to the config (e.g. {{max_time_s: 0.05, repeats: 5}})")
+        cells = [{**study_settings(study), **values} for values in GRIDS[study]]
+        differing = [name for name in TIMED_SETTINGS if len({json.dumps(cell.get(name)) for cell in cells}) > 1]
+        if differing:
+            raise SettingsError(f"study {study!r} claims C11, and its cells differ in {', '.join(differing)}: the "
+                                f"micro-benchmarks time one model; claim C11 in a study of one model")
+        models[study] = {name: cells[0][name] for name in TIMED_SETTINGS if name in cells[0]}
+    return models
+
+
+FOLDED_MODELS = folded_models()
+
+
+def folded_model_files(wildcards):
+    """The files the timed models are built from (a plugged-in model, a text corpus): changed, they are timed again."""
+    return [str(plugin_source(settings["model"])) for settings in FOLDED_MODELS.values()
+            if is_plugin(settings.get("model", ""))] + \
+        [settings["text_path"] for settings in FOLDED_MODELS.values() if settings.get("dataset") == "text"]
 
 
 onstart:
@@ -230,18 +263,6 @@ def layer_device():
     """Where the micro-benchmarks and the numerics table run: CUDA when the config's cells do (so C12 and the
     error table describe the device that trained), else the CPU."""
     return "cuda" if any(on_cuda(device) for device in CELL_DEVICES) else "cpu"
-
-
-def fold_benchmarks():
-    """The model of each study that claims C11, as the settings of its first BN cell: the micro-benchmarks time its
-    inference with BN folded and not, while nothing else runs (the cells check the folded outputs)."""
-    models = {}
-    for study, spec in config["studies"].items():
-        cells = [{**study_settings(study), **cell} for cell in GRIDS[study]]
-        bn_cells = [cell for cell in cells if cell.get("norm", Settings.norm) == "bn"]
-        if "C11" in spec.get("claims", []) and bn_cells:
-            models[study] = bn_cells[0]
-    return models
 
 
 def timed_out_marker(wildcards):

@@ -29,9 +29,10 @@ def folding_time_table(rounds: pd.DataFrame) -> dict:
                                     log=True)
     interval = "" if math.isnan(estimate.low) else f" [{estimate.low:.2f}, {estimate.high:.2f}]"
     medians = rounds.groupby("network")["time_s"].median()
-    return {"columns": ["device", "batch (inputs)", "unfolded (ms)", "folded (ms)", "unfolded / folded [95% CI]",
-                        "repeats"],
-            "rows": [[rounds["device"].iloc[0], rounds["shape"].iloc[0], _format(medians["unfolded"] * 1e3),
+    return {"columns": ["device", "model (untrained)", "batch (inputs)", "unfolded (ms)", "folded (ms)",
+                        "unfolded / folded [95% CI]", "repeats"],
+            "rows": [[rounds["device"].iloc[0], rounds["model"].iloc[0], rounds["shape"].iloc[0],
+                      _format(medians["unfolded"] * 1e3),
                       _format(medians["folded"] * 1e3), f"{estimate.value:.2f}{interval}",
                       str(rounds["repeat"].nunique())]]}
 
