@@ -352,14 +352,17 @@ def test_generalization_gap_without_bn_minus_with_bn():
     assert result.estimate.value == pytest.approx(0.10) and result.verdict == "supported"
 
 
-def folding_rounds(speedups: list[float], study: str = "inference") -> pd.DataFrame:
-    """Micro-benchmark rounds of a study's model folded and not, one repeat per speed-up."""
+def folding_rounds(speedups: list[float], study: str = "inference", drift: float = 0.0) -> pd.DataFrame:
+    """Micro-benchmark rounds of a study's model folded and not, one repeat per speed-up; each round's pair of times
+    shares the machine's speed at that moment, which `drift` moves from round to round."""
     rng = np.random.default_rng(6)
-    return pd.DataFrame([{"repeat": repeat, "fold_study": study, "network": network, "device": "cpu",
-                          "shape": "250x1x28x28", "model": "resnet depth 8 width 8", "time_s": t}
-                         for repeat, speedup in enumerate(speedups)
-                         for network, time_s in (("unfolded", speedup * 1e-2), ("folded", 1e-2))
-                         for t in rng.normal(time_s, 1e-5, 20)])
+    rows = []
+    for repeat, speedup in enumerate(speedups):
+        for round_, speed in enumerate(np.exp(rng.normal(0, drift, 20))):
+            rows += [{"repeat": repeat, "round": round_, "fold_study": study, "network": network, "device": "cpu",
+                      "shape": "250x1x28x28", "model": "resnet, depth 8, width 8", "time_s": time_s * speed}
+                     for network, time_s in (("unfolded", speedup * 1e-2), ("folded", 1e-2))]
+    return pd.DataFrame(rows)
 
 
 @pytest.mark.parametrize("difference, expected", [(1e-7, "supported"), (1e-3, "refuted")])
@@ -369,7 +372,15 @@ def test_folding_speed_comes_from_the_benchmarks_and_needs_equal_outputs(differe
     result = verdict("inference", "C11", Tables(cells, probes=rows, bench=folding_rounds([1.3, 1.32, 1.34])))
     assert result.estimate.value == pytest.approx(1.32, rel=1e-3) and result.verdict == expected
     assert result.estimate.sample_unit == "repeats" and result.estimate.samples == 3
-    assert "timed by the micro-benchmarks on cpu, an untrained resnet depth 8 width 8 at batch 250" in result.note
+    assert "timed by the micro-benchmarks on cpu: an untrained resnet, depth 8, width 8 (batch 250)" in result.note
+
+
+def test_folding_speed_is_taken_round_by_round():
+    """The machine's speed moves from round to round by 30%; each round's pair shares it, so the ratio stays exact."""
+    cells = cells_table({"batch_size": [8]}, lambda point, rng: 0.9, norm="bn", device="cpu")
+    rows = probe_rows(cells, lambda cell: [("fold_rel_diff", 1e-7, {})])
+    result = verdict("inference", "C11", Tables(cells, probes=rows, bench=folding_rounds([1.2] * 3, drift=0.3)))
+    assert result.estimate.value == pytest.approx(1.2) and result.estimate.high / result.estimate.low < 1.001
 
 
 def test_folding_not_timed_is_inconclusive_and_says_where_it_is_timed():

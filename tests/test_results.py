@@ -67,3 +67,20 @@ def test_a_damaged_result_file_stops_the_aggregate_naming_the_cell(tmp_path, dam
         aggregate(summaries, runs)
     with pytest.raises(SystemExit, match=r"normbench: error: .*cut.* not valid JSON"):
         main(["aggregate", *map(str, summaries), "--runs-root", str(runs), "--out", str(tmp_path / "tables")])
+
+
+def test_benchmark_rounds_expand_paired_cases_by_network(tmp_path):
+    """A norm case gives one row per round; C11's case, whose rounds each timed two networks, one per network and
+    round."""
+    from normbench.results import PAIRED_ROUNDS, benchmark_rounds
+
+    norm = {"extra_info": {"repeat": 0, "norm": "bn", "layout": "channels"}, "stats": {"data": [1.0, 2.0, 3.0]}}
+    paired = {"extra_info": {"repeat": 0, "fold_study": "inference", PAIRED_ROUNDS: {"unfolded": [4.0, 5.0],
+                                                                                     "folded": [2.0, 2.5]}},
+              "stats": {"data": [6.0, 7.5]}}
+    write_json(tmp_path / "bench.json", {"benchmarks": [norm, paired]})
+    rounds = benchmark_rounds(tmp_path / "bench.json")
+    assert rounds[rounds["norm"] == "bn"]["time_s"].tolist() == [1.0, 2.0, 3.0]
+    folding = rounds[rounds["fold_study"] == "inference"].set_index(["network", "round"])["time_s"]
+    assert folding.to_dict() == {("unfolded", 0): 4.0, ("unfolded", 1): 5.0, ("folded", 0): 2.0, ("folded", 1): 2.5}
+    assert PAIRED_ROUNDS not in rounds

@@ -251,6 +251,8 @@ def test_folding_is_checked_in_the_cells_and_timed_by_the_benchmarks(tmp_path, f
                                   r"time one model"),
     ({"benchmarks": None}, r"study 'tiny' claims C11, whose inference time the micro-benchmarks take: add a "
                            r"`benchmarks:` section"),
+    ({"grid": {"precision": ["bf16"]}}, r"study 'tiny' claims C11, which is timed in fp32, and its cells train in "
+                                        r"bf16"),
 ])
 def test_folding_claims_are_refused_where_no_single_model_would_be_timed(tmp_path, fashion_root, change, message):
     write_config(tmp_path, fashion_root, fixed={"model": "resnet", "depth": 8, "probes": ["inference"]},

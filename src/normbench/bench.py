@@ -15,7 +15,8 @@ its study's cells, which trained beside other jobs: a cell's timings moved
 with what ran on the other core (an unfolded/folded ratio of 1.12-1.67 alone
 against 0.94-1.02 beside training). The architecture decides the time, so an
 untrained model of the study's settings stands in for the trained ones (whose
-folded outputs the cells check).
+folded outputs the cells check). Each session keeps its freed memory
+(`keep_freed_memory`), as a steady loop does.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import ctypes
 import multiprocessing
 import random
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,7 @@ from normbench.config import SettingsError
 from normbench.data import model_io
 from normbench.models import build_model
 from normbench.norms import norm_factory
+from normbench.plugins import describe_model
 from normbench.precision import fp32_mode
 from normbench.probes import fold_bn
 from normbench.provenance import device_name
@@ -81,9 +84,8 @@ FOLD_ROUNDS = 10  # rounds per repeat, each timing the unfolded and then the fol
 def test_inference_with_bn_folded(benchmark, device: torch.device, case_position: int, fold_study: str,
                                   fold_settings: dict) -> None:
     """A study's model in eval mode on a batch of the device's evaluation size, unfolded and with its BN folded (C11),
-    in fp32 as its cells run (TF32 only where the study sets tf32). Each round times the two back to back: this
-    machine's speed drifts by tens of percent within seconds, and timed as two cases, apart, the ratio went from
-    0.94 to 1.57 between repeats of one run."""
+    in fp32 (TF32 only where the study sets tf32). Each round times the two back to back, in turn first, so that
+    the ratio can be taken round by round."""
     settings = make_settings(fold_settings)
     input_shape, num_classes = model_io(settings)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
@@ -92,15 +94,15 @@ def test_inference_with_bn_folded(benchmark, device: torch.device, case_position
     networks = {"unfolded": model.to(memory_format=memory_format),
                 "folded": fold_bn(model).to(memory_format=memory_format)}
     shape = (eval_batch_size(device), *input_shape)
-    x = torch.randn(shape).to(device).contiguous(memory_format=memory_format) if len(shape) == 4 else \
-        torch.randint(num_classes, shape, device=device)  # token ids for the language model
+    x = torch.randint(num_classes, shape, device=device) if settings.dataset == "text" else \
+        torch.randn(shape).to(device).contiguous(memory_format=memory_format)
     clock = DeviceClock(device)
     times: dict[str, list[float]] = {name: [] for name in networks}
 
     def both() -> None:
-        for name, network in networks.items():
+        for name in ("unfolded", "folded") if len(times["folded"]) % 2 == 0 else ("folded", "unfolded"):
             started = clock.mark()
-            network(x)
+            networks[name](x)
             times[name].append(clock.seconds(started, clock.mark()))
 
     with torch.no_grad(), fp32_mode(settings.tf32, settings.deterministic):
@@ -108,9 +110,8 @@ def test_inference_with_bn_folded(benchmark, device: torch.device, case_position
         for kept in times.values():
             kept.clear()
         benchmark.pedantic(both, rounds=FOLD_ROUNDS)
-    depth = f" depth {settings.depth}" if settings.depth else ""
     benchmark.extra_info.update(fold_study=fold_study, shape="x".join(map(str, shape)), position=case_position,
-                                model=f"{settings.model}{depth} width {settings.width}", device=device_name(device),
+                                model=describe_model(vars(settings)), device=device_name(device),
                                 threads=torch.get_num_threads(), **{PAIRED_ROUNDS: times})
 
 
@@ -192,16 +193,18 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
 def keep_freed_memory() -> None:
-    """Keep freed buffers in the process, as a steady loop does. By default glibc gives large freed activations
-    back to the OS and faults their pages in again when they are reallocated, more in some processes than in
-    others: with the same code, the inference study's folded model took 27 ms a batch in some sessions and 46 ms
-    in others, and the unfolded/folded ratio went from 1.0 to 1.7; with this, 1.1 to 1.3."""
+    """Keep freed buffers in the process, as a steady loop does, for every case (C11's and C12's). By default glibc
+    gives large freed activations back to the OS and faults their pages in again when they are reallocated, more
+    in some processes than in others: with the same code, the inference study's folded model took 27 ms a batch in
+    some sessions and 46 ms in others, and the unfolded/folded ratio ranged from 1.0 to 1.7 over five repeats; with
+    this, from 1.15 to 1.22."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return  # not glibc: its allocator keeps its own policy
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 25)  # glibc's largest: buffers up to 32 MB come from the heap
+    # Buffers up to 32 MB from the heap (the largest every glibc accepts), and the heap's top kept.
+    if not (libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(M_MMAP_THRESHOLD, 1 << 25)):
+        warnings.warn("glibc refused to keep freed memory in the process: timings may vary between repeats")
 
 
 def session(out: Path, max_time_s: float, threads: int | None, device: str, order_seed: int = 0,

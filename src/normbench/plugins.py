@@ -96,3 +96,12 @@ def provenance(references: list[str]) -> dict[str, dict]:
     """Each plugin reference with its file and that file's SHA-256, for env.json."""
     return {reference: {"file": str(source_file(reference).resolve()), "sha256": file_sha256(source_file(reference))}
             for reference in references if is_plugin(reference)}
+
+
+def describe_model(settings) -> str:
+    """The model in a few words, e.g. "resnet, depth 8, width 8", a plugged-in one by its short name (`settings`: a
+    mapping, or a table's row)."""
+    depth = settings.get("depth")
+    depth = f", depth {depth:g}" if depth and depth == depth else ""  # None, 0 and a table's NaN: no depth
+    model = short_name(settings["model"]) if is_plugin(settings["model"]) else settings["model"]
+    return f"{model}{depth}, width {settings['width']:g}"

@@ -138,7 +138,7 @@ def benchmark_rounds(path: str | Path) -> pd.DataFrame:
     for bench in read_json(path)["benchmarks"]:
         info = {"repeat": 0, **bench["extra_info"]}
         paired = info.pop(PAIRED_ROUNDS, None)
-        parts = paired.items() if paired else [(None, bench["stats"]["data"])]
+        parts = paired.items() if paired is not None else [(None, bench["stats"]["data"])]
         rows += [{**info, **({"network": network} if network else {}), "round": index, "time_s": seconds}
                  for network, times in parts for index, seconds in enumerate(times)]
     return pd.DataFrame(rows)

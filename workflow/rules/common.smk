@@ -104,6 +104,9 @@ def folded_models():
         if differing:
             raise SettingsError(f"study {study!r} claims C11, and its cells differ in {', '.join(differing)}: the "
                                 f"micro-benchmarks time one model; claim C11 in a study of one model")
+        if cells[0].get("precision", Settings.precision) != "fp32":
+            raise SettingsError(f"study {study!r} claims C11, which is timed in fp32, and its cells train in "
+                                f"{cells[0]['precision']}: claim C11 in an fp32 study")
         models[study] = {name: cells[0][name] for name in TIMED_SETTINGS if name in cells[0]}
     return models
 
@@ -112,10 +115,8 @@ FOLDED_MODELS = folded_models()
 
 
 def folded_model_files(wildcards):
-    """The files the timed models are built from (a plugged-in model, a text corpus): changed, they are timed again."""
-    return [str(plugin_source(settings["model"])) for settings in FOLDED_MODELS.values()
-            if is_plugin(settings.get("model", ""))] + \
-        [settings["text_path"] for settings in FOLDED_MODELS.values() if settings.get("dataset") == "text"]
+    """The files the timed models are built from: changed, they are timed again."""
+    return [path for values in FOLDED_MODELS.values() for path in model_files(Settings(**values))]
 
 
 onstart:
@@ -282,11 +283,16 @@ def timed_out_marker(wildcards):
     return [marker] if os.path.exists(marker) else []
 
 
+def model_files(settings):
+    """The files a model is built from: a plugged-in norm's or model's source, a text corpus (its vocabulary)."""
+    plugins = [str(plugin_source(name)) for name in (settings.norm, settings.model) if is_plugin(name)]
+    return ([settings.text_path] if settings.dataset == "text" else []) + plugins
+
+
 def cell_input_files(wildcards):
     """The data a cell reads, and the files of a plugged-in norm or model: a changed plugin makes its cells out of
     date."""
     settings = cell_settings(wildcards)
-    plugin = [str(plugin_source(name)) for name in (settings.norm, settings.model) if is_plugin(name)]
-    if settings.dataset == "text":
-        return [settings.text_path, *plugin]
-    return [f"{settings.data_root}/{path}" for path in dataset_files(settings.dataset)] + plugin
+    images = [] if settings.dataset == "text" else \
+        [f"{settings.data_root}/{path}" for path in dataset_files(settings.dataset)]
+    return images + model_files(settings)

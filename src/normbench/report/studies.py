@@ -12,7 +12,7 @@ import pandas as pd
 
 from normbench import claims
 from normbench.captions import FIGURE_CAPTIONS
-from normbench.plugins import is_plugin, short_name
+from normbench.plugins import describe_model, is_plugin, short_name
 from normbench.report.figures import (TABLE_COLUMNS, _format, _label, _save, accuracy_figure, curves_figure,
                                       generalization_figure, gradient_profile_figure, ics_figure, inference_figure,
                                       landscape_figure, percentiles_figure, saturation_figure, shared_device,
@@ -36,13 +36,6 @@ def trained(cells: pd.DataFrame, origin: pd.Series) -> pd.Series:
     reused = "reused, trained " + pd.to_datetime(cells["env_time"], utc=True).dt.strftime("%Y-%m-%d %H:%M")
     return pd.Series(np.select([origin == "resumed", origin == "reused"], [resumed_from, reused], "this run"),
                      index=cells.index)
-
-
-def describe_model(settings: dict) -> str:
-    """The model in a few words, e.g. "resnet, depth 8, width 8"."""
-    depth = f", depth {settings['depth']:g}" if pd.notna(settings.get("depth")) and settings.get("depth") else ""
-    model = short_name(settings["model"]) if is_plugin(settings["model"]) else settings["model"]
-    return f"{model}{depth}, width {settings['width']:g}"
 
 
 def memory_format(cells: pd.DataFrame) -> str:
