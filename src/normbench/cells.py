@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from normbench.claims import studies_claiming
 from normbench.config import Settings, SettingsError, check_against_schema
 from normbench.data import model_io
 from normbench.plugins import is_plugin
@@ -160,7 +161,7 @@ def studies_table(config: dict[str, Any]) -> str:
         lines.append(f"| `{name}` | {claims} | {cells} | {model.model}, width {model.width}{depth}: {' × '.join(axes)} |")
     if "benchmarks" in config:
         claims = ", ".join(config["benchmarks"].get("claims", {})) or "none"
-        folding = [name for name, study in config["studies"].items() if "C11" in study.get("claims", [])]
+        folding = studies_claiming(config, "C11")
         folded = f"; inference with BN folded and not, for the model of {', '.join(folding)} (C11's speed)" \
             if folding else ""
         lines.append(f"| micro-benchmarks | {claims} | | forward + backward of each norm layer on conv maps and "

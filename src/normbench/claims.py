@@ -699,11 +699,14 @@ def _bn_narrows_generalization_gap(tables: Tables, spec: dict) -> Estimate:
 FOLDED_OUTPUT_TOLERANCE = 1e-4  # docs/claims.md, C11: folded outputs equal to 1e-4 relative
 
 
-def folding_speedup(rounds: pd.DataFrame) -> pd.Series:
-    """Per benchmark repeat, the median over its rounds of the unfolded model's time over the folded one's, each
-    round's two timed back to back."""
-    paired = rounds.pivot_table(index=["repeat", "round"], columns="network", values="time_s")
-    return (paired["unfolded"] / paired["folded"]).groupby(level="repeat").median()
+def folding_speedup(rounds: pd.DataFrame) -> Estimate:
+    """The unfolded model's time over the folded one's: per benchmark repeat the median over its rounds, each
+    round's two timed back to back; over the repeats, the geometric mean with its interval (one case)."""
+    per_repeat = pd.Series(dtype=float)  # none: not timed
+    if len(rounds):
+        paired = rounds.pivot_table(index=["repeat", "round"], columns="network", values="time_s")
+        per_repeat = (paired["unfolded"] / paired["folded"]).groupby(level="repeat").median()
+    return mean_interval(per_repeat, 1, unit="repeats", cell_unit="cases", log=True)
 
 
 def _folding_is_free(tables: Tables, spec: dict) -> Estimate:
@@ -713,15 +716,13 @@ def _folding_is_free(tables: Tables, spec: dict) -> Estimate:
     fails = (f"folded outputs differ by {worst:.2g} (relative), more than {FOLDED_OUTPUT_TOLERANCE:g}"
              if worst > FOLDED_OUTPUT_TOLERANCE else "")
     rounds = tables.bench
-    if rounds.empty:
-        return Estimate(math.nan, math.nan, math.nan, 0, "repeats", 0, join_notes(
-            f"largest folded output difference {worst:.2g} relative", "inference not timed: the micro-benchmarks time "
-            "it (the config's benchmarks section)"), "cases", fails=fails, scale="log")
     timed_on = ", ".join(f"{device}: an untrained {model} (batch {shape.split('x')[0]})" for device, model, shape in
-                         rounds[["device", "model", "shape"]].drop_duplicates().itertuples(index=False))
-    estimate = mean_interval(folding_speedup(rounds), 1, unit="repeats", cell_unit="cases", log=True)
+                         rounds[["device", "model", "shape"]].drop_duplicates().itertuples(index=False)) \
+        if len(rounds) else ""
+    estimate = folding_speedup(rounds)
     note = join_notes(estimate.note, f"largest folded output difference {worst:.2g} relative (the trained cells)",
-                      f"timed by the micro-benchmarks on {timed_on}")
+                      f"timed by the micro-benchmarks on {timed_on}" if timed_on else
+                      "inference not timed: the micro-benchmarks time it (the config's benchmarks section)")
     return dataclasses.replace(estimate, note=note, fails=fails)
 
 
@@ -851,6 +852,11 @@ def study_claims(study: str, spec: dict) -> list[Claim]:
     """The claims a config section lists: built-in ids, and claims declared in place."""
     return [declared_claim(entry, study) if isinstance(entry, dict) else CLAIMS_BY_ID[entry]
             for entry in spec.get("claims", []) if isinstance(entry, dict) or entry in CLAIMS_BY_ID]
+
+
+def studies_claiming(config: dict, claim_id: str) -> list[str]:
+    """The studies of a workflow config that list a built-in claim."""
+    return [study for study, spec in config.get("studies", {}).items() if claim_id in spec.get("claims", [])]
 
 
 def claim_sections(config: dict) -> dict[str, dict]:

@@ -35,6 +35,8 @@ def installed(name: str) -> str:
     """A command installed beside this Python (the venv), else the one on PATH (packages installed elsewhere, as on
     a GPU machine without network: .ci/gpu-check)."""
     return str(BIN / name) if (BIN / name).exists() else shutil.which(name) or name
+
+
 ROUNDS = 3
 TRAINING_ROUNDS = 5  # a round trains 12 steps twice, about 20 s on one core
 

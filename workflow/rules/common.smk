@@ -13,7 +13,7 @@ import yaml
 from snakemake.utils import Paramspace, validate
 
 from normbench.cells import ARCHITECTURE, study_cells
-from normbench.claims import check_claims, claim_sections
+from normbench.claims import check_claims, claim_sections, studies_claiming
 from normbench.config import Settings, SettingsError, format_assignment, normalize_workflow_config
 from normbench.data import dataset_files
 from normbench.captions import FIGURE_CAPTIONS
@@ -93,9 +93,7 @@ def folded_models():
     nothing else runs (the cells check the folded outputs). Refused where no benchmark would time it, or where the
     study's cells hold several models (one is timed)."""
     models = {}
-    for study, spec in config["studies"].items():
-        if "C11" not in spec.get("claims", []):
-            continue
+    for study in studies_claiming(config, "C11"):
         if "benchmarks" not in config:
             raise SettingsError(f"study {study!r} claims C11, whose inference time the micro-benchmarks take: add a "
                                 f"`benchmarks:` section to the config (e.g. {{max_time_s: 0.05, repeats: 5}})")

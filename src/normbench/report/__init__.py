@@ -123,6 +123,7 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
     cells["trained"] = trained(cells, origin)
     studies = config.get("studies", {})
     rounds = benchmark_rounds(bench) if bench else pd.DataFrame()
+    norm_rounds = rounds_of(rounds, "benchmarks")
     set_style()
     # Sections in the config's order (studies of earlier runs that the config no longer names, last).
     order = {study: index for index, study in enumerate(studies)}
@@ -131,7 +132,7 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
                 for study, study_cells in sorted(cells.groupby("study", sort=False),
                                                  key=lambda item: order.get(item[0], len(order)))}
     if not rounds.empty:
-        by_study["benchmarks"] = claims.Tables(bench=rounds_of(rounds, "benchmarks"))
+        by_study["benchmarks"] = claims.Tables(bench=norm_rounds)
     verdicts = claims.evaluate(claims.claim_sections(config), by_study)  # on the full plugin references
     write_table(claims_table(verdicts), out.parent / "claims.csv")
     record = run_record(config, cells, run.get("started"), run.get("command"))
@@ -159,7 +160,7 @@ def render_report(tables: Path, config: dict, out: Path, figures_dir: Path, benc
     html = template.render(claims=claim_rows(verdicts, scales), family_wise=family_wise(verdicts),
                            sections=sections, provenance=details,
                            leaderboard=leaderboard(by_study, studies),
-                           numerics=numerics_table(numerics), benchmarks=benchmark_table(rounds_of(rounds, "benchmarks")),
+                           numerics=numerics_table(numerics), benchmarks=benchmark_table(norm_rounds),
                            benchmarks_description=config.get("benchmarks", {}).get("description", ""),
                            generated=pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"))
     write_atomic(out, lambda f: f.write(html))

@@ -26,7 +26,7 @@ def folding_time_table(rounds: pd.DataFrame) -> dict:
     """The study's model's inference time folded and not, from the micro-benchmarks (C11): medians over every
     round, and the ratio (per repeat, the median of its rounds') as a geometric mean with its 95% interval over
     the repeats."""
-    estimate = claims.mean_interval(claims.folding_speedup(rounds), 1, unit="repeats", log=True)
+    estimate = claims.folding_speedup(rounds)
     interval = "" if math.isnan(estimate.low) else f" [{estimate.low:.2f}, {estimate.high:.2f}]"
     medians = rounds.groupby("network")["time_s"].median()
     return {"columns": ["device", "model (untrained)", "batch (inputs)", "unfolded (ms)", "folded (ms)",
