@@ -11,8 +11,8 @@ import pytest
 
 from scipy import stats
 
-from normbench.claims import (CLAIMS, Estimate, Side, Tables, check_claims, claim_sections, decide, evaluate, holm,
-                              mean_interval, p_value, power_analysis)
+from normbench.claims import (CLAIMS, Estimate, Side, Tables, bounded_interval, check_claims, claim_sections, decide,
+                              evaluate, format_estimate, holm, mean_interval, p_value, power_analysis)
 from normbench.config import SettingsError
 
 SEEDS = range(5)
@@ -81,6 +81,20 @@ def test_benchmark_ratio_interval_is_over_repeats(slowdown, spread, repeats, exp
     assert result.estimate.sample_unit == "repeats" and result.estimate.samples == repeats
     assert re.match(r"decided by (GN|LN) on cpu \(both must be slower\); RMSNorm over LN's time: 0.5", result.note)
     assert [label for label, _ in result.estimate.conditions] == ["GN on cpu", "LN on cpu"]  # each apart
+
+
+def test_c12_without_an_interval_for_one_norm_is_inconclusive():
+    """GN clearly slower over 3 repeats, LN timed in one repeat only (no interval), or not at all: the claim says
+    both are slower, so the one without an interval decides, inconclusively."""
+    def rows(norm, repeats, ratio):
+        return [{"repeat": r, "layout": "channels", "dtype": "fp32", "device": "cpu", "norm": norm,
+                 "time_s": ratio * 1e-3} for r in repeats for _ in range(5)]
+
+    timed = rows("bn", range(3), 1.0) + rows("gn", range(3), 2.0)
+    one_ln = verdict("benchmarks", "C12", Tables(bench=pd.DataFrame(timed + rows("ln", [0], 1.0))))
+    assert one_ln.verdict == "inconclusive" and one_ln.note.startswith("decided by LN on cpu")
+    no_ln = verdict("benchmarks", "C12", Tables(bench=pd.DataFrame(timed)))
+    assert no_ln.verdict == "inconclusive" and no_ln.note.startswith("decided by LN on cpu")
 
 
 def learning_rate_tables(none_diverges_from: float, none_speed: float = 0.3) -> Tables:
@@ -152,6 +166,23 @@ def test_a_failed_or_timed_out_run_is_not_a_run_that_never_reached_the_target():
     c13 = verdict("learning_rate", "C13", Tables(cells, curves), report={"target_acc": 0.7, "stable_acc": 0.5})
     assert c13.estimate.samples == len(SEEDS) - 1  # seed 0 has no BN run to compare
     assert "1 of 5 seed(s) without a norm never reached" in c13.note
+
+
+def test_a_timed_out_lr_says_nothing_of_the_stability_boundary():
+    """none diverges from lr 1 on. In seed 0 its lr-1 run timed out instead: that seed's boundary is then known only
+    to lie above 0.1 and below 10, not below 1; BN's top lr timing out leaves its boundary open above 1."""
+    tables = learning_rate_tables(none_diverges_from=1.0)
+    cells = tables.cells.assign(timed_out=False)
+    none_seed0_lr1 = (cells["norm"] == "none") & (cells["seed"] == 0) & (cells["lr"] == 1.0)
+    cells.loc[none_seed0_lr1, ["diverged", "timed_out"]] = [False, True]
+    report = {"report": {"target_acc": 0.7, "stable_acc": 0.5}}
+    c3 = verdict("learning_rate", "C3", Tables(cells, tables.curves), **report)
+    # Seed 0: BN at least 10, none in [0.1, 10): at least 0 decades. The others: at least 10 / 1, one decade.
+    assert c3.estimate.lower_side.mean == pytest.approx((0 + 1 + 1 + 1 + 1) / 5)
+    bn_top = (cells["norm"] == "bn") & (cells["lr"] == 10.0)
+    cells.loc[bn_top, "timed_out"] = True
+    c3 = verdict("learning_rate", "C3", Tables(cells, tables.curves), **report)
+    assert c3.estimate.lower_side.mean == pytest.approx((-1 + 0 + 0 + 0 + 0) / 5)  # BN at least 1 now, not 10
 
 
 def test_init_claims_read_bad_inits_and_sigmoid_gradients():
@@ -276,6 +307,23 @@ def test_ratio_claims_are_judged_on_the_log_scale():
     assert mean_interval(pd.Series([0.2, 1.0, 5.0]), 6).low < 0
 
 
+def test_an_infinite_sample_is_a_bound_at_the_largest_finite_one():
+    """A ratio over a zero (BN's drift or beta exactly 0) is larger than any measured ratio: it counts as at least
+    the largest finite sample, so it can support an `above` rule but never refute it, and shows as a bound."""
+    estimate = mean_interval(pd.Series([3.0, 3.1, 2.9, math.inf]), 8, log=True)
+    bounds = np.log([3.0, 3.1, 2.9, 3.1])
+    low = math.exp(bounds.mean() - stats.t.ppf(0.975, 3) * bounds.std(ddof=1) / 2)
+    assert estimate.censored == 1 and estimate.lower_bound and estimate.high == math.inf
+    assert estimate.low == pytest.approx(low) and decide(estimate, "above", 2.0) == "supported"
+    below = mean_interval(pd.Series([3.0, 3.1, 2.9, 0.0]), 8, log=True)  # a ratio of zero: at most the smallest
+    assert below.upper_bound and below.low == 0.0 and decide(below, "above", 4.0) == "refuted"
+
+
+def test_one_censored_sample_shows_as_a_bound():
+    estimate = bounded_interval(pd.Series([4.0]), pd.Series([math.inf]), 2, log=True)
+    assert format_estimate(estimate) == "≥ 4" and decide(estimate, "above", 2.0) == "inconclusive"
+
+
 def test_tied_samples_get_the_resolution_of_the_measure():
     estimate = mean_interval(pd.Series([0.5, 0.5]), 4, resolution=0.01)
     assert estimate.low == pytest.approx(0.495) and estimate.high == pytest.approx(0.505)
@@ -339,6 +387,9 @@ def test_precise_bn_gap_is_read_at_the_extreme_cell():
     result = verdict("inference", "C8", Tables(cells, probes=probe_rows(cells, rows_of)))
     assert result.estimate.value == pytest.approx(0.05) and result.verdict == "supported"
     assert "momentum 0.9, batch 8" in result.note
+    # Every seed's gap the same: known to one test image (2,000 here), not to a zero-width interval.
+    tied = verdict("inference", "C8", Tables(cells.assign(test_subset=2000), probes=probe_rows(cells, rows_of)))
+    assert tied.estimate.high - tied.estimate.low == pytest.approx(1 / 2000)
 
 
 def test_generalization_gap_without_bn_minus_with_bn():
@@ -483,6 +534,20 @@ def test_a_claim_declared_in_the_config_is_judged_like_the_built_in_ones(dyt, ex
     ratio = evaluate({"t": {"claims": [{**MY_CLAIM, "combine": "ratio", "rule": "above", "threshold": 0.9}]}},
                      {"t": Tables(cells)})[-1]
     assert ratio.estimate.value == pytest.approx(dyt / 0.85, abs=0.01)
+
+
+def test_cells_with_a_blank_setting_are_paired_like_the_others():
+    """The regularization grid: ghost_batch is blank for plain BN and none, 8 for ghost BN. A declared claim on
+    dropout pairs every norm's cells, the blank-ghost-batch ones too (they are all of them here)."""
+    points = [("bn", 0.0, None), ("none", 0.0, None), ("bn", 0.3, None), ("none", 0.3, None), ("ghostbn", 0.0, 8)]
+    gain = {"bn": 0.01, "none": 0.05, "ghostbn": 0.03}  # dropout's accuracy gain per norm
+    rows = [{"cell": f"{norm}/{dropout}/{ghost}/{seed}", "norm": norm, "dropout": dropout, "ghost_batch": ghost,
+             "seed": seed, "diverged": False, "final_test_acc": 0.8 + (gain[norm] if dropout else 0.0)}
+            for (norm, dropout, ghost), seed in itertools.product(points, SEEDS)]
+    claim = {**MY_CLAIM, "compare": {"dropout": [0.3, 0.0]}, "rule": "above", "threshold": 0.0}
+    result = evaluate({"regularization": {"claims": [claim]}}, {"regularization": Tables(pd.DataFrame(rows))})[-1]
+    assert result.estimate.samples == 5
+    assert result.estimate.value == pytest.approx((0.01 + 0.05) / 2)  # bn's and none's gains, ghostbn unpaired
 
 
 @pytest.mark.parametrize("change, message", [

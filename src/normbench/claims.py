@@ -199,7 +199,13 @@ def _paired(cells: pd.DataFrame, value: pd.Series, axis: str, a, b,
     """combine(value(a), value(b)), a difference unless told otherwise, for cells alike in every other setting,
     averaged per seed."""
     keys = [c for c in dict.fromkeys([*varying_settings(cells), "seed"]) if c != axis]
-    wide = cells.assign(_value=value).pivot_table(index=keys, columns=axis, values="_value").reindex(columns=[a, b])
+    # dropna=False: a setting left blank in some cells (ghost_batch of plain BN) is a value of its own, not a reason
+    # to drop them.
+    wide = cells.assign(_value=value).pivot_table(index=keys, columns=axis, values="_value", dropna=False)
+    wide = wide.reindex(columns=[a, b])
+    conditions = [key for key in keys if key != "seed"]
+    if conditions:  # a condition that no seed has on both sides (ghost BN, never with dropout) pairs nothing
+        wide = wide[wide.notna().groupby(level=conditions, dropna=False).transform("any").all(axis=1)]
     paired = combine(wide[a], wide[b])  # a side without cells: no seed gives a value
     # Ratios average on the log scale, as they are judged; a seed counts only with every condition (a seed missing
     # one, timed out say, would average over easier or harder conditions than the others).
@@ -237,15 +243,23 @@ def bounded_interval(lower: pd.Series, upper: pd.Series, cells: int, note: str =
                         cell_unit, scale=scale)
     with np.errstate(divide="ignore"):
         ends = np.log(frame) if log else frame
+    # A sample measured as infinite (a ratio over a zero) is larger than any other: a lower bound at the largest
+    # finite value measured, open above (and the reverse below), so that it can support but never refute.
+    finite = ends.to_numpy()[np.isfinite(ends.to_numpy())]
+    if len(finite):
+        exact = ends["lower"] == ends["upper"]
+        ends.loc[exact & (ends["lower"] == math.inf), "lower"] = finite.max()
+        ends.loc[exact & (ends["upper"] == -math.inf), "upper"] = finite.min()
     censored = int((ends["lower"] != ends["upper"]).sum())
     finite_lower, finite_upper = np.isfinite(ends["lower"]).all(), np.isfinite(ends["upper"]).all()
     # The value shown: the mean of the samples' midpoints, or of their finite ends where a range is open.
     middle = ends.where(np.isfinite(ends)).mean(axis=1)
     center = float(middle.mean())
     back = math.exp if log else float
-    if n == 1:
+    if n == 1:  # a single censored sample is still shown as the bound it is
+        only = lambda end: Side(center, math.nan, 1) if np.isfinite(ends[end]).all() else None  # noqa: E731
         return Estimate(back(center), math.nan, math.nan, 1, unit, cells, join_notes(note, f"one {unit[:-1]}: no interval"),
-                        cell_unit, scale=scale, censored=censored)
+                        cell_unit, scale=scale, lower_side=only("lower"), upper_side=only("upper"), censored=censored)
     half_resolution = (math.log1p(resolution / 2) if log else resolution / 2)
 
     def side(values: pd.Series) -> Side:
@@ -353,8 +367,8 @@ def power_analysis(estimate: Estimate, rule: str, threshold: float) -> tuple[flo
 
 def _p_for(estimate: Estimate, rule: str, threshold: float, verdict: str) -> float:
     """The two-sided p-value of the t-test that would give `verdict` (supported or refuted): against the threshold
-    from that verdict's side (for a supported `within` rule, the larger of the two one-sided tests'); 1 where a
-    censored side leaves no test."""
+    from that verdict's side (for a supported `within` rule, the larger of the tests against the two bounds: twice
+    TOST's p, below 0.05 exactly when the 95% interval lies between them); 1 where a censored side leaves no test."""
     t, lower, upper = estimate.on_scale(threshold), estimate.lower_side, estimate.upper_side
 
     def beyond(side: Side | None, bar: float, above: bool) -> float:
@@ -398,6 +412,8 @@ def time_ratio(rounds: pd.DataFrame, norm: str, reference: str) -> pd.Series:
     """Per benchmark repeat (one process each, on one device), the norm's median time over the reference's: medians
     are robust to a round that another process interrupted, and repeats are independent where rounds are not."""
     medians = rounds.groupby(["repeat", "norm"])["time_s"].median().unstack("norm")
+    if norm not in medians or reference not in medians:  # not benchmarked: no repeat gives a value
+        return pd.Series(dtype=float)
     return medians[norm] / medians[reference]
 
 
@@ -490,7 +506,13 @@ def _boundary(grid: list[float], stable: list[float]) -> tuple[float, float]:
 def _larger_stable_lr_with_bn(tables: Tables, spec: dict) -> Estimate:
     cells, stable_acc = tables.cells, spec.get("report", {}).get("stable_acc", 0.0)
     grid = sorted(cells["lr"].unique())
-    bounds = {norm: pd.DataFrame({seed: _boundary(grid, stable_lrs(seed_cells, stable_acc))
+
+    def seed_boundary(seed_cells: pd.DataFrame) -> tuple[float, float]:
+        # A timed-out or failed lr says neither stable nor unstable: the boundary is read from the finished ones.
+        finished = sorted(seed_cells.loc[~unfinished(seed_cells), "lr"].unique())
+        return _boundary(finished, stable_lrs(seed_cells, stable_acc)) if finished else (math.nan, math.nan)
+
+    bounds = {norm: pd.DataFrame({seed: seed_boundary(seed_cells)
                                   for seed, seed_cells in cells[cells["norm"] == norm].groupby("seed")},
                                  index=["lower", "upper"]).T
               for norm in ("bn", "none")}
@@ -510,11 +532,11 @@ def _larger_stable_lr_with_bn(tables: Tables, spec: dict) -> Estimate:
 
 def by_condition(cells: pd.DataFrame, axes: list[str], measure: Callable[[pd.DataFrame], Estimate]) -> tuple:
     """The measure on each combination of `axes` alone: where conditions disagree, one mean hides a failure."""
-    axes = [axis for axis in axes if axis in cells and cells[axis].nunique() > 1]
+    axes = [axis for axis in axes if axis in cells and cells[axis].nunique(dropna=False) > 1]
     if not axes:
         return ()
     return tuple((", ".join(f"{a} {v}" for a, v in zip(axes, key if isinstance(key, tuple) else (key,))),
-                  measure(group)) for key, group in cells.groupby(axes))
+                  measure(group)) for key, group in cells.groupby(axes, dropna=False))
 
 
 def _init_robustness_with_bn(tables: Tables, spec: dict) -> Estimate:
@@ -624,8 +646,9 @@ def _gn_ln_slower_than_bn(tables: Tables, spec: dict) -> Estimate:
     # Both must be slower: a condition below the bar refutes the claim, else the least certain one decides.
     claim = CLAIMS_BY_ID["C12"]
     refuting = [c for c in conditions if decide(c[1], claim.rule, claim.threshold) == "refuted"]
+    # Without an interval (one repeat, or none) a condition is the least certain of all.
     label, smallest = min(refuting or conditions, key=lambda condition: condition[1].high if refuting else
-                          condition[1].low)
+                          -math.inf if math.isnan(condition[1].low) else condition[1].low)
     rms = (mean_interval(time_ratio(rounds, "rms", "ln"), 2, unit="repeats", log=True)
            if "rms" in set(rounds["norm"]) else None)
     notes = [f"decided by {label} (both must be slower)",
@@ -681,7 +704,8 @@ def _precise_bn_beats_ema(tables: Tables, spec: dict) -> Estimate:
     gap = per_cell(tables.probes, "acc_precise") - per_cell(tables.probes, "acc_ema")
     extreme = _with(extreme, gap, "gap")
     note = f"at momentum {extreme['bn_momentum'].max():g}, batch {extreme['batch_size'].min():g}" if len(extreme) else ""
-    return mean_interval(extreme.groupby("seed")["gap"].mean(), len(extreme), note)
+    return mean_interval(extreme.groupby("seed")["gap"].mean(), len(extreme), note,
+                         resolution=accuracy_resolution(extreme))
 
 
 def generalization(probes: pd.DataFrame) -> pd.DataFrame:
@@ -693,7 +717,8 @@ def generalization(probes: pd.DataFrame) -> pd.DataFrame:
 def _bn_narrows_generalization_gap(tables: Tables, spec: dict) -> Estimate:
     gap = generalization(tables.probes)["gap"]
     cells = _with(tables.cells[(tables.cells["dropout"] == 0) & tables.cells["norm"].isin(["bn", "none"])], gap, "gap")
-    return mean_interval(_paired(cells, cells["gap"], "norm", "none", "bn"), len(cells))
+    return mean_interval(_paired(cells, cells["gap"], "norm", "none", "bn"), len(cells),
+                         resolution=accuracy_resolution(cells))  # of the test accuracy, the coarser of the two
 
 
 FOLDED_OUTPUT_TOLERANCE = 1e-4  # docs/claims.md, C11: folded outputs equal to 1e-4 relative
