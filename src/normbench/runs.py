@@ -135,7 +135,7 @@ def load_run(path: str | Path) -> FinishedRun:
         if name not in files:
             return pd.DataFrame()
         try:
-            return pd.read_csv(io.BytesIO(files[name]))
+            return pd.read_csv(io.BytesIO(files[name]), low_memory=False)
         except (pd.errors.EmptyDataError, pd.errors.ParserError) as error:
             raise SettingsError(f"{path}: {name} cannot be read ({error}); rerun the workflow's aggregate and "
                                 f"report steps") from None

@@ -83,7 +83,7 @@ def provenance(cells: pd.DataFrame) -> dict[str, str]:
 def _read(path: Path) -> pd.DataFrame:
     """A table that may be empty (no probes recorded, say)."""
     try:
-        return pd.read_csv(path)
+        return pd.read_csv(path, low_memory=False)  # one pass: a column blank in early rows keeps one type
     except pd.errors.EmptyDataError:
         return pd.DataFrame(columns=["study"])
 
