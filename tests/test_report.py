@@ -14,7 +14,7 @@ from normbench.claims import Tables
 from normbench.report import render_report
 from normbench.report.figures import (ACCURACY_INTERVAL, bounded_t_interval, geometric_mean, log_t_interval, study_axes,
                                       t_interval, throughput_figure)
-from normbench.report.studies import setup
+from normbench.report.studies import reference, setup, study_section
 from normbench.report.tables import _median_reach, leaderboard, learning_rate_table, step_time_ratios
 
 
@@ -191,6 +191,27 @@ def test_report_renders_every_study_shape(tmp_path, axes, fixed):
                                                                           "throughput.png"]
 
 
+def test_ghost_batches_are_timed_against_bn_at_the_same_optimizer_batch(tmp_path):
+    """gpu.yaml's batch_size shape: the x axis is the images behind each BN statistic (2, 4, or the whole batch of
+    32), but a step's time follows the batch of 32: ghost BN's rows are against BN's, not blank."""
+    rows = []
+    for norm, ghost, speed in [("bn", None, 1000.0), ("ghostbn", 2, 500.0), ("ghostbn", 4, 800.0), ("gn", None, 400.0)]:
+        rows.append(study_cells("b", {"seed": [0, 1]}, norm=norm, ghost_batch=ghost, batch_size=32)
+                    .assign(train_samples_per_s=speed))
+    cells = pd.concat(rows, ignore_index=True)
+    cells["cell"] = cells["cell"] + "/" + cells["norm"] + cells["ghost_batch"].astype(str)
+    section = study_section("b", {}, cells, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), tmp_path, tmp_path / "f")
+    assert section["step_time"]["index"] == ["per-worker batch size (images)"]
+    assert section["step_time"]["columns"] == ["bn", "ghostbn", "gn"]
+    assert section["step_time"]["rows"][0]["values"] == ["1", "1.538", "2.5"]  # 1000/650 for the mean ghost BN
+
+
+def test_the_reference_box_counts_seeds_not_cells():
+    cells = study_cells("i", {"init": ["xavier", "kaiming"], "seed": [0, 1, 2]}, norm="bn")
+    box = reference({"report": {"reference": {"norm": "bn"}}}, cells)
+    assert box["seeds"] == 3 and box["accuracy"] == "0.8 [0.8, 0.8]"
+
+
 def test_throughput_leaves_out_diverged_cells():
     """A diverged cell is timed up to the check that caught it: counted, it would make its norm look slower."""
     cells = study_cells("s", {"norm": ["bn", "gn"], "seed": [0, 1, 2]})
@@ -222,6 +243,37 @@ def test_the_leaderboard_ranks_every_norm_of_a_study_with_its_interval_speed_and
     assert rows["none", "lr 1"][5] == ""  # no finished cell to time
     assert rows["bn", "lr 0.1"][4] == "20" and rows["none", "lr 0.1"][4] == "30"  # first evaluation at 0.5
     assert rows["none", "lr 0.01"][4] == "never"
+
+
+def test_the_leaderboard_compares_with_bn_at_the_same_setting_when_a_setting_is_blank():
+    """The regularization grid: ghost_batch blank for plain BN and none, 8 for ghost BN. Each row's step time is
+    against BN at its own dropout (ghost BN against plain BN), not BN over the study; one seed gives no interval."""
+    rows = []
+    for norm, dropout, ghost, speed in [("bn", 0.0, None, 1000.0), ("none", 0.0, None, 2000.0),
+                                        ("bn", 0.3, None, 500.0), ("none", 0.3, None, 250.0),
+                                        ("ghostbn", 0.0, 8, 800.0)]:
+        rows.append({**DEFAULTS, "study": "reg", "cell": f"{norm}/{dropout}/{ghost}", "cell_dir": "results/runs/reg",
+                     "norm": norm, "dropout": dropout, "ghost_batch": ghost, "seed": 0, "final_test_acc": 0.8,
+                     "diverged": False, "steps": 10, "total_steps": 10, "train_samples_per_s": speed})
+    board = leaderboard({"reg": Tables(pd.DataFrame(rows), pd.DataFrame())}, {})
+    by_row = {(row[1], row[2]): row for row in board["rows"]}
+    assert by_row["bn", "dropout 0"][5] == "1" and by_row["bn", "dropout 0.3"][5] == "1"
+    assert by_row["none", "dropout 0"][5] == "0.5" and by_row["none", "dropout 0.3"][5] == "2"
+    assert by_row["ghostbn", "ghost_batch 8, dropout 0"][5] == "1.25"  # BN at dropout 0: 1000/s against 800/s
+    assert by_row["bn", "dropout 0"][3] == "0.8"  # one seed: no interval, not [0, 1]
+
+
+def test_a_norm_whose_every_run_timed_out_has_no_best_lr():
+    cells = synthetic_cells().assign(timed_out=False)
+    cells.loc[cells["norm"] == "none", "timed_out"] = True
+    rows = {row[0]: row for row in learning_rate_table(cells, synthetic_curves(cells), {"stable_acc": 0.5})["rows"]}
+    assert rows["none"][1:] == ["none", "", "", ""] and rows["bn"][1] == "0.01 to 1"
+
+
+def test_the_percentile_caption_counts_the_probes_images():
+    from normbench.train import PROBE_IMAGES
+
+    assert f"over {PROBE_IMAGES:,} fixed test images" in FIGURE_CAPTIONS["percentiles"]
 
 
 def test_a_failed_cell_is_listed_and_left_out_of_every_table(tmp_path):

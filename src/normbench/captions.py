@@ -11,7 +11,8 @@ LOG_BANDS = ("On a log axis, lines are geometric means over seeds and bands the 
 # One caption per kind of figure, for this page and for `snakemake --report` alike.
 FIGURE_CAPTIONS = {
     "accuracy": "Final test accuracy of each cell against the study's main axis, one colour per norm; diverged "
-                "cells are red crosses at zero. " + ERROR_BANDS,
+                "cells are red crosses at zero, left out of the means (the claims and the leaderboard count them "
+                "at chance). " + ERROR_BANDS,
     "curves": "Test accuracy at each evaluation during training, one panel per value of the study's main axis. "
               + ERROR_BANDS,
     "gradient_profile": "Gradient norm of each weighted layer's weight on the first training step, at "
@@ -21,7 +22,7 @@ FIGURE_CAPTIONS = {
     "saturation": "Share of sigmoid units within 5% of 0 or 1 (saturated) or of ReLU units that are zero for the "
                   "whole batch (dead) on the first training step, averaged over layers. " + ERROR_BANDS,
     "percentiles": "The 15th, 50th and 85th percentiles of the input to the first sigmoid of the last hidden layer, "
-                   "over 2,000 fixed test images at each evaluation (eval mode), without and with BN, for the first "
+                   "over 1,000 fixed test images at each evaluation (eval mode), without and with BN, for the first "
                    "seed, as in the paper's Figure 1(b, c); the panels have their own y scales. The table below gives "
                    "the drift C1 reads: each percentile's range over training in widths (85th minus 15th "
                    "percentile) of the distribution, over 8 units and every seed.",

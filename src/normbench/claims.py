@@ -185,8 +185,9 @@ def measured(cells: pd.DataFrame, column: str) -> pd.Series:
 
 
 def best_lr(cells: pd.DataFrame) -> float:
-    """The learning rate with the highest mean accuracy over seeds."""
-    return cells.assign(acc=accuracy(cells)).groupby("lr")["acc"].mean().idxmax()
+    """The learning rate with the highest mean accuracy over seeds; NaN where no run finished."""
+    means = cells.assign(acc=accuracy(cells)).groupby("lr")["acc"].mean()
+    return means.idxmax() if means.notna().any() else math.nan
 
 
 def varying_settings(cells: pd.DataFrame) -> list[str]:

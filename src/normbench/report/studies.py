@@ -50,8 +50,8 @@ def setup(spec: dict, cells: pd.DataFrame) -> list[tuple[str, str]]:
     first = cells.iloc[0]
 
     def shared(column: str) -> str:
-        values = sorted({_format(v) for v in cells[column]}) if column in cells else []
-        return " or ".join(values)
+        values = sorted(cells[column].dropna().unique()) if column in cells else []  # by value: 2.15 before 10
+        return " or ".join(dict.fromkeys(_format(v) for v in values))
 
     train = "all" if pd.isna(first.get("train_subset")) else f"{int(first['train_subset']):,}"
     test = "all" if pd.isna(first.get("test_subset")) else f"{int(first['test_subset']):,}"
@@ -70,7 +70,7 @@ def setup(spec: dict, cells: pd.DataFrame) -> list[tuple[str, str]]:
 
 def scale(cells: pd.DataFrame) -> str:
     """The study's scale in a few words, for verdicts that differ from the paper's."""
-    steps = " or ".join(sorted({_format(v) for v in cells["total_steps"]}))
+    steps = " or ".join(dict.fromkeys(_format(v) for v in sorted(cells["total_steps"].dropna().unique())))
     return f"{describe_model(cells.iloc[0])}, {steps} steps"
 
 
@@ -84,7 +84,7 @@ def reference(spec: dict, cells: pd.DataFrame) -> dict | None:
     picked = cells[np.logical_and.reduce([cells[key] == value for key, value in chosen.items()])]
     if picked.empty:
         return {**described, "accuracy": "not in this run", "seeds": 0, "reached": False}
-    estimate = claims.mean_interval(claims.accuracy(picked), len(picked))
+    estimate = claims.mean_interval(claims.accuracy(picked).groupby(picked["seed"]).mean(), len(picked))
     return {**described, "accuracy": claims.format_estimate(estimate), "seeds": estimate.samples,
             "reached": bool(estimate.value >= bar)}
 
@@ -100,8 +100,8 @@ def study_section(name: str, spec: dict, cells: pd.DataFrame, curves: pd.DataFra
                "cells": len(cells), "seeds": seeds, "figures": [], "tables": [], "setup": setup(spec, cells),
                "reference": reference(spec, cells)}
 
-    def add(kind: str, title: str, figure) -> None:
-        counted = f" Intervals over {seeds} seed{'s' if seeds != 1 else ''}" + \
+    def add(kind: str, title: str, figure, intervals: bool = True) -> None:
+        counted = "" if not intervals else f" Intervals over {seeds} seed{'s' if seeds != 1 else ''}" + \
             (" (one seed: none)." if seeds == 1 else ".")
         section["figures"].append({"title": title, "caption": FIGURE_CAPTIONS[kind] + counted,
                                    "src": _save(figure, figures_dir / name / f"{kind}.png")})
@@ -116,7 +116,7 @@ def study_section(name: str, spec: dict, cells: pd.DataFrame, curves: pd.DataFra
     quantities = set(probes["quantity"]) if len(probes) else set()
     if "p50" in quantities:
         add("percentiles", "Figure 1 of Ioffe & Szegedy 2015: a last-hidden-layer sigmoid input over training",
-            percentiles_figure(probes))
+            percentiles_figure(probes), intervals=False)  # the first seed's traces
         section["tables"].append({"title": "Drift of the percentiles (C1)", **drift_table(probes, cells)})
     if "ics_l2" in quantities:
         add("ics", "Internal covariate shift per layer", ics_figure(probes))
@@ -139,7 +139,10 @@ def study_section(name: str, spec: dict, cells: pd.DataFrame, curves: pd.DataFra
     if x == "lr":
         section["tables"].append({"title": "Learning-rate range and speed to target",
                                   **learning_rate_table(cells, curves, spec.get("report", {}))})
-    section["step_time"] = step_time_ratios(cells, [a for a in [x, *facets] if a is not None])
+    # A step's time follows the optimizer's batch, not the images behind each BN statistic: ghost BN is compared
+    # with BN at the same batch.
+    step_keys = ["batch_size" if axis == "statistics_batch" else axis for axis in [x, *facets] if axis is not None]
+    section["step_time"] = step_time_ratios(cells, list(dict.fromkeys(step_keys)))
     shown = ["cell", *section["axes"], *TABLE_COLUMNS[1:]]
     section["columns"] = [c for c in dict.fromkeys(shown) if c in cells]
     section["runs_dir"] = os.path.commonpath([os.path.abspath(folder) for folder in cells["cell_dir"]])

@@ -111,6 +111,12 @@ def shown(table: pd.DataFrame) -> pd.DataFrame:
                            for column in ("norm", "model") if column in table})
 
 
+def _matching(cells: pd.DataFrame, setting: dict) -> pd.Series:
+    """Cells at `setting`, a blank value matching a blank (plain BN's ghost_batch)."""
+    wanted, values = pd.Series(setting, dtype=object), cells[list(setting)]
+    return (values.eq(wanted) | (values.isna() & wanted.isna())).all(axis=1)
+
+
 def leaderboard(by_study: dict[str, claims.Tables], studies: dict[str, dict]) -> dict | None:
     """Every norm of the run, built in or plugged in, per study and setting (the study's other axes, seeds
     aside: a norm at two learning rates is two rows): final accuracy over seeds with its interval (clipped to
@@ -129,16 +135,19 @@ def leaderboard(by_study: dict[str, claims.Tables], studies: dict[str, dict]) ->
         bn_rate = rate[rate["norm"] == "bn"]
         for (norm, *values), mine in cells.groupby(["norm", *axes], sort=False, dropna=False):
             setting = dict(zip(axes, values))
-            same = (rate[axes] == pd.Series(setting)).all(axis=1) if axes else True
-            bn = bn_rate[same[bn_rate.index]] if axes else bn_rate
+            # BN at the same setting of the other axes; ghost_batch is the norm's own (ghost BN against plain BN).
+            shared = {axis: value for axis, value in setting.items() if axis != "ghost_batch"}
+            bn = bn_rate[_matching(bn_rate, shared)] if shared else bn_rate
             own = rate.loc[rate.index.isin(mine.index), "train_samples_per_s"].mean()
             relative = (bn if len(bn) else bn_rate)["train_samples_per_s"].mean() / own
             per_seed = claims.accuracy(mine).groupby(mine["seed"]).mean()
             estimate = claims.mean_interval(per_seed, len(mine))
-            estimate = dataclasses.replace(estimate, low=max(0.0, estimate.low), high=min(1.0, estimate.high))
+            estimate = dataclasses.replace(estimate, low=float(np.clip(estimate.low, 0.0, 1.0)),  # none stays none
+                                           high=float(np.clip(estimate.high, 0.0, 1.0)))
             runs = curves[curves["cell"].isin(mine["cell"])] if "cell" in curves else curves.iloc[:0]
             reach = claims.steps_to_target(mine, runs, target, runs["step"].max()) if target else None
-            rows.append([study, norm, ", ".join(f"{axis} {_format(value)}" for axis, value in setting.items()),
+            rows.append([study, norm, ", ".join(f"{axis} {_format(value)}" for axis, value in setting.items()
+                                                if not pd.isna(value)),
                          claims.format_estimate(estimate),
                          _median_reach(reach["upper"]) if target else "no target set",
                          "" if math.isnan(own) else _format(relative) if len(bn_rate) else "no BN cell",
