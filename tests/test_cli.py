@@ -60,6 +60,20 @@ def test_bad_input_gets_a_message_not_a_traceback(tmp_path, monkeypatch, words, 
         main(["train", "--out", "cell", *words])
 
 
+@pytest.mark.parametrize("words, message", [
+    (["--time-limit", "-5"], "argument --time-limit: -5 is not above 0"),
+    (["--timeout", "0"], "argument --timeout: 0 is not above 0"),
+    (["--threads", "0"], "argument --threads: 0 is not above 0"),
+    (["--set", "model=mlp", "lr=.nan"], "setting 'lr': nan is not a finite number"),
+    (["--set", "model=mlp", "norm=bn", "batch_size=1"], "norm 'bn' normalizes each MLP feature over the 1 sample"),
+    (["--set", "model=mlp", "norm=ghostbn", "ghost_batch=1"], "over the 1 sample of its ghost batch"),
+])
+def test_numbers_that_cannot_train_are_refused_before_any_work(tmp_path, capsys, words, message):
+    with pytest.raises(SystemExit) as stopped:  # argparse prints its message; normbench's is the exit's
+        main(["train", "--out", str(tmp_path / "cell"), *words])
+    assert message in str(stopped.value) + capsys.readouterr().err and not (tmp_path / "cell").exists()
+
+
 def test_integral_floats_and_leading_zeros_are_the_integers_they_spell(tmp_path, mlp_words):
     words = [w for w in mlp_words if not w.startswith(("width=", "batch_size="))]
     main(["train", "--out", str(tmp_path / "cell"), "--threads", "1", "--set", *words, "width=32.0",

@@ -165,6 +165,20 @@ def test_bad_config_is_rejected_before_any_job(tmp_path, fashion_root, grid, mes
     assert run.returncode != 0
     assert message in run.stderr + run.stdout
     assert not (tmp_path / "results").exists()
+    assert "normbench/" not in run.stderr  # normbench's own message, without the frames of its code behind it
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grid": {"norm": ["bn"], "batch_size": [1], "seed": [0]}, "claims": []},
+     "norm 'bn' normalizes each MLP feature over the 1 sample of its per-worker batch"),
+    ({"report": {"reference": {"nrom": "bn"}}}, "studies: tiny: report: reference: unknown setting 'nrom'"),
+    ({"report": {"reference": {"norm": "ln"}}}, 'report: reference: {"norm": "ln"} picks none of the study\'s cells'),
+    ({"fixed": {"model": "mlp", "lr": float("nan")}}, "setting 'lr': nan is not a finite number"),
+])
+def test_a_config_that_cannot_train_is_refused_at_planning(tmp_path, fashion_root, change, message):
+    write_config(tmp_path, fashion_root, **change)
+    run = snakemake(tmp_path, "--dry-run")
+    assert run.returncode != 0 and message in run.stderr + run.stdout, run.stderr[-3000:]
 
 
 @pytest.mark.parametrize("change, message", [

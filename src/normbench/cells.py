@@ -19,13 +19,16 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from normbench.claims import studies_claiming
-from normbench.config import Settings, SettingsError, check_against_schema
+from normbench.config import SETTING_NAMES, Settings, SettingsError, check_against_schema, check_names
 from normbench.data import model_io
 from normbench.plugins import is_plugin
 
 # The settings that decide a model's shapes and layers; cells alike in these share one trial build.
 ARCHITECTURE = ("dataset", "text_path", "context", "model", "depth", "width", "activation", "heads", "patch_size",
                 "norm_placement", "norm", "gn_groups", "ghost_batch", "dropout")
+
+
+BATCH_STATISTICS = ("bn", "syncbn", "ghostbn", "brn", "noisybn")  # the built-in norms that train on batch statistics
 
 
 def make_settings(values: dict[str, Any]) -> Settings:
@@ -61,6 +64,14 @@ def _check_consistency(settings: Settings) -> None:
     if settings.ghost_batch is not None and settings.batch_size % settings.ghost_batch:
         raise SettingsError(f"setting 'ghost_batch': {settings.ghost_batch} does not divide batch_size "
                             f"{settings.batch_size}; ghost batches must split each batch evenly")
+    # The samples behind each statistic: a ghost batch, SyncBN's global batch, else the worker's own batch.
+    over = "ghost batch" if settings.ghost_batch else "global batch" if settings.norm == "syncbn" else "per-worker batch"
+    statistics_batch = {"ghost batch": settings.ghost_batch, "global batch": settings.global_batch_size,
+                        "per-worker batch": settings.batch_size}[over]
+    if settings.model == "mlp" and settings.norm in BATCH_STATISTICS and statistics_batch < 2:
+        raise SettingsError(f"setting '{'ghost_batch' if settings.ghost_batch else 'batch_size'}': norm "
+                            f"{settings.norm!r} normalizes each MLP feature over the 1 sample of its {over}, which "
+                            f"has no variance; use 2 or more, or a norm without batch statistics (ln, rms, dyt)")
     _check_probes(settings)
     if settings.train_subset is not None and settings.train_subset < settings.global_batch_size:
         raise SettingsError(
@@ -135,6 +146,19 @@ def study_cells(study_name: str, study: dict[str, Any]) -> list[dict[str, Any]]:
         except SettingsError as error:
             raise SettingsError(f"study {study_name!r}, cell {json.dumps(cell)}: {error}") from None
     return cells
+
+
+def check_reference(study_name: str, reference: dict[str, Any], cells: list[dict[str, Any]]) -> None:
+    """A study's `report: reference` names settings and picks some of its cells (given as their full settings):
+    the report judges whether the study trained by them."""
+    where = f"studies: {study_name}: report: reference: "
+    check_names(reference, SETTING_NAMES, "setting", where)
+    defaults = Settings().to_dict()
+    full = [{**defaults, **cell} for cell in cells]
+    if not any(all(cell[key] == value for key, value in reference.items()) for cell in full):
+        example = json.dumps({key: full[0][key] for key in reference})
+        raise SettingsError(f"{where}{json.dumps(reference)} picks none of the study's cells; name values its cells "
+                            f"take, e.g. {example}")
 
 
 def _values(values: list) -> str:

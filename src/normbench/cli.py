@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import normbench
 
@@ -160,6 +161,18 @@ def _warm(args: argparse.Namespace) -> None:
     serve(args.socket, main)
 
 
+def _above_zero(kind: type) -> Callable[[str], Any]:
+    """An argparse type for a count or a duration: a number above zero, refused with the option's name."""
+    def parse(text: str):
+        value = kind(text)  # a ValueError: argparse says "invalid int value" or "invalid float value"
+        if not value > 0:  # NaN too
+            raise argparse.ArgumentTypeError(f"{text} is not above 0")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normbench", description=__doc__)
     parser.add_argument("--version", action="version", version=f"normbench {normbench.__version__}")
@@ -176,14 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "they override --from)")
     train.add_argument("--force", action="store_true",
                        help="replace a cell of other settings that --out already holds")
-    train.add_argument("--threads", type=int, help="CPU threads for the whole cell, shared by its workers "
+    train.add_argument("--threads", type=_above_zero(int), help="CPU threads for the whole cell, shared by its workers "
                        "(an execution setting: not recorded in config.json)")
-    train.add_argument("--timeout", type=float, default=300.0,
+    train.add_argument("--timeout", type=_above_zero(float), default=300.0,
                        help="seconds any collective may wait before a hung worker fails the cell (default 300)")
-    train.add_argument("--time-limit", type=float, metavar="S",
+    train.add_argument("--time-limit", type=_above_zero(float), metavar="S",
                        help="seconds after which the cell stops, evaluates and is recorded as timed out "
                             "(resumable with a longer limit)")
-    train.add_argument("--gpu-share", type=int, default=1, metavar="K",
+    train.add_argument("--gpu-share", type=_above_zero(int), default=1, metavar="K",
                        help="under the workflow on a GPU machine: share each GPU with up to K-1 other cells "
                             "(packing; the cell's step times then count nowhere); default 1, a GPU of its own")
     train.set_defaults(run=_train)
@@ -218,10 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="micro-benchmarks of the norm layers (pytest-benchmark JSON)")
     bench.add_argument("--out", default="results/bench/norms.json")
-    bench.add_argument("--max-time", type=float, default=0.2,
+    bench.add_argument("--max-time", type=_above_zero(float), default=0.2,
                        help="seconds of timing rounds per case and repeat (default 0.2)")
-    bench.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    bench.add_argument("--repeats", type=int, default=5,
+    bench.add_argument("--threads", type=_above_zero(int), help="CPU threads (default: torch's)")
+    bench.add_argument("--repeats", type=_above_zero(int), default=5,
                        help="sessions, each in a process of its own; intervals are taken over them (default 5)")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                        help="where the layers run (default auto: CUDA where there is one)")
@@ -239,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--invocation", help="the workflow run's record (start time, command), where there is one")
     report.add_argument("--figures", default="reports/figures", help="folder for the figures as PNG files")
     report.add_argument("--out", default="reports/report.html")
-    report.add_argument("--jobs", type=int, default=1, help="processes drawing the figures (default 1)")
+    report.add_argument("--jobs", type=_above_zero(int), default=1, help="processes drawing the figures (default 1)")
     report.set_defaults(run=_report)
     pack = commands.add_parser("archive", help="pack a finished run (tables, claims, run.json, report; no weights) "
                                                "into a .tar.gz to share, commit or compare")

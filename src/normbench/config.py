@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass, fields
 from functools import cache
@@ -143,6 +144,9 @@ def check_against_schema(values: dict[str, Any]) -> dict[str, Any]:
     the closest known one) or a value the schema refuses."""
     check_names(values, SETTING_NAMES, "setting")
     values = {key: as_schema_type(value, settings_schema()["properties"][key]) for key, value in values.items()}
+    for key, value in values.items():  # NaN passes every bound of the schema (each comparison is false)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SettingsError(f"setting {key!r}: {value} is not a finite number; give a finite one")
     validator = jsonschema.Draft202012Validator(settings_schema())
     for error in sorted(validator.iter_errors(values), key=lambda e: list(e.path)):
         key = error.path[0] if error.path else "?"

@@ -1,5 +1,6 @@
 # Validation and grid expansion, done while the workflow is parsed: a bad
 # config stops here, before any job runs.
+import contextlib
 import datetime
 import functools
 import json
@@ -10,9 +11,10 @@ import tempfile
 
 import pandas as pd
 import yaml
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import Paramspace, validate
 
-from normbench.cells import ARCHITECTURE, study_cells
+from normbench.cells import ARCHITECTURE, check_reference, study_cells
 from normbench.claims import check_claims, claim_sections, studies_claiming
 from normbench.config import Settings, SettingsError, format_assignment, normalize_workflow_config
 from normbench.data import dataset_files
@@ -22,9 +24,19 @@ from normbench.results import read_json, write_json
 from normbench import devices, warm
 
 
+@contextlib.contextmanager
+def refusing_bad_config():
+    """A config the workflow cannot run stops the planning with normbench's message alone, as Snakemake's own
+    refusals do: the Python frames behind it would bury the fix it names."""
+    try:
+        yield
+    except SettingsError as error:
+        raise WorkflowError(str(error)) from None
+
+
 # Numbers as numbers (lr: 1e-3 as in YAML 1.2, width: 16.0 as 16, --config's nested '2000' as 2000) and a
 # "did you mean" for a mistyped name anywhere, then the schema's own validation.
-with open(os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")) as schema_file:
+with open(os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")) as schema_file, refusing_bad_config():
     config.update(normalize_workflow_config(config, yaml.safe_load(schema_file)))
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -57,32 +69,38 @@ def study_settings(study):
 
 # One Paramspace per study; a cell's folder spells its grid values (norm~gn/batch_size~4/...), a plugin by its short
 # name (norm~my_norm.MyNorm: a path would nest folders); config.json keeps the whole reference.
-GRIDS = {study: study_cells(study, {**spec, "fixed": study_settings(study)}) for study, spec in config["studies"].items()}
-for study, cells in GRIDS.items():  # two plugins of one short name would share a folder: refuse it
-    references = {v for cell in cells for v in cell.values() if is_plugin(v)}
-    clashes = [ref for ref in references if sum(short_name(other) == short_name(ref) for other in references) > 1]
-    if clashes:
-        raise SettingsError(f"study {study!r}: plugins {', '.join(sorted(clashes))} share the short name "
-                         f"{short_name(clashes[0])!r} that names their cells' folders; rename one file or object")
-SPACES = {
-    study: Paramspace(
-        pd.DataFrame([{axis: short_name(v) if is_plugin(v) else v for axis, v in cell.items()} for cell in cells],
-                     dtype=object),
-        single_wildcard="cell",
-    )
-    for study, cells in GRIDS.items()
-}
-# Each cell's axis values by its folder pattern, as the config gave them: a 1,000-cell plan reads them by lookup
-# (Paramspace.instance would parse every folder name back, once per job attribute).
-CELL_AXES = {study: dict(zip(SPACES[study].instance_patterns, cells)) for study, cells in GRIDS.items()}
-check_claims(
-    claim_sections(config),
-    {
-        study: [{**study_settings(study), **cell} for cell in cells]
+with refusing_bad_config():
+    GRIDS = {study: study_cells(study, {**spec, "fixed": study_settings(study)})
+             for study, spec in config["studies"].items()}
+    for study, cells in GRIDS.items():  # two plugins of one short name would share a folder: refuse it
+        references = {v for cell in cells for v in cell.values() if is_plugin(v)}
+        clashes = [ref for ref in references if sum(short_name(other) == short_name(ref) for other in references) > 1]
+        if clashes:
+            raise SettingsError(f"study {study!r}: plugins {', '.join(sorted(clashes))} share the short name "
+                                f"{short_name(clashes[0])!r} that names their cells' folders; rename one file or "
+                                f"object")
+    SPACES = {
+        study: Paramspace(
+            pd.DataFrame([{axis: short_name(v) if is_plugin(v) else v for axis, v in cell.items()} for cell in cells],
+                         dtype=object),
+            single_wildcard="cell",
+        )
         for study, cells in GRIDS.items()
-    },
-    {study: study_resources(study)["gpu_share"] for study in config["studies"]},
-)
+    }
+    # Each cell's axis values by its folder pattern, as the config gave them: a 1,000-cell plan reads them by lookup
+    # (Paramspace.instance would parse every folder name back, once per job attribute).
+    CELL_AXES = {study: dict(zip(SPACES[study].instance_patterns, cells)) for study, cells in GRIDS.items()}
+    check_claims(
+        claim_sections(config),
+        {
+            study: [{**study_settings(study), **cell} for cell in cells]
+            for study, cells in GRIDS.items()
+        },
+        {study: study_resources(study)["gpu_share"] for study in config["studies"]},
+    )
+    for study, spec in config["studies"].items():
+        if spec.get("report", {}).get("reference"):
+            check_reference(study, spec["report"]["reference"], [{**study_settings(study), **c} for c in GRIDS[study]])
 
 # The settings that decide a model's inference time: a training setting changed reruns the cells, not the benchmarks.
 TIMED_SETTINGS = (*ARCHITECTURE, "channels_last", "tf32", "deterministic")
@@ -109,7 +127,8 @@ def folded_models():
     return models
 
 
-FOLDED_MODELS = folded_models()
+with refusing_bad_config():
+    FOLDED_MODELS = folded_models()
 
 
 def folded_model_files(wildcards):

@@ -16,7 +16,7 @@ for image_dataset in ("fashion_mnist", "cifar10"):
         conda:
             CONDA_ENV
         log:
-            f"results/logs/prepare_data/{image_dataset}/{{root}}.log",
+            f"{{root}}/normbench/prepare_{image_dataset}.log",  # beside its cache: any root, relative or absolute
         shell:
             "normbench data {params.dataset} --root {wildcards.root} --download > {log} 2>&1"
 
