@@ -61,7 +61,7 @@ def test_bad_input_gets_a_message_not_a_traceback(tmp_path, monkeypatch, words, 
 
 
 @pytest.mark.parametrize("words, message", [
-    (["--time-limit", "-5"], "argument --time-limit: -5 is not above 0"),
+    (["--time-limit", "-5"], "argument --time-limit: -5 is not 0 or more"),
     (["--timeout", "0"], "argument --timeout: 0 is not above 0"),
     (["--threads", "0"], "argument --threads: 0 is not above 0"),
     (["--set", "model=mlp", "lr=.nan"], "setting 'lr': nan is not a finite number"),

@@ -161,12 +161,13 @@ def _warm(args: argparse.Namespace) -> None:
     serve(args.socket, main)
 
 
-def _above_zero(kind: type) -> Callable[[str], Any]:
-    """An argparse type for a count or a duration: a number above zero, refused with the option's name."""
+def _above_zero(kind: type, or_zero: bool = False) -> Callable[[str], Any]:
+    """An argparse type for a count or a duration: a number above zero (`or_zero`: or zero), refused with the
+    option's name."""
     def parse(text: str):
         value = kind(text)  # a ValueError: argparse says "invalid int value" or "invalid float value"
-        if not value > 0:  # NaN too
-            raise argparse.ArgumentTypeError(f"{text} is not above 0")
+        if not (value >= 0 if or_zero else value > 0):  # NaN too
+            raise argparse.ArgumentTypeError(f"{text} is not {'0 or more' if or_zero else 'above 0'}")
         return value
 
     parse.__name__ = kind.__name__
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(an execution setting: not recorded in config.json)")
     train.add_argument("--timeout", type=_above_zero(float), default=300.0,
                        help="seconds any collective may wait before a hung worker fails the cell (default 300)")
-    train.add_argument("--time-limit", type=_above_zero(float), metavar="S",
+    train.add_argument("--time-limit", type=_above_zero(float, or_zero=True), metavar="S",
                        help="seconds after which the cell stops, evaluates and is recorded as timed out "
                             "(resumable with a longer limit)")
     train.add_argument("--gpu-share", type=_above_zero(int), default=1, metavar="K",

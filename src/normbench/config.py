@@ -235,7 +235,9 @@ def normalize_workflow_config(config: dict[str, Any], workflow_schema: dict) -> 
                 check_names(value, known, "setting" if schema is settings else "key", where,
                             listing="`normbench settings` lists them" if schema is settings else
                             f"known: {', '.join(known)}")
-            return {key: walk(item, schema["properties"].get(key, {}), f"{where}{key}: ") for key, item in value.items()}
+            walked = {key: walk(item, schema["properties"].get(key, {}), f"{where}{key}: ")
+                      for key, item in value.items()}
+            return checked_settings(walked, where) if schema is settings else walked
         if isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
             return {key: walk(item, schema["additionalProperties"], f"{where}{key}: ") for key, item in value.items()}
         if isinstance(value, list) and "items" in schema:
@@ -266,7 +268,19 @@ def normalize_workflow_config(config: dict[str, Any], workflow_schema: dict) -> 
                 check_names(study[axes], SETTING_NAMES, "setting", f"studies: {name}: {axes}: ")
                 study[axes] = {axis: [as_schema_type(v, settings["properties"][axis]) for v in values]
                                if isinstance(values, list) else values for axis, values in study[axes].items()}
+                for axis, values in study[axes].items():
+                    for item in values if isinstance(values, list) else ():
+                        checked_settings({axis: item}, f"studies: {name}: {axes}: ")
     return config
+
+
+def checked_settings(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Setting values of a workflow config held to the settings schema with `normbench train`'s messages (an unknown
+    name with the closest known one), where the workflow schema's own check would print the schema."""
+    try:
+        return check_against_schema(values)
+    except SettingsError as error:
+        raise SettingsError(f"{where}{error}") from None
 
 
 def format_assignment(key: str, value: Any) -> str:
