@@ -60,24 +60,32 @@ def test_a_change_within_the_noise_is_not_flagged():
     assert not cells["step_time_changed"].any()
 
 
-def test_a_run_archived_and_read_back_compares_equal_to_itself(tmp_path):
-    results, reports = tmp_path / "results", tmp_path / "reports"
+def written_run(root, run: FinishedRun):
+    """The run as a finished workflow leaves it under `root`: results/ (run.json, tables) and reports/."""
+    results, reports = root / "results", root / "reports"
     (results / "tables").mkdir(parents=True)
     reports.mkdir()
-    run = finished_run("a", "supported", 0.01, 0.05)
     run.cells.to_csv(results / "tables/cells.csv", index=False)
     run.curves.to_csv(results / "tables/curves.csv", index=False)
     run.claims.to_csv(reports / "claims.csv", index=False)
     (results / "run.json").write_text(json.dumps({"run_id": "20261129T120000-abcdef12", "commits": ["x"],
-                                                  "machines": ["h: cpu"], "config_sha256": "0" * 64}))
+                                                  "machines": ["h: cpu"], "config_sha256": "0" * 64,
+                                                  "started": "2026-11-29T10:00:00+00:00",
+                                                  "ended": "2026-11-29T10:09:30+00:00"}))
     (reports / "report.html").write_text("<html></html>")
+    return results
+
+
+def test_a_run_archived_and_read_back_compares_equal_to_itself(tmp_path):
+    results = written_run(tmp_path, finished_run("a", "supported", 0.01, 0.05))
     packed = archive(results, tmp_path / "run.tar.gz")
     assert set(packed) == {"run.json", "tables/cells.csv", "tables/curves.csv", "claims.csv", "report.html"}
     with tarfile.open(tmp_path / "run.tar.gz") as tar:
         assert not any(name.endswith(".pt") for name in tar.getnames())
     counts = render_compare([load_run(results), load_run(tmp_path / "run.tar.gz")], tmp_path / "compare.html",
                             tmp_path / "compare.csv")
-    assert counts == {"claims": 2, "differing verdicts": 0, "cells compared": 2, "step-time changes": 0}
+    assert counts == {"claims": 2, "differing verdicts": 0, "cells compared": 2, "step-time changes": 0,
+                      "divergence changes": 0}
     page = (tmp_path / "compare.html").read_text()
     assert 'class="flag"' not in page and "http://" not in page and "https://" not in page
     assert "20261129T120000-abcdef12" in page and "<style>" in page
@@ -156,3 +164,61 @@ def test_archiving_an_unfinished_run_names_what_is_missing(tmp_path):
     (tmp_path / "results").mkdir()
     with pytest.raises(SettingsError, match=r"holds no finished run: .*run.json is missing"):
         archive(tmp_path / "results", tmp_path / "run.tar.gz")
+
+
+def test_a_changed_byte_in_an_archive_is_caught(tmp_path):
+    """A byte changed inside the compressed stream can decompress to other text: gzip's checksum catches it."""
+    results = written_run(tmp_path, finished_run("a", "supported", 0.01, 0.05))
+    archive(results, tmp_path / "run.tar.gz")
+    data = bytearray((tmp_path / "run.tar.gz").read_bytes())
+    for offset in (len(data) // 3, len(data) // 2, 2 * len(data) // 3):
+        damaged = data.copy()
+        damaged[offset] ^= 0x55
+        (tmp_path / "damaged.tar.gz").write_bytes(damaged)
+        with pytest.raises(SettingsError, match="the archive is damaged|is no run archive"):
+            load_run(tmp_path / "damaged.tar.gz")
+
+
+def test_archives_hold_linked_files_themselves_and_refuse_a_folder_as_out(tmp_path):
+    results = written_run(tmp_path / "a", finished_run("a", "supported", 0.01, 0.05))
+    (tmp_path / "elsewhere.csv").write_bytes((results / "tables/cells.csv").read_bytes())
+    (results / "tables/cells.csv").unlink()
+    (results / "tables/cells.csv").symlink_to(tmp_path / "elsewhere.csv")
+    archive(results, tmp_path / "run.tar.gz")
+    assert len(load_run(tmp_path / "run.tar.gz").cells) == 2
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SettingsError, match="is a folder; name the archive file"):
+        archive(results, tmp_path / "out")
+
+
+def test_runs_without_claims_or_shared_cells_or_curves_compare_and_say_so(tmp_path):
+    baseline, other = finished_run("a", "supported", 0.01, 0.01), finished_run("b", "supported", 0.01, 0.01)
+    empty_claims = baseline.claims.iloc[:0]
+    elsewhere = other.cells.assign(study="other")
+    runs = [FinishedRun("a", {"run_id": "a"}, baseline.cells, pd.DataFrame(), empty_claims),
+            FinishedRun("b", {"run_id": "b"}, elsewhere, other.curves, empty_claims)]
+    counts = render_compare(runs, tmp_path / "compare.html", tmp_path / "compare.csv")
+    assert counts["claims"] == 0 and counts["cells compared"] == 0
+    page = (tmp_path / "compare.html").read_text()
+    assert "a: no claims" in page and "a: no curves table, so no step times" in page
+    assert list(pd.read_csv(tmp_path / "compare_cells.csv").columns)[:2] == ["study", "cell"]  # a header, no rows
+
+
+def test_a_cell_that_diverged_in_one_run_is_flagged(tmp_path):
+    baseline, other = finished_run("a", "supported", 0.01, 0.01), finished_run("b", "supported", 0.01, 0.01)
+    cells = other.cells.assign(diverged=[True, False])
+    cells.loc[0, "final_test_acc"] = np.nan
+    runs = [FinishedRun("a", {"run_id": "a"}, baseline.cells.assign(diverged=False), baseline.curves, baseline.claims),
+            FinishedRun("b", {"run_id": "b"}, cells, other.curves, other.claims)]
+    assert render_compare(runs, tmp_path / "compare.html")["divergence changes"] == 1
+    page = (tmp_path / "compare.html").read_text()
+    assert page.count('<span class="flag">diverged in one run</span>') == 1 and ">nan<" not in page
+
+
+def test_a_recording_left_without_its_run_json_is_replaced(tmp_path):
+    results = written_run(tmp_path, finished_run("a", "supported", 0.01, 0.05))
+    stale = tmp_path / "docs/runs/2026-11-29-cpu-model"
+    stale.mkdir(parents=True)
+    (stale / "cells.csv").write_text("half")
+    assert record_run(results, tmp_path / "docs/runs") == stale
+    assert (stale / "run.json").exists() and (stale / "cells.csv").read_text() != "half"

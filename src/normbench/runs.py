@@ -9,6 +9,7 @@ the figures a GPU run is judged by.
 from __future__ import annotations
 
 import datetime
+import gzip
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ import re
 import shutil
 import statistics
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,9 +59,11 @@ def run_record(config: dict, cells: pd.DataFrame, started: str | None, command: 
 
 def archive(results: Path, out: Path) -> list[str]:
     """Pack a finished run (results/ and the reports/ beside it) into a .tar.gz; the names packed."""
-    results = Path(results)
+    results, out = Path(results), Path(out)
     if not results.is_dir():
         raise SettingsError(f"{results}: no such folder; name a finished run's results/ folder")
+    if out.is_dir():
+        raise SettingsError(f"{out} is a folder; name the archive file to write, e.g. {out / 'run.tar.gz'}")
     members = {RUN_RECORD: results / RUN_RECORD,
                **{f"tables/{name}.csv": results / "tables" / f"{name}.csv" for name in TABLES},
                **{name: results.parent / "reports" / name for name in REPORT_FILES}}
@@ -70,8 +74,8 @@ def archive(results: Path, out: Path) -> list[str]:
     present = {name: path for name, path in members.items() if path.is_file()}
     _record(members[RUN_RECORD].read_bytes(), members[RUN_RECORD])  # an archive that compare can read
 
-    def write(handle) -> None:
-        with tarfile.open(fileobj=handle, mode="w:gz") as tar:
+    def write(handle) -> None:  # a linked file goes in as the file it points to: the archive travels alone
+        with tarfile.open(fileobj=handle, mode="w:gz", dereference=True) as tar:
             for name, path in present.items():
                 tar.add(path, arcname=name)
 
@@ -105,12 +109,16 @@ def _record(text: bytes, where) -> dict:
 def _files_of(path: Path) -> dict[str, bytes]:
     """The run's files by archive name, from an archive or from a results/ folder."""
     if path.is_file():
-        if not tarfile.is_tarfile(path):
-            raise SettingsError(f"{path} is no run archive (a .tar.gz made by normbench archive)")
         try:
+            if not tarfile.is_tarfile(path):
+                raise SettingsError(f"{path} is no run archive (a .tar.gz made by normbench archive)")
+            # gzip checks its checksum only at the end of the stream: read to it, so that a changed byte is caught
+            with gzip.open(path) as stream:
+                while stream.read(1 << 20):
+                    pass
             with tarfile.open(path) as tar:
                 return {member.name: tar.extractfile(member).read() for member in tar.getmembers() if member.isfile()}
-        except (tarfile.TarError, EOFError, OSError) as error:
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
             raise SettingsError(f"{path}: the archive is damaged ({error or type(error).__name__}); archive the run "
                                 f"again") from None
     if not path.is_dir():
@@ -211,7 +219,8 @@ def record_run(results: Path, out_root: Path, bench: Path | None = None) -> Path
         if recorded != record.get("run_id"):
             raise SettingsError(f"{folder} already records another run ({recorded}); move it aside (e.g. add the "
                                 f"time to its name) or record into another --out")
-        shutil.rmtree(folder)  # the same run recorded again: nothing of the earlier recording stays
+    if folder.exists():  # the same run recorded again, or a recording that stopped before its run.json: replaced
+        shutil.rmtree(folder)
     folder.mkdir(parents=True)
     for source in (results / "tables/cells.csv", results.parent / "reports/claims.csv",
                    results.parent / "reports/report.html"):

@@ -41,6 +41,12 @@ def _effect(row: pd.Series) -> str:
     return f"{row['estimate']:.3g}{interval}".replace("inf", "∞")
 
 
+CLAIM_COLUMNS = ["claim", "statement", "run", "verdict", "effect", "rule", "study", "scale", "holds_family_wise"]
+CELL_COLUMNS = ["study", "cell", "baseline", "run", "acc_baseline", "acc_run", "acc_difference", "diverged_baseline",
+                "diverged_run", "machine_baseline", "machine_run", "step_time_ratio", "ratio_low", "ratio_high",
+                "step_time_changed"]
+
+
 def claim_comparison(runs: list[FinishedRun]) -> pd.DataFrame:
     """One row per claim and run: verdict, effect with interval, the study's scale; `differs` where the runs'
     verdicts (of those that ran the claim) are not all the same."""
@@ -56,7 +62,7 @@ def claim_comparison(runs: list[FinishedRun]) -> pd.DataFrame:
                          f"micro-benchmarks on {'; '.join(run.record.get('machines', [])) or 'an unrecorded machine'}",
                          "holds_family_wise": claim.get("holds_family_wise") if pd.notna(claim.get("holds_family_wise"))
                          else None})
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=CLAIM_COLUMNS)
     ran = table[table["verdict"] != "not run"]
     differs = ran.groupby("claim")["verdict"].nunique() > 1
     table["differs"] = table["claim"].map(differs).fillna(False).astype(bool)
@@ -104,12 +110,17 @@ def same_settings(shared: pd.DataFrame) -> pd.Series:
     return alike
 
 
+def _flag(value) -> bool:
+    """A table's boolean as read back from CSV (True, 'True', 1.0), blank as False."""
+    return str(value).strip().lower() in ("true", "1", "1.0")
+
+
 def cell_comparison(runs: list[FinishedRun]) -> tuple[pd.DataFrame, list[str]]:
     """Every cell (same study, path and settings) that the baseline and another run both trained: the accuracy
     difference and the step-time ratio with its interval over repeats, each machine named; changed step times
     first. Also what was left out: cells of one run only, and cells at the same path with other settings."""
     baseline, rows, left_out = runs[0], [], []
-    columns = ["study", "cell", "final_test_acc", "env_host", "env_device_name", *SETTING_NAMES]
+    columns = ["study", "cell", "final_test_acc", "diverged", "env_host", "env_device_name", *SETTING_NAMES]
 
     def compared(cells: pd.DataFrame) -> pd.DataFrame:
         """The columns compared, and whether the cell shared its GPU with others (packing): then its step times were
@@ -123,6 +134,9 @@ def cell_comparison(runs: list[FinishedRun]) -> tuple[pd.DataFrame, list[str]]:
 
     none, baseline_repeats = pd.Series(dtype=float), cell_repeats(baseline)
 
+    for run in runs:
+        if run.curves.empty:
+            left_out.append(f"{run.name}: no curves table, so no step times")
     for other in runs[1:]:
         other_repeats = cell_repeats(other)
         merged = compared(baseline.cells).merge(compared(other.cells), on=["study", "cell"], suffixes=("_a", "_b"),
@@ -148,12 +162,13 @@ def cell_comparison(runs: list[FinishedRun]) -> tuple[pd.DataFrame, list[str]]:
                 "study": cell["study"], "cell": cell["cell"], "baseline": baseline.name, "run": other.name,
                 "acc_baseline": cell["final_test_acc_a"], "acc_run": cell["final_test_acc_b"],
                 "acc_difference": cell["final_test_acc_b"] - cell["final_test_acc_a"],
+                "diverged_baseline": _flag(cell.get("diverged_a")), "diverged_run": _flag(cell.get("diverged_b")),
                 "machine_baseline": f"{cell.get('env_host_a', '')}: {cell.get('env_device_name_a', '')}",
                 "machine_run": f"{cell.get('env_host_b', '')}: {cell.get('env_device_name_b', '')}",
                 "step_time_ratio": ratio, "ratio_low": low, "ratio_high": high,
                 "step_time_changed": bool(low > 1 or high < 1),  # NaN bounds compare False: not flagged
             })
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=CELL_COLUMNS)
     if len(table):
         table = table.sort_values("step_time_changed", ascending=False, kind="stable").reset_index(drop=True)
     return table, left_out
@@ -163,11 +178,13 @@ def render_compare(runs: list[FinishedRun], out: Path, csv: Path | None = None) 
     """The comparison page (self-contained HTML, the report's style) and, with `csv`, the claims and cells
     tables as CSV (`csv` and `<csv stem>_cells.csv`). Returns counts of what was flagged."""
     claims, (cells, left_out) = claim_comparison(runs), cell_comparison(runs)
+    left_out = [f"{run.name}: no claims (its claims.csv holds no row)" for run in runs if run.claims.empty] + left_out
     by_claim = [{"claim": claim, "statement": group["statement"].iloc[0], "differs": bool(group["differs"].any()),
                  "runs": group.to_dict("records")} for claim, group in claims.groupby("claim", sort=False)]
     counts = {"claims": len(by_claim), "differing verdicts": sum(claim["differs"] for claim in by_claim),
               "cells compared": len(cells),
-              "step-time changes": int(cells["step_time_changed"].sum()) if len(cells) else 0}
+              "step-time changes": int(cells["step_time_changed"].sum()) if len(cells) else 0,
+              "divergence changes": int((cells["diverged_baseline"] != cells["diverged_run"]).sum())}
     html = environment().get_template("compare.html").render(
         runs=[{"name": run.name, "source": run.source, **{key: run.record.get(key, "") for key in
                                                           ("commits", "machines", "started", "ended", "normbench",
