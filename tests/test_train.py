@@ -151,17 +151,23 @@ def test_device_side_divergence_check_stops_at_the_step_of_a_per_step_check(tiny
         without_timing(read_jsonl(tmp_path / "every/metrics.jsonl"))
 
 
-def test_a_cell_past_its_time_limit_is_recorded_as_timed_out_and_resumes(tiny, tmp_path):
-    settings = tiny()
+@pytest.mark.parametrize("overrides, stop", [({}, 16),  # the first sync point is an evaluation
+                                             ({"train_subset": 2048, "epochs": 1, "evals_per_epoch": 1}, 32)])
+def test_a_cell_past_its_time_limit_is_recorded_as_timed_out_and_resumes(tiny, tmp_path, overrides, stop):
+    settings = tiny(**overrides)
     whole = train(settings, tmp_path / "whole")
     summary = train(settings, tmp_path / "cut", time_limit_s=0.0)  # out of time at the first sync point
-    assert summary["timed_out"] and not summary["diverged"] and summary["steps"] == 16
-    assert "time limit of 0 s reached after step 16 of 64" in summary["timed_out_reason"]
-    assert summary["final_test_acc"] == read_jsonl(tmp_path / "cut/metrics.jsonl")[-1]["test_acc"]
+    assert summary["timed_out"] and not summary["diverged"] and summary["steps"] == stop
+    assert f"time limit of 0 s reached after step {stop} of 64" in summary["timed_out_reason"]
+    evaluated = read_jsonl(tmp_path / "cut/metrics.jsonl")  # the evaluations due so far, none of the stop's own
+    assert [row["step"] for row in evaluated] == ([16] if stop == 16 else [])
+    assert summary["final_test_acc"] == (evaluated[-1]["test_acc"] if evaluated else None)
     assert (tmp_path / "cut/checkpoint.pt").exists()
     resumed = train(settings, tmp_path / "cut")
-    assert not resumed["timed_out"] and resumed["resumed_from_step"] == 16
+    assert not resumed["timed_out"] and resumed["resumed_from_step"] == stop
     assert without_timing([resumed]) == without_timing([{**whole, "timed_out": False}])
+    assert without_timing(read_jsonl(tmp_path / "cut/metrics.jsonl")) == \
+        without_timing(read_jsonl(tmp_path / "whole/metrics.jsonl"))
 
 
 def test_a_killed_cell_resumes_to_the_numbers_of_an_uninterrupted_one(tiny, tmp_path):

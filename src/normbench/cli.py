@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--timeout", type=_above_zero(float), default=300.0,
                        help="seconds any collective may wait before a hung worker fails the cell (default 300)")
     train.add_argument("--time-limit", type=_above_zero(float, or_zero=True), metavar="S",
-                       help="seconds after which the cell stops, evaluates and is recorded as timed out "
+                       help="seconds after which the cell stops at its next sync point and is recorded as timed out "
                             "(resumable with a longer limit)")
     train.add_argument("--gpu-share", type=_above_zero(int), default=1, metavar="K",
                        help="under the workflow on a GPU machine: share each GPU with up to K-1 other cells "

@@ -563,16 +563,17 @@ class CellRun:
         if out_of_time and progress.step < self.total_steps:
             self.timed_out_reason = (f"time limit of {self.time_limit_s:g} s reached after step {progress.step} of "
                                      f"{self.total_steps}")
-            evaluating = True
         preempted = any_worker(bool(self.stop_requests), device) and progress.step < self.total_steps
         if evaluating:
             self.evaluation()
-        if self.timed_out_reason:
-            return True
-        if preempted:
-            if not evaluating:  # between evaluations: this interval's time and train sums go in the checkpoint
+        if self.timed_out_reason or preempted:
+            # Between evaluations this interval's time and train sums go in the checkpoint, without an evaluation
+            # of its own: a resumed cell then writes the metrics an uninterrupted one does.
+            if not evaluating:
                 self.close_interval()
                 self.save_state()
+            if self.timed_out_reason:
+                return True
             raise Preempted(f"stopped by {self.stop_requests[0] if self.stop_requests else 'another worker'} after "
                             f"step {progress.step} of {self.total_steps}, its checkpoint saved; run the cell again "
                             f"to continue")
