@@ -47,6 +47,11 @@ def test_a_finished_cell_of_other_settings_is_not_overwritten(tmp_path, mlp_word
     assert (tmp_path / "summary.json").read_text() == before
     main(["train", "--out", str(tmp_path), "--threads", "1", "--force", "--set", *mlp_words, "norm=gn"])
     assert read_json(tmp_path / "config.json")["norm"] == "gn" and read_json(tmp_path / "summary.json")["steps"] == 4
+    (tmp_path / "config.json").write_text('{"norm": "g')  # damaged: refused, then replaced with --force, as it says
+    with pytest.raises(SystemExit, match=r"config.json: not valid JSON .*--force --set \.\.\.` with its settings"):
+        main(["train", "--out", str(tmp_path), "--set", *mlp_words, "norm=gn"])
+    main(["train", "--out", str(tmp_path), "--threads", "1", "--force", "--set", *mlp_words, "norm=gn"])
+    assert read_json(tmp_path / "config.json")["norm"] == "gn"
 
 
 @pytest.mark.parametrize("words, message", [

@@ -128,7 +128,7 @@ def test_a_repeated_setup_leaves_the_cache_untouched(fashion_root):
     assert (cache.stat().st_mtime_ns, cache_checksum("fashion_mnist", fashion_root).stat().st_mtime_ns) == before
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped bit", "no checksum"])
+@pytest.mark.parametrize("damage", ["truncated", "flipped bit", "no checksum", "random checksum"])
 def test_a_damaged_cache_is_never_trained_on_and_setup_rebuilds_it(fashion_root, tmp_path, damage):
     root = tmp_path / "root"
     shutil.copytree(fashion_root, root)
@@ -139,9 +139,11 @@ def test_a_damaged_cache_is_never_trained_on_and_setup_rebuilds_it(fashion_root,
     elif damage == "flipped bit":
         middle = len(good) // 2  # inside the training images
         cache.write_bytes(good[:middle] + bytes([good[middle] ^ 1]) + good[middle + 1:])
-    else:
+    elif damage == "no checksum":
         checksum.unlink()
+    else:
+        checksum.write_bytes(bytes(range(128, 193)))  # not even text
     with pytest.raises(DatasetMissing, match=rf"tensor cache {cache} .*rebuild it with `normbench data fashion_mnist"):
         load_splits("fashion_mnist", root, 100, 10, torch.device("cpu"))
-    assert fetch("fashion_mnist", root, download=False) is (damage != "no checksum")  # that one: checksum only
+    assert fetch("fashion_mnist", root, download=False) is ("checksum" not in damage)  # those: checksum only
     assert cache.read_bytes() == good and len(load_splits("fashion_mnist", root, 100, 10, torch.device("cpu"))[0]) == 100

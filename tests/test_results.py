@@ -7,7 +7,8 @@ import pytest
 
 from normbench.cli import main
 from normbench.report import provenance
-from normbench.results import CONFIG, ENV, METRICS, PROBES, UnreadableResult, aggregate, write_json, write_table
+from normbench.results import (CONFIG, ENV, METRICS, PROBES, UnreadableResult, aggregate, read_json, read_jsonl,
+                               write_json, write_table)
 
 # What env.json held before it recorded TF32 and determinism.
 OLD_ENV = {"device": "cpu", "torch": "2.14.1", "host": "h", "time": "2026-01-01T00:00:00+00:00"}
@@ -67,6 +68,22 @@ def test_a_damaged_result_file_stops_the_aggregate_naming_the_cell(tmp_path, dam
         aggregate(summaries, runs)
     with pytest.raises(SystemExit, match=r"normbench: error: .*cut.* not valid JSON"):
         main(["aggregate", *map(str, summaries), "--runs-root", str(runs), "--out", str(tmp_path / "tables")])
+
+
+def test_a_damaged_file_names_its_line_and_bytes_that_are_no_text_are_damage_too(tmp_path):
+    path = tmp_path / "cell" / METRICS
+    path.parent.mkdir()
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    with pytest.raises(UnreadableResult, match=r"not valid JSON \(.*, line 3\)"):
+        read_jsonl(path)
+    path.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(UnreadableResult, match=r"not valid JSON \(not UTF-8 text\)"):
+        read_jsonl(path)
+    config = tmp_path / "cell" / CONFIG
+    config.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(UnreadableResult, match=r"not UTF-8 text.*train it again \(`normbench train --out .* --force "
+                                               r"--set \.\.\.` with its settings"):
+        read_json(config)
 
 
 def test_benchmark_rounds_expand_paired_cases_by_network(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import pickle
+import re
 import shutil
 from dataclasses import dataclass
 from functools import cache
@@ -113,12 +114,21 @@ def _read_cache(name: str, root: str | Path) -> dict[str, torch.Tensor] | None:
     cached, checksum = tensor_cache(name, root), cache_checksum(name, root)
     if not cached.exists():
         return None
-    expected = checksum.read_text().strip() if checksum.exists() else None
+    expected = _recorded_checksum(checksum)
     if _sha256(cached) != expected:
-        found = f"does not match its checksum {checksum}" if expected else f"has no checksum file {checksum}"
+        found = f"does not match its checksum {checksum}" if expected else f"has no valid checksum file {checksum}"
         raise DatasetMissing(f"the tensor cache {cached} {found}: it is damaged or incomplete; rebuild it with "
                              f"`normbench data {name} --root {root}` (`make setup` does this)")
     return torch.load(cached, weights_only=True, mmap=True)  # mapped: subsets copy only what they keep
+
+
+def _recorded_checksum(checksum: Path) -> str | None:
+    """The digest a checksum file holds; None where there is none or it is no digest (empty, damaged)."""
+    try:
+        digest = checksum.read_bytes().decode("ascii").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    return digest if re.fullmatch(r"[0-9a-f]{64}", digest) else None
 
 
 def _sha256(path: Path) -> str:
@@ -299,6 +309,6 @@ def fetch(name: str, root: str | Path, download: bool) -> bool:
     if not unchanged:
         write_atomic(cached, lambda f: torch.save(decoded, f), mode="wb")
     digest = _sha256(cached)
-    if not checksum.exists() or checksum.read_text().strip() != digest:  # not an input of the cells: no rerun
+    if _recorded_checksum(checksum) != digest:  # not an input of the cells: no rerun
         write_atomic(checksum, lambda f: f.write(digest + "\n"))
     return not unchanged

@@ -56,23 +56,35 @@ class UnreadableResult(ValueError):
 
 def read_json(path: str | Path) -> Any:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise UnreadableResult(_unreadable(path, error)) from None
+        raise UnreadableResult(_unreadable(path, f"{error.msg}, line {error.lineno}")) from None
+    except UnicodeDecodeError:
+        raise UnreadableResult(_unreadable(path, "not UTF-8 text")) from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
     try:
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as error:
-        raise UnreadableResult(_unreadable(path, error)) from None
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UnreadableResult(_unreadable(path, "not UTF-8 text")) from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as error:
+            raise UnreadableResult(_unreadable(path, f"{error.msg}, line {number}")) from None
+    return rows
 
 
-def _unreadable(path: str | Path, error: json.JSONDecodeError) -> str:
+def _unreadable(path: str | Path, problem: str) -> str:
+    """A damaged file of a cell, and the way to train the cell again (from its settings, unless they are the damaged
+    file)."""
     folder = Path(path).parent
-    return (f"{path}: not valid JSON ({error.msg}, line {error.lineno}); the cell in {folder} is damaged: train it "
-            f"again (`normbench train --out {folder} --from {folder}/config.json --force`, or delete the folder and "
-            f"rerun the workflow)")
+    again = f"`normbench train --out {folder} --from {folder}/config.json --force`, or " \
+        if Path(path).name != CONFIG else f"`normbench train --out {folder} --force --set ...` with its settings, or "
+    return (f"{path}: not valid JSON ({problem}); the cell in {folder} is damaged: train it again ({again}delete the "
+            f"folder and rerun the workflow)")
 
 
 def write_table(frame: pd.DataFrame, path: str | Path) -> None:

@@ -80,7 +80,12 @@ def check_cell_folder(settings: Settings, out_dir: Path, force: bool) -> None:
     existing = out_dir / results.CONFIG
     if not existing.exists():
         return
-    differences = describe_differences(results.read_json(existing), settings.to_dict())
+    try:
+        differences = describe_differences(results.read_json(existing), settings.to_dict())
+    except results.UnreadableResult:
+        if not force:
+            raise
+        differences = "a damaged config.json"  # forced: replaced like a cell of other settings
     if differences and force:  # the old cell's results go; its checkpoint is ignored (other settings)
         (out_dir / results.SUMMARY).unlink(missing_ok=True)
     elif differences:
