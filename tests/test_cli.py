@@ -65,6 +65,22 @@ def test_bad_input_gets_a_message_not_a_traceback(tmp_path, monkeypatch, words, 
         main(["train", "--out", "cell", *words])
 
 
+def test_an_interrupt_or_a_full_disk_ends_with_a_message_not_a_traceback(monkeypatch, capsys):
+    import errno
+
+    import normbench.cli as cli
+
+    for error, message in [(KeyboardInterrupt(), "normbench: interrupted; a cell keeps its last checkpoint"),
+                           (OSError(errno.ENOSPC, "No space left on device", "cell/checkpoint.pt"),
+                            "normbench: error: No space left on device (cell/checkpoint.pt); a cell keeps its last")]:
+        def fail(args, error=error):
+            raise error
+
+        monkeypatch.setattr(cli, "_settings", fail)
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            cli.main(["settings"])
+
+
 @pytest.mark.parametrize("words, message", [
     (["--time-limit", "-5"], "argument --time-limit: -5 is not 0 or more"),
     (["--timeout", "0"], "argument --timeout: 0 is not above 0"),
@@ -72,10 +88,16 @@ def test_bad_input_gets_a_message_not_a_traceback(tmp_path, monkeypatch, words, 
     (["--set", "model=mlp", "lr=.nan"], "setting 'lr': nan is not a finite number"),
     (["--set", "model=mlp", "norm=bn", "batch_size=1"], "norm 'bn' normalizes each MLP feature over the 1 sample"),
     (["--set", "model=mlp", "norm=ghostbn", "ghost_batch=1"], "over the 1 sample of its ghost batch"),
+    (["--out-is-a-file"], "is a file; --out names the cell's folder"),
 ])
 def test_numbers_that_cannot_train_are_refused_before_any_work(tmp_path, capsys, words, message):
+    (tmp_path / "file").touch()
+    if words == ["--out-is-a-file"]:
+        words, out = ["--set", "model=mlp"], tmp_path / "file"
+    else:
+        out = tmp_path / "cell"
     with pytest.raises(SystemExit) as stopped:  # argparse prints its message; normbench's is the exit's
-        main(["train", "--out", str(tmp_path / "cell"), *words])
+        main(["train", "--out", str(out), *words])
     assert message in str(stopped.value) + capsys.readouterr().err and not (tmp_path / "cell").exists()
 
 

@@ -305,6 +305,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"normbench: error: {error}")
     except FileNotFoundError as error:  # a path given on the command line that is not there
         sys.exit(f"normbench: error: {error.filename}: no such file; check the path")
+    except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as error:  # a path's kind, rights
+        sys.exit(f"normbench: error: {error.filename}: {error.strerror}; check the path")
+    except OSError as error:  # the machine's, not the input's: a full disk, a failing network filesystem
+        if error.errno is None:
+            raise
+        sys.exit(f"normbench: error: {error.strerror} ({error.filename or 'writing the results'}); a cell keeps its "
+                 f"last checkpoint: fix this and run the same command again")
+    except KeyboardInterrupt:
+        sys.exit("normbench: interrupted; a cell keeps its last checkpoint: run the same command again to continue")
     except BrokenPipeError:  # output piped into a reader that stopped early (| head): Python's documented recipe
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

@@ -61,6 +61,8 @@ def cell_folder_lock(out_dir: Path, take: bool = True) -> Iterator[None]:
     if not take:
         yield
         return
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SettingsError(f"{out_dir} is a file; --out names the cell's folder (made where it is missing)")
     out_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(out_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o666)
     try:
@@ -267,6 +269,9 @@ def preemption_requests() -> Iterator[list[str]]:
             signal.signal(number, handler)
 
 
+CHECKPOINT_KEYS = {"format", "settings", "model", "optimizer", "scheduler", "scaler", "progress"}  # and the RNGs'
+
+
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, progress: Progress, settings: Settings,
                     rng: dict) -> None:
     state = {
@@ -294,7 +299,7 @@ def read_checkpoint(path: Path, settings: Settings) -> dict | None:
         print(f"normbench: warning: cannot read the checkpoint {path} ({type(error).__name__}: {error}); it is "
               f"damaged or incomplete, so the cell starts afresh", file=sys.stderr)
         return None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not CHECKPOINT_KEYS <= set(state):
         print(f"normbench: warning: {path} was written by another version of normbench; the cell starts afresh",
               file=sys.stderr)
         return None
