@@ -81,6 +81,19 @@ def test_an_interrupt_or_a_full_disk_ends_with_a_message_not_a_traceback(monkeyp
             cli.main(["settings"])
 
 
+def test_a_reader_that_stops_early_ends_the_output_quietly(monkeypatch, capfd):
+    """`normbench settings | head`: a BrokenPipeError is an OSError, and must not be reported as the machine's."""
+    import normbench.cli as cli
+
+    def fail(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_settings", fail)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["settings"])
+    assert stopped.value.code == 1
+
+
 @pytest.mark.parametrize("words, message", [
     (["--time-limit", "-5"], "argument --time-limit: -5 is not 0 or more"),
     (["--timeout", "0"], "argument --timeout: 0 is not above 0"),

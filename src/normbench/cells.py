@@ -65,10 +65,10 @@ def _check_consistency(settings: Settings) -> None:
         raise SettingsError(f"setting 'ghost_batch': {settings.ghost_batch} does not divide batch_size "
                             f"{settings.batch_size}; ghost batches must split each batch evenly")
     # The samples behind each statistic: a ghost batch, SyncBN's global batch, else the worker's own batch.
-    over = "ghost batch" if settings.ghost_batch else "global batch" if settings.norm == "syncbn" else "per-worker batch"
-    statistics_batch = {"ghost batch": settings.ghost_batch, "global batch": settings.global_batch_size,
-                        "per-worker batch": settings.batch_size}[over]
-    if settings.model == "mlp" and settings.norm in BATCH_STATISTICS and statistics_batch < 2:
+    over, samples = (("ghost batch", settings.ghost_batch) if settings.ghost_batch else
+                     ("global batch", settings.global_batch_size) if settings.norm == "syncbn" else
+                     ("per-worker batch", settings.batch_size))
+    if settings.model == "mlp" and settings.norm in BATCH_STATISTICS and samples < 2:
         raise SettingsError(f"setting '{'ghost_batch' if settings.ghost_batch else 'batch_size'}': norm "
                             f"{settings.norm!r} normalizes each MLP feature over the 1 sample of its {over}, which "
                             f"has no variance; use 2 or more, or a norm without batch statistics (ln, rms, dyt)")

@@ -303,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"normbench: {stopped}")
     except (SettingsError, DatasetMissing, WorkerFailed, UnreadableResult) as error:
         sys.exit(f"normbench: error: {error}")
+    except BrokenPipeError:  # output piped into a reader that stopped early (| head): Python's documented recipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except FileNotFoundError as error:  # a path given on the command line that is not there
         sys.exit(f"normbench: error: {error.filename}: no such file; check the path")
     except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as error:  # a path's kind, rights
@@ -314,9 +317,6 @@ def main(argv: list[str] | None = None) -> None:
                  f"last checkpoint: fix this and run the same command again")
     except KeyboardInterrupt:
         sys.exit("normbench: interrupted; a cell keeps its last checkpoint: run the same command again to continue")
-    except BrokenPipeError:  # output piped into a reader that stopped early (| head): Python's documented recipe
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
 
 
 if __name__ == "__main__":

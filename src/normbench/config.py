@@ -266,11 +266,8 @@ def normalize_workflow_config(config: dict[str, Any], workflow_schema: dict) -> 
         for axes in ("grid", "linked"):
             if isinstance(study, dict) and isinstance(study.get(axes), dict):
                 check_names(study[axes], SETTING_NAMES, "setting", f"studies: {name}: {axes}: ")
-                study[axes] = {axis: [as_schema_type(v, settings["properties"][axis]) for v in values]
+                study[axes] = {axis: [checked_settings({axis: v}, f"studies: {name}: {axes}: ")[axis] for v in values]
                                if isinstance(values, list) else values for axis, values in study[axes].items()}
-                for axis, values in study[axes].items():
-                    for item in values if isinstance(values, list) else ():
-                        checked_settings({axis: item}, f"studies: {name}: {axes}: ")
     return config
 
 

@@ -112,11 +112,8 @@ def _files_of(path: Path) -> dict[str, bytes]:
         try:
             if not tarfile.is_tarfile(path):
                 raise SettingsError(f"{path} is no run archive (a .tar.gz made by normbench archive)")
-            # gzip checks its checksum only at the end of the stream: read to it, so that a changed byte is caught
-            with gzip.open(path) as stream:
-                while stream.read(1 << 20):
-                    pass
-            with tarfile.open(path) as tar:
+            # Decompressed whole, so that gzip's checksum at the end catches a changed byte (tarfile stops early)
+            with tarfile.open(fileobj=io.BytesIO(gzip.decompress(path.read_bytes()))) as tar:
                 return {member.name: tar.extractfile(member).read() for member in tar.getmembers() if member.isfile()}
         except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
             raise SettingsError(f"{path}: the archive is damaged ({error or type(error).__name__}); archive the run "

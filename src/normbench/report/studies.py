@@ -17,7 +17,7 @@ from normbench.report.figures import (TABLE_COLUMNS, _format, _label, _save, acc
                                       generalization_figure, gradient_profile_figure, ics_figure, inference_figure,
                                       landscape_figure, percentiles_figure, saturation_figure, shared_device,
                                       study_axes, throughput_figure)
-from normbench.report.tables import (drift_table, folding_table, folding_time_table, generalization_table,
+from normbench.report.tables import (at_setting, drift_table, folding_table, folding_time_table, generalization_table,
                                      learning_rate_table, shown, step_time_ratios)
 
 
@@ -81,7 +81,7 @@ def reference(spec: dict, cells: pd.DataFrame) -> dict | None:
         return None
     bar = spec.get("report", {}).get("reference_acc", 0.85)
     described = {"cells": ", ".join(f"{key} {value}" for key, value in chosen.items()), "bar": _format(bar)}
-    picked = cells[np.logical_and.reduce([cells[key] == value for key, value in chosen.items()])]
+    picked = cells[at_setting(cells, chosen)]
     if picked.empty:
         return {**described, "accuracy": "not in this run", "seeds": 0, "reached": False}
     estimate = claims.mean_interval(claims.accuracy(picked).groupby(picked["seed"]).mean(), len(picked))

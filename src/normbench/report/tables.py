@@ -111,7 +111,7 @@ def shown(table: pd.DataFrame) -> pd.DataFrame:
                            for column in ("norm", "model") if column in table})
 
 
-def _matching(cells: pd.DataFrame, setting: dict) -> pd.Series:
+def at_setting(cells: pd.DataFrame, setting: dict) -> pd.Series:
     """Cells at `setting`, a blank value matching a blank (plain BN's ghost_batch)."""
     wanted, values = pd.Series(setting, dtype=object), cells[list(setting)]
     return (values.eq(wanted) | (values.isna() & wanted.isna())).all(axis=1)
@@ -137,7 +137,7 @@ def leaderboard(by_study: dict[str, claims.Tables], studies: dict[str, dict]) ->
             setting = dict(zip(axes, values))
             # BN at the same setting of the other axes; ghost_batch is the norm's own (ghost BN against plain BN).
             shared = {axis: value for axis, value in setting.items() if axis != "ghost_batch"}
-            bn = bn_rate[_matching(bn_rate, shared)] if shared else bn_rate
+            bn = bn_rate[at_setting(bn_rate, shared)] if shared else bn_rate
             own = rate.loc[rate.index.isin(mine.index), "train_samples_per_s"].mean()
             relative = (bn if len(bn) else bn_rate)["train_samples_per_s"].mean() / own
             per_seed = claims.accuracy(mine).groupby(mine["seed"]).mean()
