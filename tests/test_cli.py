@@ -144,6 +144,14 @@ def test_fewer_threads_than_workers_runs_one_thread_each_and_says_so(tmp_path, m
     assert read_json(tmp_path / "cell/summary.json")["steps"] == 2
 
 
+def test_a_cell_out_of_time_before_its_first_evaluation_says_so(tmp_path, mlp_words, capsys):
+    words = [word for word in mlp_words if not word.startswith("train_subset=")] + ["train_subset=4096"]
+    main(["train", "--out", str(tmp_path), "--threads", "1", "--time-limit", "0", "--set", *words])  # 64 steps: out of time at the first sync point, before the evaluation at the end
+    assert re.search(r": not evaluated yet \(timed out: time limit of 0 s reached after step \d+ of 64\)",
+                     capsys.readouterr().out)
+    assert read_json(tmp_path / "summary.json")["final_test_acc"] is None
+
+
 def test_a_study_without_a_grid_is_listed(tmp_path, capsys):
     config = {"studies": {"pairs": {"fixed": {"model": "mlp"}, "linked": {"norm": ["bn", "gn"], "batch_size": [8, 32]}}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

@@ -186,3 +186,27 @@ def test_a_plugin_norm_trains_in_data_parallel_workers(tmp_path, fashion_root):
     summary = run_cell(settings, tmp_path, threads=2)
     assert summary["steps"] == 8 and not summary["diverged"]
     assert EXAMPLE in read_json(tmp_path / "env.json")["plugins"]
+
+
+def test_a_checkpoint_of_other_plugin_code_starts_the_cell_afresh(tmp_path, fashion_root, capfd):
+    """The same settings with an edited plugin file: the old checkpoint may not even fit the new model."""
+    from normbench.plugins import load_module
+    from normbench.train import train
+
+    def write_model(hidden: int) -> None:
+        (tmp_path / "model.py").write_text(
+            "import torch\nlayout = 'features'\ndef build(settings, shape, classes, norm_layer):\n"
+            f"    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, {hidden}), norm_layer({hidden}),"
+            f" torch.nn.Linear({hidden}, classes))\n")
+        load_module.cache_clear()  # as a new process would load it
+
+    write_model(16)
+    settings = make_settings({"model": f"{tmp_path}/model.py:build", "norm": "ln", "data_root": str(fashion_root),
+                              "train_subset": 2048, "test_subset": 200, "batch_size": 32, "epochs": 1,
+                              "device": "cpu"})
+    assert train(settings, tmp_path / "cell", time_limit_s=0.0)["timed_out"]  # stopped with a checkpoint
+    write_model(24)
+    summary = train(settings, tmp_path / "cell")
+    assert summary["resumed_from_step"] is None and summary["steps"] == 64 and not summary["timed_out"]
+    assert re.search(r"checkpoint.pt was written by other code of .*model.py:build \(its file changed since\); "
+                     r"starting afresh", capfd.readouterr().err)

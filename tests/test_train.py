@@ -205,7 +205,7 @@ def test_checkpoints_load_without_running_code(tiny, tmp_path, capsys):
             return (print, ("code ran",))
 
     torch.save({"settings": Payload()}, tmp_path / "checkpoint.pt")  # a whole, valid file that would run code
-    assert train_module.read_checkpoint(tmp_path / "checkpoint.pt", tiny()) is None
+    assert train_module.read_checkpoint(tmp_path / "checkpoint.pt", tiny(), {}) is None
     captured = capsys.readouterr()
     assert "code ran" not in captured.out and "Weights only load failed" in captured.err
     assert pickle.loads(pickle.dumps(Payload())) is None  # the payload does run code when unpickled plainly

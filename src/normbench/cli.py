@@ -34,8 +34,9 @@ def _train(args: argparse.Namespace) -> None:
         state = "diverged: " + summary["diverged_reason"]
     elif summary["failed"]:
         state = "failed: " + summary["failure_reason"]
-    else:
-        state = f"final test acc {summary['final_test_acc']:.4f}"
+    else:  # a cell out of time before its first evaluation has no accuracy yet
+        accuracy = summary["final_test_acc"]
+        state = f"final test acc {accuracy:.4f}" if accuracy is not None else "not evaluated yet"
         state += f" (timed out: {summary['timed_out_reason']})" if summary["timed_out"] else ""
     speed = summary["train_samples_per_s"]
     print(f"{args.out}: {state}" + (f", {speed:.0f} samples/s" if speed is not None else ""))

@@ -225,7 +225,8 @@ class Progress:
     train_sums: tuple = (0.0, 0, 0)
 
 
-CHECKPOINT_FORMAT = 3  # 2: random states per rank, each worker's own CUDA device only; 3: train sums per rank
+CHECKPOINT_FORMAT = 4  # 2: random states per rank, each worker's own CUDA device only; 3: train sums per rank;
+# 4: the digests of the plugins' files
 
 
 def rng_states(device: torch.device, worker: Worker, train_sums: tuple = (0.0, 0, 0)) -> dict:
@@ -269,22 +270,24 @@ def preemption_requests() -> Iterator[list[str]]:
             signal.signal(number, handler)
 
 
-CHECKPOINT_KEYS = {"format", "settings", "model", "optimizer", "scheduler", "scaler", "progress"}  # and the RNGs'
+CHECKPOINT_KEYS = {"format", "settings", "plugin_code", "model", "optimizer", "scheduler", "scaler",
+                   "progress"}  # and the RNGs'
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, progress: Progress, settings: Settings,
-                    rng: dict) -> None:
+                    rng: dict, code: dict[str, str]) -> None:
     state = {
-        "format": CHECKPOINT_FORMAT, "settings": settings.to_dict(), "model": model.state_dict(),
+        "format": CHECKPOINT_FORMAT, "settings": settings.to_dict(), "plugin_code": code,
+        "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "progress": progress.__dict__, **rng,
     }
     results.write_atomic(path, lambda f: torch.save(state, f), mode="wb")
 
 
-def read_checkpoint(path: Path, settings: Settings) -> dict | None:
+def read_checkpoint(path: Path, settings: Settings, code: dict[str, str]) -> dict | None:
     """The checkpoint's state when it can resume this cell, else None with a warning: a file that cannot be read
-    (cut short, damaged, an older format) or of other settings starts the cell afresh, which gives the same
+    (cut short, damaged, an older format), of other settings or of other plugin code starts the cell afresh, which gives the same
     numbers as resuming, since a cell is deterministic from its settings."""
     if not path.exists():
         return None
@@ -306,13 +309,19 @@ def read_checkpoint(path: Path, settings: Settings) -> dict | None:
     if state["settings"] != settings.to_dict():
         print(f"normbench: {path} holds other settings; starting afresh", file=sys.stderr)
         return None
+    changed = [reference for reference, digest in code.items()
+               if state["plugin_code"].get(reference) != digest]
+    if changed:  # the same settings, other code: the checkpoint's model may not even load into this one
+        print(f"normbench: {path} was written by other code of {', '.join(changed)} (its file changed since); "
+              f"starting afresh", file=sys.stderr)
+        return None
     return state
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, settings: Settings, device: torch.device,
-                    worker: Worker) -> Progress | None:
-    """Restore a checkpoint of the same settings (see read_checkpoint for the others)."""
-    state = read_checkpoint(path, settings)
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, settings: Settings, code: dict[str, str],
+                    device: torch.device, worker: Worker) -> Progress | None:
+    """Restore a checkpoint of the same settings and plugin code (see read_checkpoint for the others)."""
+    state = read_checkpoint(path, settings, code)
     if state is None:
         return None
     model.load_state_dict(state["model"])
@@ -425,12 +434,15 @@ class CellRun:
         # Probe the first step (the network at initialization) and the last before each evaluation (main worker).
         self.probe_steps = {0, *(step - 1 for step in self.eval_steps)} if worker.is_main else set()
         self.checkpoint_path = self.out_dir / results.CHECKPOINT
+        provenance = plugins.provenance([settings.norm, settings.model])  # the code this cell runs, hashed once
+        # A checkpoint resumes only the code it came from: by reference, the SHA-256 of each plugin's file.
+        self.plugin_code = {reference: record["sha256"] for reference, record in provenance.items()}
         self.progress = self.resumed_progress()
         if worker.is_main:
             results.write_json(self.out_dir / results.CONFIG, settings.to_dict())
             results.write_json(self.out_dir / results.ENV, {
                 **environment(device), **numerics_record(device), "world_size": worker.world_size,
-                "plugins": plugins.provenance([settings.norm, settings.model])})
+                "plugins": provenance})
 
         self.diverged_reason = self.timed_out_reason = self.failed_reason = None
         # Each step's loss stays on the device until the next sync point (each evaluation and every
@@ -458,7 +470,8 @@ class CellRun:
     def resumed_progress(self) -> Progress:
         """The checkpoint's progress, or a fresh start; every rank reads the checkpoint and must agree."""
         progress = load_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.scheduler,
-                                   self.precision.scaler, self.settings, self.device, self.worker) or Progress()
+                                   self.precision.scaler, self.settings, self.plugin_code, self.device,
+                                   self.worker) or Progress()
         if self.worker.world_size > 1:
             steps = [None] * self.worker.world_size
             dist.all_gather_object(steps, progress.step)
@@ -476,7 +489,7 @@ class CellRun:
             elapsed = time.perf_counter() - self.started  # the checkpoint counts this session's time too
             save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.scheduler, self.precision.scaler,
                             dataclasses.replace(self.progress, wall_time_s=self.progress.wall_time_s + elapsed),
-                            self.settings, rng)
+                            self.settings, rng, self.plugin_code)
 
     def close_interval(self) -> None:
         """Book the training interval since the last evaluation: its probed steps as probing, the rest as training."""
