@@ -154,6 +154,9 @@ def test_a_model_plugin_gets_the_cells_norm_for_its_layout_and_trains(tmp_path, 
     summary = train(settings, tmp_path)
     assert summary["steps"] == 16 and not summary["diverged"]
     assert set(read_json(tmp_path / "env.json")["plugins"]) == {settings.model, settings.norm}
+    frn = build_model(make_settings({"model": settings.model, "norm": "frn", "width": 8}), (1, 28, 28), 10)
+    after = [type(frn[i + 1]).__name__ for i, layer in enumerate(frn) if type(layer).__name__ == "FilterResponseNorm"]
+    assert after == ["Identity"] * 3  # FRN's TLU in place of the ReLU, as in the built-in models
 
     (tmp_path / "features.py").write_text("import torch\nlayout = 'features'\n"
                                           "def build(settings, shape, classes, norm_layer):\n"
@@ -210,3 +213,26 @@ def test_a_checkpoint_of_other_plugin_code_starts_the_cell_afresh(tmp_path, fash
     assert summary["resumed_from_step"] is None and summary["steps"] == 64 and not summary["timed_out"]
     assert re.search(r"checkpoint.pt was written by other code of .*model.py:build \(its file changed since\); "
                      r"starting afresh", capfd.readouterr().err)
+
+
+def test_a_plugin_that_reads_values_while_it_builds_is_checked_by_a_real_build(tmp_path):
+    """Planning builds models on the meta device, whose tensors hold no values; a plugin that reads one is built
+    on the CPU instead, and refused only if that fails too."""
+    (tmp_path / "reads.py").write_text("import torch\nclass Norm(torch.nn.LayerNorm):\n"
+                                       "    def __init__(self, n, layout):\n"
+                                       "        super().__init__(n, eps=float(torch.ones(n).mean()) * 1e-5)\n")
+    settings = make_settings({"model": "mlp", "norm": f"{tmp_path}/reads.py:Norm"})
+    assert settings.norm.endswith("reads.py:Norm")
+    (tmp_path / "fails.py").write_text("import torch\nclass Norm(torch.nn.LayerNorm):\n"
+                                       "    def __init__(self, n, layout):\n"
+                                       "        super().__init__(n, eps=float(torch.ones(n).mean() - 2))\n"
+                                       "        assert self.eps > 0, 'eps must be positive'\n")
+    with pytest.raises(SettingsError, match=r"raised AssertionError: eps must be positive"):
+        make_settings({"model": "mlp", "norm": f"{tmp_path}/fails.py:Norm"})
+
+
+@pytest.mark.parametrize("values", [{"batch_size": 1}, {"ghost_batch": 1}])
+def test_a_plugin_with_batch_statistics_over_one_sample_is_refused_like_bn(values):
+    with pytest.raises(SettingsError, match=r"normalizes each MLP feature over the 1 sample of its (per-worker|ghost) "
+                                            r"batch, which has no variance"):
+        make_settings({"model": "mlp", "norm": EXAMPLE, **values})

@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 from normbench.claims import studies_claiming
 from normbench.config import SETTING_NAMES, Settings, SettingsError, check_against_schema, check_names
 from normbench.data import model_io
-from normbench.plugins import is_plugin
+from normbench.plugins import PluginError, is_plugin, load_object
 
 # The settings that decide a model's shapes and layers; cells alike in these share one trial build.
 ARCHITECTURE = ("dataset", "text_path", "context", "model", "depth", "width", "activation", "heads", "patch_size",
@@ -29,6 +29,16 @@ ARCHITECTURE = ("dataset", "text_path", "context", "model", "depth", "width", "a
 
 
 BATCH_STATISTICS = ("bn", "syncbn", "ghostbn", "brn", "noisybn")  # the built-in norms that train on batch statistics
+
+
+def uses_batch_statistics(norm: str) -> bool:
+    """A built-in norm of BATCH_STATISTICS, or a plugin that declares `batch_statistics = True`."""
+    if not is_plugin(norm):
+        return norm in BATCH_STATISTICS
+    try:
+        return bool(getattr(load_object(norm), "batch_statistics", False))
+    except PluginError:
+        return False  # the trial build names what is wrong with it
 
 
 def make_settings(values: dict[str, Any]) -> Settings:
@@ -68,7 +78,7 @@ def _check_consistency(settings: Settings) -> None:
     over, samples = (("ghost batch", settings.ghost_batch) if settings.ghost_batch else
                      ("global batch", settings.global_batch_size) if settings.norm == "syncbn" else
                      ("per-worker batch", settings.batch_size))
-    if settings.model == "mlp" and settings.norm in BATCH_STATISTICS and samples < 2:
+    if settings.model == "mlp" and uses_batch_statistics(settings.norm) and samples < 2:
         raise SettingsError(f"setting '{'ghost_batch' if settings.ghost_batch else 'batch_size'}': norm "
                             f"{settings.norm!r} normalizes each MLP feature over the 1 sample of its {over}, which "
                             f"has no variance; use 2 or more, or a norm without batch statistics (ln, rms, dyt)")
@@ -118,6 +128,15 @@ def _trial_build(architecture: tuple) -> str | None:
     try:
         with torch.device("meta"), NoRandomDraws():
             build_model(settings, *model_io(settings))
+    except ValueError as error:
+        if not (is_plugin(settings.norm) or is_plugin(settings.model)):
+            return str(error)
+    else:
+        return None
+    # A user's code may read values while it builds (a float of a tensor), which meta tensors do not hold: its
+    # verdict is a real build on the CPU.
+    try:
+        build_model(settings, *model_io(settings))
     except ValueError as error:
         return str(error)
     return None

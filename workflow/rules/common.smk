@@ -11,7 +11,6 @@ import tempfile
 
 import pandas as pd
 import yaml
-from snakemake.exceptions import WorkflowError
 from snakemake.utils import Paramspace, validate
 
 from normbench.cells import ARCHITECTURE, check_reference, study_cells
@@ -26,12 +25,13 @@ from normbench import devices, warm
 
 @contextlib.contextmanager
 def refusing_bad_config():
-    """A config the workflow cannot run stops the planning with normbench's message alone, as Snakemake's own
-    refusals do: the Python frames behind it would bury the fix it names."""
+    """A config the workflow cannot run stops the planning with normbench's message alone, as the command line
+    does: raised as a WorkflowError from here, Snakemake would print this file's frames after it, which would bury
+    the fix it names."""
     try:
         yield
     except SettingsError as error:
-        raise WorkflowError(str(error)) from None
+        sys.exit(f"normbench: error: {error}")
 
 
 # Numbers as numbers (lr: 1e-3 as in YAML 1.2, width: 16.0 as 16, --config's nested '2000' as 2000) and a
