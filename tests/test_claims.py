@@ -536,6 +536,21 @@ def test_a_claim_declared_in_the_config_is_judged_like_the_built_in_ones(dyt, ex
     assert ratio.estimate.value == pytest.approx(dyt / 0.85, abs=0.01)
 
 
+def test_a_declared_claim_names_a_setting_of_the_study_where_its_verdict_differs():
+    """Over norm x lr the effect is the mean over the learning rates, as for the built-in claims; the row says at
+    which lr the verdict differs, and ties at one lr still get one test image of width."""
+    gap = {0.01: 0.0, 0.1: -0.1}  # DyT minus LN: alike at lr 0.01, far behind at 0.1
+    cells = cells_table({"norm": ["ln", "dyt"], "lr": [0.01, 0.1]},
+                        lambda point, rng: 0.85 + (gap[point["lr"]] if point["norm"] == "dyt" else 0.0),
+                        test_subset=2000)
+    mine = evaluate({"t": {"claims": [MY_CLAIM]}}, {"t": Tables(cells)})[-1]
+    assert mine.verdict == "refuted" and mine.estimate.value == pytest.approx(-0.05)
+    assert [label for label, _ in mine.estimate.conditions] == ["lr 0.01", "lr 0.1"]
+    assert "except lr 0.01: supported" in mine.note
+    assert mine.estimate.conditions[0][1].high - mine.estimate.conditions[0][1].low > 0  # tied seeds: resolution
+    assert "the mean over the study's other settings" in mine.claim.effect
+
+
 def test_cells_with_a_blank_setting_are_paired_like_the_others():
     """The regularization grid: ghost_batch is blank for plain BN and none, 8 for ghost BN. A declared claim on
     dropout pairs every norm's cells, the blank-ghost-batch ones too (they are all of them here)."""
@@ -556,8 +571,11 @@ def test_cells_with_a_blank_setting_are_paired_like_the_others():
     ({"compare": {"nrom": ["dyt", "ln"]}}, r"key 'compare': 'nrom' is no setting"),
     ({"id": "C6"}, r"key 'id': C6 is a built-in claim"),
     ({"compare": {"seed": [0, 1]}}, r"key 'compare': claims are paired by seed; compare another setting"),
+    ({"threshold": -0.01}, r"key 'threshold': 'within' bounds the effect's distance from 0: give a positive"),
 ])
 def test_a_declared_claim_that_cannot_be_measured_is_refused_before_any_run(change, message):
     cells = [{"norm": norm, "seed": seed} for norm in ("ln", "dyt") for seed in (0, 1)]
     with pytest.raises(SettingsError, match=message):
         check_claims({"transformer": {"claims": [{**MY_CLAIM, **change}]}}, {"transformer": cells})
+    with pytest.raises(SettingsError, match=r"study 'transformer' lists claim my-dyt twice; keep one"):
+        check_claims({"transformer": {"claims": [MY_CLAIM, MY_CLAIM]}}, {"transformer": cells})

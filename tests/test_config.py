@@ -91,6 +91,8 @@ def test_planning_a_cell_leaves_torch_dynamo_unimported():
     ({"measure": "final_acc"}, r"item 2: measure: 'final_acc' is unknown; did you mean 'final_test_acc'\?"),
     ({"rule": "abve"}, r"item 2: rule: 'abve' is unknown; did you mean 'above'\?"),
     ({"combine": None}, r"item 2: missing key 'combine'"),
+    ({"threshold": "big"}, r"item 2: threshold: 'big' is no number"),
+    ({"statement": 5}, r"item 2: statement: 5 is no string"),
 ])
 def test_a_claim_declared_in_the_config_is_refused_naming_its_wrong_key(change, message):
     claim = {"id": "mine", "statement": "x", "measure": "final_test_acc", "compare": {"norm": ["gn", "bn"]},

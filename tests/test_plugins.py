@@ -79,7 +79,8 @@ def test_a_module_reference_loads_like_a_file(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("source, name, message", [
     (None, "Missing", r"plugin '.*bad.py:Missing': no file .*bad.py \(a relative path counts from"),
-    ("x = 1\n", "Missing", r"plugin '.*bad.py:Missing': file .*bad.py has no 'Missing'"),
+    ("x = 1\n", "Missing", r"plugin '.*bad.py:Missing': file .*bad.py has no 'Missing'$"),
+    ("class MyNorm:\n    pass\n", "Mynorm", r"file .*bad.py has no 'Mynorm'; did you mean 'MyNorm'\?"),
     ("raise RuntimeError('broken at import')\n", "Norm", r"loading .*bad.py failed: RuntimeError: broken at import"),
     ("def Norm(n, layout):\n    raise TypeError('no')\n", "Norm",
      r"norm '.*bad.py:Norm': calling it with \(16, layout='channels'\) raised TypeError: no"),

@@ -210,6 +210,8 @@ def test_the_reference_box_counts_seeds_not_cells():
     cells = study_cells("i", {"init": ["xavier", "kaiming"], "seed": [0, 1, 2]}, norm="bn")
     box = reference({"report": {"reference": {"norm": "bn"}}}, cells)
     assert box["seeds"] == 3 and box["accuracy"] == "0.8 [0.8, 0.8]"
+    cells.loc[cells["seed"] == 2, "final_test_acc"] = 0.1  # two seeds learned, one did not: an interval past 0
+    assert reference({"report": {"reference": {"norm": "bn"}}}, cells)["accuracy"] == "0.567 [0, 1]"
 
 
 def test_throughput_leaves_out_diverged_cells():

@@ -821,6 +821,7 @@ CLAIMS_BY_ID = {claim.id: claim for claim in CLAIMS}
 
 # What a claim declared in a config may measure: a column of cells.csv per cell (final accuracy counts a diverged
 # cell at chance, as the built-in claims do).
+ACCURACY_MEASURES = ("final_test_acc", "best_test_acc")
 MEASURES: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
     "final_test_acc": lambda cells: accuracy(cells),
     "best_test_acc": lambda cells: accuracy(cells, "best_test_acc"),
@@ -850,6 +851,8 @@ def declared_claim(entry: dict, study: str) -> Claim:
         raise problem("combine", f"{entry['combine']!r}; use difference or ratio")
     if entry["rule"] not in RULES:
         raise problem("rule", f"{entry['rule']!r}; use {', '.join(RULES)}")
+    if entry["rule"] == "within" and float(entry["threshold"]) <= 0:
+        raise problem("threshold", "'within' bounds the effect's distance from 0: give a positive threshold, e.g. 0.01")
     if entry["combine"] == "ratio" and (entry["rule"] == "within" or float(entry["threshold"]) <= 0):
         raise problem("rule", "a ratio is judged on the log scale against a positive threshold with above or below; "
                               "for 'within', compare a difference")
@@ -862,15 +865,27 @@ def declared_claim(entry: dict, study: str) -> Claim:
         raise problem("compare", "claims are paired by seed; compare another setting (norm, lr, batch_size, ...)")
     measure_of, combine = MEASURES[entry["measure"]], COMBINE[entry["combine"]]
 
+    ratio = entry["combine"] == "ratio"
+    # An accuracy difference is known to one test image at best: tied seeds give no zero-width interval.
+    resolution = accuracy_resolution if entry["measure"] in ACCURACY_MEASURES and not ratio else lambda cells: 0.0
+
+    def on(cells: pd.DataFrame) -> Estimate:
+        return mean_interval(_paired(cells, measure_of(cells), axis, a, b, combine), len(cells), log=ratio,
+                             resolution=resolution(cells))
+
     def measure(tables: Tables, spec: dict) -> Estimate:
         cells = tables.cells[tables.cells[axis].isin([a, b])]
-        return mean_interval(_paired(cells, measure_of(cells), axis, a, b, combine), len(cells),
-                             log=entry["combine"] == "ratio")
+        # The study's other settings that pair both sides at each of their values: the effect at each apart, so
+        # that the report names one whose own verdict differs from the mean's (as for C4 or C10).
+        crossed = [other for other in varying_settings(cells) if other not in (axis, "seed")
+                   and cells.groupby(other, dropna=False)[axis].nunique().min() == 2]
+        return dataclasses.replace(on(cells), conditions=by_condition(cells, crossed, on))
 
-    sign = "/" if entry["combine"] == "ratio" else "-"
+    sign = "/" if ratio else "-"
     label = {value: short_name(value) if is_plugin(value) else value for value in (a, b)}
     return Claim(entry["id"], entry["statement"], entry.get("anchor", DECLARED), study,
-                 f"{entry['measure']} of {axis} {label[a]} {sign} {label[b]}, paired by seed", entry["rule"],
+                 f"{entry['measure']} of {axis} {label[a]} {sign} {label[b]}, paired by seed, the mean over the "
+                 f"study's other settings", entry["rule"],
                  float(entry["threshold"]), measure, {axis: (a, b)}, reads_time=entry["measure"] == "train_samples_per_s")
 
 
@@ -912,6 +927,8 @@ def check_claims(studies: dict[str, dict], cells_by_study: dict[str, list[dict]]
                 raise SettingsError(f"benchmarks: claim {claim_id} is measured by training cells (a "
                                     f"{claim.experiment} study), not by the micro-benchmarks: list it under a "
                                     f"study's claims")
+            if declared_by.get(claim_id) == study:
+                raise SettingsError(f"study {study!r} lists claim {claim_id} twice; keep one")
             if claim_id in declared_by:
                 raise SettingsError(f"claim {claim_id} is declared by both {declared_by[claim_id]!r} and {study!r}; "
                                     f"keep it in one study")

@@ -253,6 +253,11 @@ def normalize_workflow_config(config: dict[str, Any], workflow_schema: dict) -> 
                                     f"{', '.join(branch['required'])})")
             for key, item in value.items():
                 allowed = branch["properties"].get(key, {}).get("enum")
+                wanted = branch["properties"].get(key, {}).get("type")
+                item = as_schema_type(item, branch["properties"].get(key, {}))
+                if (wanted == "number" and (isinstance(item, bool) or not isinstance(item, (int, float)))) or (
+                        wanted == "string" and not isinstance(item, str)):
+                    raise SettingsError(f"{where}{key}: {item!r} is no {wanted}")
                 if allowed and item not in allowed:
                     close = difflib.get_close_matches(str(item), allowed, n=1)
                     hint = f"did you mean {close[0]!r}? " if close else ""

@@ -9,6 +9,7 @@ number can be traced to the code that made it.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -45,7 +46,9 @@ def load_object(reference: str) -> Any:
     module = load_module(reference)
     if not hasattr(module, name):
         where = f"file {source}" if _is_file(source) else f"module {source}"
-        raise PluginError(f"plugin {reference!r}: {where} has no {name!r}")
+        close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=1)
+        raise PluginError(f"plugin {reference!r}: {where} has no {name!r}" +
+                          (f"; did you mean {close[0]!r}?" if close else ""))
     return getattr(module, name)
 
 

@@ -17,8 +17,8 @@ from normbench.report.figures import (TABLE_COLUMNS, _format, _label, _save, acc
                                       generalization_figure, gradient_profile_figure, ics_figure, inference_figure,
                                       landscape_figure, percentiles_figure, saturation_figure, shared_device,
                                       study_axes, throughput_figure)
-from normbench.report.tables import (at_setting, drift_table, folding_table, folding_time_table, generalization_table,
-                                     learning_rate_table, shown, step_time_ratios)
+from normbench.report.tables import (accuracy_estimate, at_setting, drift_table, folding_table, folding_time_table,
+                                     generalization_table, learning_rate_table, shown, step_time_ratios)
 
 
 def origins(cells: pd.DataFrame, started: str | None) -> pd.Series:
@@ -84,7 +84,7 @@ def reference(spec: dict, cells: pd.DataFrame) -> dict | None:
     picked = cells[at_setting(cells, chosen)]
     if picked.empty:
         return {**described, "accuracy": "not in this run", "seeds": 0, "reached": False}
-    estimate = claims.mean_interval(claims.accuracy(picked).groupby(picked["seed"]).mean(), len(picked))
+    estimate = accuracy_estimate(picked)
     return {**described, "accuracy": claims.format_estimate(estimate), "seeds": estimate.samples,
             "reached": bool(estimate.value >= bar)}
 

@@ -117,6 +117,12 @@ def at_setting(cells: pd.DataFrame, setting: dict) -> pd.Series:
     return (values.eq(wanted) | (values.isna() & wanted.isna())).all(axis=1)
 
 
+def accuracy_estimate(cells: pd.DataFrame) -> claims.Estimate:
+    """The mean final test accuracy over seeds with its 95% interval, clipped to what an accuracy can be."""
+    estimate = claims.mean_interval(claims.accuracy(cells).groupby(cells["seed"]).mean(), len(cells))
+    return dataclasses.replace(estimate, low=float(np.clip(estimate.low, 0.0, 1.0)),  # none stays none
+                               high=float(np.clip(estimate.high, 0.0, 1.0)))
+
 def leaderboard(by_study: dict[str, claims.Tables], studies: dict[str, dict]) -> dict | None:
     """Every norm of the run, built in or plugged in, per study and setting (the study's other axes, seeds
     aside: a norm at two learning rates is two rows): final accuracy over seeds with its interval (clipped to
@@ -140,10 +146,7 @@ def leaderboard(by_study: dict[str, claims.Tables], studies: dict[str, dict]) ->
             bn = bn_rate[at_setting(bn_rate, shared)] if shared else bn_rate
             own = rate.loc[rate.index.isin(mine.index), "train_samples_per_s"].mean()
             relative = (bn if len(bn) else bn_rate)["train_samples_per_s"].mean() / own
-            per_seed = claims.accuracy(mine).groupby(mine["seed"]).mean()
-            estimate = claims.mean_interval(per_seed, len(mine))
-            estimate = dataclasses.replace(estimate, low=float(np.clip(estimate.low, 0.0, 1.0)),  # none stays none
-                                           high=float(np.clip(estimate.high, 0.0, 1.0)))
+            estimate = accuracy_estimate(mine)
             runs = curves[curves["cell"].isin(mine["cell"])] if "cell" in curves else curves.iloc[:0]
             reach = claims.steps_to_target(mine, runs, target, runs["step"].max()) if target else None
             rows.append([study, norm, ", ".join(f"{axis} {_format(value)}" for axis, value in setting.items()
