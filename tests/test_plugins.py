@@ -171,6 +171,8 @@ def test_a_model_plugin_gets_the_cells_norm_for_its_layout_and_trains(tmp_path, 
     ("def build(settings, shape, classes, norm_layer):\n    return None\n", r"returned a NoneType, not a torch.nn"),
     ("def build(settings, shape, classes, norm_layer):\n    raise KeyError('width')\n",
      r"calling it with input shape \(1, 28, 28\) and 10 classes raised KeyError"),
+    ("import torch\ndef build(settings, shape, classes, norm_layer):\n    return torch.nn.Flatten()\n",
+     r"never called norm_layer, so its cells would train the same model whatever their norm \('bn' here\)"),
 ])
 def test_a_broken_model_plugin_is_refused_before_training(tmp_path, source, message):
     (tmp_path / "model.py").write_text(source)

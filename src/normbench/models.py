@@ -155,7 +155,13 @@ def plugin_model(settings, input_shape: tuple[int, ...], num_classes: int) -> nn
     `norm_layer`."""
     build = load_object(settings.model)
     layout = getattr(build, "layout", getattr(load_module(settings.model), "layout", "channels"))
-    norm_layer = make_norm_layer(settings, layout)
+    made = []  # the norms the model asked for
+
+    def norm_layer(num_features: int) -> nn.Module:
+        made.append(cell_norm(num_features))
+        return made[-1]
+
+    cell_norm = make_norm_layer(settings, layout)
     try:
         model = build(settings, input_shape, num_classes, norm_layer)
     except PluginError:
@@ -165,6 +171,9 @@ def plugin_model(settings, input_shape: tuple[int, ...], num_classes: int) -> nn
                           f"classes raised {type(error).__name__}: {error}") from None
     if not isinstance(model, nn.Module):
         raise PluginError(f"model {settings.model!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    if not made and settings.norm != "none":
+        raise PluginError(f"model {settings.model!r} never called norm_layer, so its cells would train the same "
+                          f"model whatever their norm ({settings.norm!r} here); make its norms with norm_layer")
     initialize(model, settings.init)
     return standardize_conv_weights(model) if settings.norm == "gn+ws" else model
 
