@@ -121,7 +121,7 @@ def test_integral_floats_and_leading_zeros_are_the_integers_they_spell(tmp_path,
     settings = read_json(tmp_path / "cell/config.json")
     assert (settings["width"], settings["batch_size"], settings["seed"]) == (32, 64, 10)
     assert all(isinstance(settings[key], int) for key in ("width", "batch_size", "seed"))
-    with pytest.raises(SystemExit, match=r"setting 'width': 32.5 is not of type 'integer'"):
+    with pytest.raises(SystemExit, match=r"setting 'width': 32.5 is not of type 'integer' \(`normbench settings` gives"):
         main(["train", "--out", str(tmp_path / "other"), "--set", *words, "width=32.5"])
 
 

@@ -158,7 +158,8 @@ def check_against_schema(values: dict[str, Any]) -> dict[str, Any]:
                                 f"or your own as path/to/file.py:Name or package.module:Name (the object's name after "
                                 f"a colon; no spaces in the path)")
         message = "; or ".join(sub.message for sub in error.context) if error.context else error.message
-        raise SettingsError(f"setting {key!r}: {message}")
+        raise SettingsError(f"setting {key!r}: {message} (`normbench settings` gives each setting's meaning and "
+                            f"default)")
     return values
 
 
