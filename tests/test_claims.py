@@ -11,8 +11,9 @@ import pytest
 
 from scipy import stats
 
-from normbench.claims import (CLAIMS, Estimate, Side, Tables, bounded_interval, check_claims, claim_sections, decide,
-                              evaluate, format_estimate, holm, mean_interval, p_value, power_analysis)
+from normbench.claims import (CLAIMS, Estimate, Side, Tables, bounded_interval, by_condition, check_claims,
+                              claim_sections, decide, evaluate, format_estimate, holm, mean_interval, p_value,
+                              power_analysis)
 from normbench.config import SettingsError
 
 SEEDS = range(5)
@@ -551,6 +552,13 @@ def test_a_declared_claim_names_a_setting_of_the_study_where_its_verdict_differs
     assert "the mean over the study's other settings" in mine.claim.effect
 
 
+def test_conditions_are_labelled_as_the_grid_spells_them():
+    cells = pd.DataFrame({"ghost_batch": [8.0, None, 8.0, None], "lr": [0.1, 0.1, 0.05, 0.05]})
+    labels = [label for label, _ in by_condition(cells, ["ghost_batch", "lr"], len)]
+    assert labels == ["ghost_batch 8, lr 0.05", "ghost_batch 8, lr 0.1", "ghost_batch blank, lr 0.05",
+                      "ghost_batch blank, lr 0.1"]
+
+
 def test_cells_with_a_blank_setting_are_paired_like_the_others():
     """The regularization grid: ghost_batch is blank for plain BN and none, 8 for ghost BN. A declared claim on
     dropout pairs every norm's cells, the blank-ghost-batch ones too (they are all of them here)."""
@@ -579,3 +587,7 @@ def test_a_declared_claim_that_cannot_be_measured_is_refused_before_any_run(chan
         check_claims({"transformer": {"claims": [{**MY_CLAIM, **change}]}}, {"transformer": cells})
     with pytest.raises(SettingsError, match=r"study 'transformer' lists claim my-dyt twice; keep one"):
         check_claims({"transformer": {"claims": [MY_CLAIM, MY_CLAIM]}}, {"transformer": cells})
+    linked = [{"world_size": world, "batch_size": 64 // world, "seed": seed} for world in (1, 2) for seed in (0, 1)]
+    with pytest.raises(SettingsError, match=r"claim my-dyt compares world_size 2 with 1, but no cells of the two are "
+                                            r"alike in the study's other settings \(batch_size changes with world"):
+        check_claims({"d": {"claims": [{**MY_CLAIM, "compare": {"world_size": [2, 1]}}]}}, {"d": linked})

@@ -86,6 +86,16 @@ def test_planning_a_cell_leaves_torch_dynamo_unimported():
                           check=True).stdout.strip() == "False"
 
 
+@pytest.mark.parametrize("study, message", [
+    ({"grid": {"norm": ["bn", "gn", "bn"]}, "claims": ["C6"]}, r"studies: s: grid: norm: 'bn' is listed twice"),
+    ({"grid": {"norm": ["bn", "gn"]}, "claims": ["C6", "C6"]}, r"studies: s: claims: 'C6' is listed twice"),
+])
+def test_a_value_listed_twice_is_named_without_the_schema(study, message):
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    with pytest.raises(SettingsError, match=message):
+        normalize_workflow_config({"studies": {"s": study}}, schema)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"thresold": 0.1, "threshold": None}, r"claims: item 2: unknown key 'thresold'; did you mean 'threshold'\?"),
     ({"measure": "final_acc"}, r"item 2: measure: 'final_acc' is unknown; did you mean 'final_test_acc'\?"),

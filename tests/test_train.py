@@ -231,6 +231,19 @@ def test_a_damaged_checkpoint_restarts_the_cell_with_a_warning(tiny, tmp_path, c
     assert without_timing([restarted]) == without_timing([whole])
 
 
+def test_a_checkpoint_from_before_plugin_digests_resumes_a_cell_without_plugins(tiny, tmp_path):
+    """Checkpoints gained the plugins' digests without a new format: in-flight built-in cells keep their progress."""
+    settings = tiny()
+    whole = train(settings, tmp_path / "whole")
+    train(settings, tmp_path / "cut", time_limit_s=0.0)
+    checkpoint = tmp_path / "cut/checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save({key: value for key, value in state.items() if key != "plugin_code"}, checkpoint)
+    resumed = train(settings, tmp_path / "cut")
+    assert resumed["resumed_from_step"] == 16
+    assert without_timing([resumed]) == without_timing([whole])
+
+
 def test_rng_states_are_restored_per_rank_onto_the_workers_own_device(monkeypatch):
     """A checkpoint holds each rank's own CUDA state; resuming sets only the worker's device, so it works where
     fewer GPUs are visible than when it was written (faked here: no CUDA is needed)."""

@@ -536,7 +536,12 @@ def by_condition(cells: pd.DataFrame, axes: list[str], measure: Callable[[pd.Dat
     axes = [axis for axis in axes if axis in cells and cells[axis].nunique(dropna=False) > 1]
     if not axes:
         return ()
-    return tuple((", ".join(f"{a} {v}" for a, v in zip(axes, key if isinstance(key, tuple) else (key,))),
+    def shown(value) -> str:  # as the grid spells it: 8 for a table's 8.0, and a blank setting as blank
+        if isinstance(value, float):
+            return "blank" if math.isnan(value) else f"{value:g}"
+        return str(value)
+
+    return tuple((", ".join(f"{a} {shown(v)}" for a, v in zip(axes, key if isinstance(key, tuple) else (key,))),
                   measure(group)) for key, group in cells.groupby(axes, dropna=False))
 
 
@@ -948,10 +953,29 @@ def check_claims(studies: dict[str, dict], cells_by_study: dict[str, list[dict]]
                     wanted = f"the values {', '.join(map(str, values))}" if values else "at least two values"
                     raise SettingsError(f"study {study!r}: claim {claim_id} compares {axis} and needs {wanted} "
                                         f"among its cells; add them to the grid or drop the claim")
+            if isinstance(entry, dict):
+                _check_pairs(study, claim, cells)
             for probe in claim.probes:
                 if any(probe not in cell.get("probes", ()) for cell in cells):
                     raise SettingsError(f"study {study!r}: claim {claim_id} reads the {probe!r} probe; add "
                                         f"probes: [{probe}] to the study's fixed settings")
+
+
+def _check_pairs(study: str, claim: Claim, cells: list[dict]) -> None:
+    """A declared claim pairs cells of A and B alike in every other grid value: a setting linked to the compared one
+    (world_size with batch_size) leaves no pair, and the claim no value."""
+    (axis, (a, b)), = claim.needs.items()
+    others = sorted({key for cell in cells for key in cell} - {axis, "seed"})
+
+    def settings_of(value) -> list[tuple]:
+        return [tuple(str(cell.get(key)) for key in others) for cell in cells if cell.get(axis) == value]
+
+    if not set(settings_of(a)) & set(settings_of(b)):
+        apart = [key for index, key in enumerate(others)
+                 if not {s[index] for s in settings_of(a)} & {s[index] for s in settings_of(b)}]
+        raise SettingsError(f"study {study!r}: claim {claim.id} compares {axis} {a} with {b}, but no cells of the two "
+                            f"are alike in the study's other settings ({', '.join(apart)} changes with {axis}); "
+                            f"compare cells that differ in {axis} alone")
 
 
 def evaluate(studies: dict[str, dict], tables_by_study: dict[str, Tables]) -> list[Verdict]:

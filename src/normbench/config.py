@@ -230,6 +230,11 @@ def normalize_workflow_config(config: dict[str, Any], workflow_schema: dict) -> 
 
     def walk(value: Any, schema: dict, where: str) -> Any:
         schema = resolve(schema)
+        if isinstance(value, list) and schema.get("uniqueItems"):  # the schema's own message would dump the list
+            for index, item in enumerate(value):
+                if item in value[:index]:
+                    shown = item.get("id", item) if isinstance(item, dict) else item
+                    raise SettingsError(f"{where}{shown!r} is listed twice; keep one")
         if isinstance(value, dict) and "properties" in schema:
             if schema.get("additionalProperties") is False:
                 known = list(schema["properties"])

@@ -225,8 +225,7 @@ class Progress:
     train_sums: tuple = (0.0, 0, 0)
 
 
-CHECKPOINT_FORMAT = 4  # 2: random states per rank, each worker's own CUDA device only; 3: train sums per rank;
-# 4: the digests of the plugins' files
+CHECKPOINT_FORMAT = 3  # 2: random states per rank, each worker's own CUDA device only; 3: train sums per rank
 
 
 def rng_states(device: torch.device, worker: Worker, train_sums: tuple = (0.0, 0, 0)) -> dict:
@@ -270,8 +269,7 @@ def preemption_requests() -> Iterator[list[str]]:
             signal.signal(number, handler)
 
 
-CHECKPOINT_KEYS = {"format", "settings", "plugin_code", "model", "optimizer", "scheduler", "scaler",
-                   "progress"}  # and the RNGs'
+CHECKPOINT_KEYS = {"format", "settings", "model", "optimizer", "scheduler", "scaler", "progress"}  # and the RNGs'
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, progress: Progress, settings: Settings,
@@ -287,8 +285,9 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, progress: P
 
 def read_checkpoint(path: Path, settings: Settings, code: dict[str, str]) -> dict | None:
     """The checkpoint's state when it can resume this cell, else None with a warning: a file that cannot be read
-    (cut short, damaged, an older format), of other settings or of other plugin code starts the cell afresh, which gives the same
-    numbers as resuming, since a cell is deterministic from its settings."""
+    (cut short, damaged, an older format), of other settings or of other plugin code (`code`: each plugin's SHA-256)
+    starts the cell afresh, which gives the same numbers as resuming, since a cell is deterministic from its
+    settings."""
     if not path.exists():
         return None
     try:
@@ -309,8 +308,9 @@ def read_checkpoint(path: Path, settings: Settings, code: dict[str, str]) -> dic
     if state["settings"] != settings.to_dict():
         print(f"normbench: {path} holds other settings; starting afresh", file=sys.stderr)
         return None
+    # (a checkpoint from before the digests has none: a cell without plugins resumes, one with them starts afresh)
     changed = [reference for reference, digest in code.items()
-               if state["plugin_code"].get(reference) != digest]
+               if state.get("plugin_code", {}).get(reference) != digest]
     if changed:  # the same settings, other code: the checkpoint's model may not even load into this one
         print(f"normbench: {path} was written by other code of {', '.join(changed)} (its file changed since); "
               f"starting afresh", file=sys.stderr)
