@@ -21,24 +21,12 @@ from torch.overrides import TorchFunctionMode
 from normbench.claims import studies_claiming
 from normbench.config import SETTING_NAMES, Settings, SettingsError, check_against_schema, check_names
 from normbench.data import model_io
-from normbench.plugins import PluginError, is_plugin, load_object
+from normbench.norms import uses_batch_statistics
+from normbench.plugins import is_plugin
 
 # The settings that decide a model's shapes and layers; cells alike in these share one trial build.
 ARCHITECTURE = ("dataset", "text_path", "context", "model", "depth", "width", "activation", "heads", "patch_size",
                 "norm_placement", "norm", "gn_groups", "ghost_batch", "dropout")
-
-
-BATCH_STATISTICS = ("bn", "syncbn", "ghostbn", "brn", "noisybn")  # the built-in norms that train on batch statistics
-
-
-def uses_batch_statistics(norm: str) -> bool:
-    """A built-in norm of BATCH_STATISTICS, or a plugin that declares `batch_statistics = True`."""
-    if not is_plugin(norm):
-        return norm in BATCH_STATISTICS
-    try:
-        return bool(getattr(load_object(norm), "batch_statistics", False))
-    except PluginError:
-        return False  # the trial build names what is wrong with it
 
 
 def make_settings(values: dict[str, Any]) -> Settings:
@@ -128,18 +116,15 @@ def _trial_build(architecture: tuple) -> str | None:
     try:
         with torch.device("meta"), NoRandomDraws():
             build_model(settings, *model_io(settings))
+        return None
     except ValueError as error:
         if not (is_plugin(settings.norm) or is_plugin(settings.model)):
             return str(error)
-    else:
-        return None
-    # A user's code may read values while it builds (a float of a tensor), which meta tensors do not hold: its
-    # verdict is a real build on the CPU.
-    try:
+    try:  # a user's code may read a value while it builds, which meta tensors do not hold: a real build decides
         build_model(settings, *model_io(settings))
+        return None
     except ValueError as error:
         return str(error)
-    return None
 
 
 def study_cells(study_name: str, study: dict[str, Any]) -> list[dict[str, Any]]:

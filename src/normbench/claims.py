@@ -531,17 +531,21 @@ def _larger_stable_lr_with_bn(tables: Tables, spec: dict) -> Estimate:
     return bounded_interval(lower, upper, len(cells), join_notes(*notes), resolution=step)
 
 
+def format_value(value, blank: str = "") -> str:
+    """A value as a grid or a table spells it: 8 for a table's 8.0, four significant digits, a blank (NaN) as
+    `blank`."""
+    if isinstance(value, float):
+        return blank if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
 def by_condition(cells: pd.DataFrame, axes: list[str], measure: Callable[[pd.DataFrame], Estimate]) -> tuple:
     """The measure on each combination of `axes` alone: where conditions disagree, one mean hides a failure."""
     axes = [axis for axis in axes if axis in cells and cells[axis].nunique(dropna=False) > 1]
     if not axes:
         return ()
-    def shown(value) -> str:  # as the grid spells it: 8 for a table's 8.0, and a blank setting as blank
-        if isinstance(value, float):
-            return "blank" if math.isnan(value) else f"{value:g}"
-        return str(value)
-
-    return tuple((", ".join(f"{a} {shown(v)}" for a, v in zip(axes, key if isinstance(key, tuple) else (key,))),
+    return tuple((", ".join(f"{a} {format_value(v, blank='blank')}"
+                            for a, v in zip(axes, key if isinstance(key, tuple) else (key,))),
                   measure(group)) for key, group in cells.groupby(axes, dropna=False))
 
 
@@ -966,13 +970,11 @@ def _check_pairs(study: str, claim: Claim, cells: list[dict]) -> None:
     (world_size with batch_size) leaves no pair, and the claim no value."""
     (axis, (a, b)), = claim.needs.items()
     others = sorted({key for cell in cells for key in cell} - {axis, "seed"})
-
-    def settings_of(value) -> list[tuple]:
-        return [tuple(str(cell.get(key)) for key in others) for cell in cells if cell.get(axis) == value]
-
-    if not set(settings_of(a)) & set(settings_of(b)):
+    side_a, side_b = ({tuple(str(cell.get(key)) for key in others) for cell in cells if cell.get(axis) == value}
+                      for value in (a, b))
+    if not side_a & side_b:
         apart = [key for index, key in enumerate(others)
-                 if not {s[index] for s in settings_of(a)} & {s[index] for s in settings_of(b)}]
+                 if not {point[index] for point in side_a} & {point[index] for point in side_b}]
         raise SettingsError(f"study {study!r}: claim {claim.id} compares {axis} {a} with {b}, but no cells of the two "
                             f"are alike in the study's other settings ({', '.join(apart)} changes with {axis}); "
                             f"compare cells that differ in {axis} alone")

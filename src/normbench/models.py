@@ -155,13 +155,12 @@ def plugin_model(settings, input_shape: tuple[int, ...], num_classes: int) -> nn
     `norm_layer`."""
     build = load_object(settings.model)
     layout = getattr(build, "layout", getattr(load_module(settings.model), "layout", "channels"))
-    made = []  # the norms the model asked for
+    cell_norm, made = make_norm_layer(settings, layout), []  # and the norms the model asked for
 
     def norm_layer(num_features: int) -> nn.Module:
         made.append(cell_norm(num_features))
         return made[-1]
 
-    cell_norm = make_norm_layer(settings, layout)
     try:
         model = build(settings, input_shape, num_classes, norm_layer)
     except PluginError:

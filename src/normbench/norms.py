@@ -336,6 +336,19 @@ class GhostBatches(nn.Module):
         return torch.cat([self.norm(chunk) for chunk in x.split(self.ghost_batch)])
 
 
+BATCH_STATISTICS = ("bn", "syncbn", "ghostbn", "brn", "noisybn")  # the built-in norms that train on batch statistics
+
+
+def uses_batch_statistics(name: str) -> bool:
+    """A built-in norm of BATCH_STATISTICS, or a plugin that declares `batch_statistics = True`."""
+    if not is_plugin(name):
+        return name in BATCH_STATISTICS
+    try:
+        return bool(getattr(load_object(name), "batch_statistics", False))
+    except PluginError:
+        return False  # the trial build names what is wrong with it
+
+
 def plugin_norm(reference: str, layout: str, ghost_batch: int | None = None) -> NormLayer:
     """A user's norm through the same door as the built-ins: called as `obj(num_features, layout=layout)`. An
     object may declare `layouts`, the ones it supports (anything else is refused here, at plan time), and
@@ -346,7 +359,7 @@ def plugin_norm(reference: str, layout: str, ghost_batch: int | None = None) -> 
     if layout not in supported:
         raise PluginError(f"norm {reference!r} supports the layouts {', '.join(supported)}, not {layout} "
                           f"(its `layouts`)")
-    if ghost_batch is not None and not getattr(norm, "batch_statistics", False):
+    if ghost_batch is not None and not uses_batch_statistics(reference):
         raise PluginError(f"norm {reference!r} declares no batch statistics, so ghost_batch does not apply to it; "
                           f"set `batch_statistics = True` on it if it normalizes over the batch")
 

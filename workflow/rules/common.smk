@@ -90,17 +90,15 @@ with refusing_bad_config():
     # Each cell's axis values by its folder pattern, as the config gave them: a 1,000-cell plan reads them by lookup
     # (Paramspace.instance would parse every folder name back, once per job attribute).
     CELL_AXES = {study: dict(zip(SPACES[study].instance_patterns, cells)) for study, cells in GRIDS.items()}
+    settings_of_cells = {study: [{**study_settings(study), **cell} for cell in cells] for study, cells in GRIDS.items()}
     check_claims(
         claim_sections(config),
-        {
-            study: [{**study_settings(study), **cell} for cell in cells]
-            for study, cells in GRIDS.items()
-        },
+        settings_of_cells,
         {study: study_resources(study)["gpu_share"] for study in config["studies"]},
     )
     for study, spec in config["studies"].items():
         if spec.get("report", {}).get("reference"):
-            check_reference(study, spec["report"]["reference"], [{**study_settings(study), **c} for c in GRIDS[study]])
+            check_reference(study, spec["report"]["reference"], settings_of_cells[study])
 
 # The settings that decide a model's inference time: a training setting changed reruns the cells, not the benchmarks.
 TIMED_SETTINGS = (*ARCHITECTURE, "channels_last", "tf32", "deterministic")

@@ -336,12 +336,6 @@ def generalization_figure(cells: pd.DataFrame, probes: pd.DataFrame):
     return grid.figure
 
 
-def _format(value) -> str:
-    if isinstance(value, float):
-        return "" if pd.isna(value) else f"{value:.4g}"
-    return str(value)
-
-
 def set_style() -> None:
     """One look for every figure of a page."""
     sns.set_theme(style="ticks", context="notebook")

@@ -4,6 +4,7 @@ cell came from (trained in this run, resumed, or reused).
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import pandas as pd
 
 from normbench import claims
 from normbench.captions import FIGURE_CAPTIONS
+from normbench.claims import format_value
 from normbench.plugins import describe_model, is_plugin, short_name
-from normbench.report.figures import (TABLE_COLUMNS, _format, _label, _save, accuracy_figure, curves_figure,
+from normbench.report.figures import (TABLE_COLUMNS, _label, _save, accuracy_figure, curves_figure,
                                       generalization_figure, gradient_profile_figure, ics_figure, inference_figure,
                                       landscape_figure, percentiles_figure, saturation_figure, shared_device,
                                       study_axes, throughput_figure)
@@ -45,14 +47,16 @@ def memory_format(cells: pd.DataFrame) -> str:
     return "contiguous (NCHW)"
 
 
+def values_taken(cells: pd.DataFrame, column: str) -> str:
+    """The values a column takes, in order of value (2.15 before 10), as the report spells them: "3 or 4"."""
+    values = sorted(cells[column].dropna().unique()) if column in cells else []
+    return " or ".join(dict.fromkeys(format_value(v) for v in values))
+
+
 def setup(spec: dict, cells: pd.DataFrame) -> list[tuple[str, str]]:
     """A study's fixed setup, as its section's box shows it: what every cell shares."""
     first = cells.iloc[0]
-
-    def shared(column: str) -> str:
-        values = sorted(cells[column].dropna().unique()) if column in cells else []  # by value: 2.15 before 10
-        return " or ".join(dict.fromkeys(_format(v) for v in values))
-
+    shared = functools.partial(values_taken, cells)
     train = "all" if pd.isna(first.get("train_subset")) else f"{int(first['train_subset']):,}"
     test = "all" if pd.isna(first.get("test_subset")) else f"{int(first['test_subset']):,}"
     rows = [("data", f"{first['dataset']}: {train} training images, {test} test images"),
@@ -70,8 +74,7 @@ def setup(spec: dict, cells: pd.DataFrame) -> list[tuple[str, str]]:
 
 def scale(cells: pd.DataFrame) -> str:
     """The study's scale in a few words, for verdicts that differ from the paper's."""
-    steps = " or ".join(dict.fromkeys(_format(v) for v in sorted(cells["total_steps"].dropna().unique())))
-    return f"{describe_model(cells.iloc[0])}, {steps} steps"
+    return f"{describe_model(cells.iloc[0])}, {values_taken(cells, 'total_steps')} steps"
 
 
 def reference(spec: dict, cells: pd.DataFrame) -> dict | None:
@@ -80,7 +83,7 @@ def reference(spec: dict, cells: pd.DataFrame) -> dict | None:
     if not chosen:
         return None
     bar = spec.get("report", {}).get("reference_acc", 0.85)
-    described = {"cells": ", ".join(f"{key} {value}" for key, value in chosen.items()), "bar": _format(bar)}
+    described = {"cells": ", ".join(f"{key} {value}" for key, value in chosen.items()), "bar": format_value(bar)}
     picked = cells[at_setting(cells, chosen)]
     if picked.empty:
         return {**described, "accuracy": "not in this run", "seeds": 0, "reached": False}
@@ -147,7 +150,7 @@ def study_section(name: str, spec: dict, cells: pd.DataFrame, curves: pd.DataFra
     section["columns"] = [c for c in dict.fromkeys(shown) if c in cells]
     section["runs_dir"] = os.path.commonpath([os.path.abspath(folder) for folder in cells["cell_dir"]])
     section["rows"] = [
-        {"values": [_format(row[c]) for c in section["columns"]], "folder": os.path.relpath(row["cell_dir"], report_dir)}
+        {"values": [format_value(row[c]) for c in section["columns"]], "folder": os.path.relpath(row["cell_dir"], report_dir)}
         for _, row in cells.sort_values("cell").iterrows()
     ]
     return section

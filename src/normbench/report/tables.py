@@ -11,15 +11,16 @@ import numpy as np
 import pandas as pd
 
 from normbench import claims
+from normbench.claims import format_value
 from normbench.plugins import is_plugin, short_name
-from normbench.report.figures import _format, _label, _order, generalization, timed
+from normbench.report.figures import _label, _order, generalization, timed
 
 
 def folding_table(probes: pd.DataFrame) -> dict:
     """BN folding per setting: the largest output difference of the trained models, over seeds (C11)."""
     folded = probes[probes["quantity"] == "fold_rel_diff"].groupby(["batch_size", "bn_momentum"])["value"].max()
     return {"columns": ["batch size", "BN momentum", "largest output difference (relative)"],
-            "rows": [[_format(b), _format(m), f"{diff:.2g}"] for (b, m), diff in folded.items()]}
+            "rows": [[format_value(b), format_value(m), f"{diff:.2g}"] for (b, m), diff in folded.items()]}
 
 
 def folding_time_table(rounds: pd.DataFrame) -> dict:
@@ -32,15 +33,15 @@ def folding_time_table(rounds: pd.DataFrame) -> dict:
     return {"columns": ["device", "model (untrained)", "batch (inputs)", "unfolded (ms)", "folded (ms)",
                         "unfolded / folded [95% CI]", "repeats"],
             "rows": [[rounds["device"].iloc[0], rounds["model"].iloc[0], rounds["shape"].iloc[0],
-                      _format(medians["unfolded"] * 1e3),
-                      _format(medians["folded"] * 1e3), f"{estimate.value:.2f}{interval}",
+                      format_value(medians["unfolded"] * 1e3),
+                      format_value(medians["folded"] * 1e3), f"{estimate.value:.2f}{interval}",
                       str(rounds["repeat"].nunique())]]}
 
 
 def generalization_table(cells: pd.DataFrame, probes: pd.DataFrame) -> dict:
     means = generalization(cells, probes).groupby(["norm", "dropout"])[["train_acc_eval", "test_acc_eval", "gap"]].mean()
     return {"columns": ["norm", "dropout", "train accuracy (eval mode)", "test accuracy", "gap"],
-            "rows": [[norm, _format(dropout), *map(_format, row)] for (norm, dropout), row in means.iterrows()]}
+            "rows": [[norm, format_value(dropout), *map(format_value, row)] for (norm, dropout), row in means.iterrows()]}
 
 
 def drift_table(probes: pd.DataFrame, cells: pd.DataFrame) -> dict:
@@ -48,7 +49,7 @@ def drift_table(probes: pd.DataFrame, cells: pd.DataFrame) -> dict:
     drift = cells.join(claims.percentile_drift(probes).rename("drift"), on="cell", how="inner")
     by_norm = drift.groupby("norm")["drift"]
     return {"columns": ["norm", "drift (mean over seeds)", "per seed"],
-            "rows": [[norm, _format(values.mean()), ", ".join(_format(v) for v in values)]
+            "rows": [[norm, format_value(values.mean()), ", ".join(format_value(v) for v in values)]
                      for norm, values in by_norm]}
 
 
@@ -67,8 +68,8 @@ def step_time_ratios(cells: pd.DataFrame, keys: list[str]) -> dict | None:
     rates = (rates.unstack("norm") if keys else rates.to_frame("every cell").T).reindex(columns=norms)
     ratios = rates.rdiv(rates["bn"], axis=0)
     return {"index": [_label(k) for k in keys] or ["setting"], "columns": norms,
-            "rows": [{"key": [_format(k) for k in (key if isinstance(key, tuple) else (key,))],
-                      "values": [_format(v) for v in row]} for key, row in ratios.iterrows()]}
+            "rows": [{"key": [format_value(k) for k in (key if isinstance(key, tuple) else (key,))],
+                      "values": [format_value(v) for v in row]} for key, row in ratios.iterrows()]}
 
 
 def _median_reach(by_seed: pd.Series) -> str:
@@ -80,7 +81,7 @@ def _median_reach(by_seed: pd.Series) -> str:
     if not reached:
         return "never"
     median = by_seed.sort_values().iloc[(seeds - 1) // 2]  # the lower median: defined while half the seeds reach
-    text = _format(median) if np.isfinite(median) else "not by most seeds"
+    text = format_value(median) if np.isfinite(median) else "not by most seeds"
     return text if reached == seeds else f"{text} ({reached} of {seeds} seeds)"
 
 
@@ -96,8 +97,8 @@ def learning_rate_table(cells: pd.DataFrame, curves: pd.DataFrame, thresholds: d
         norm_cells = cells[cells["norm"] == norm]
         stable, lr = claims.stable_lrs(norm_cells, stable_acc), claims.best_lr(norm_cells)
         row = [norm, f"{stable[0]:g} to {stable[-1]:g}" if stable else "none",
-               _format(math.log10(stable[-1] / stable[0])) if stable else "", _format(lr),
-               _format(claims.accuracy(norm_cells[norm_cells["lr"] == lr]).mean())]
+               format_value(math.log10(stable[-1] / stable[0])) if stable else "", format_value(lr),
+               format_value(claims.accuracy(norm_cells[norm_cells["lr"] == lr]).mean())]
         if target_acc is not None:
             reach = claims.steps_to_target(norm_cells[norm_cells["lr"] == lr], curves, target_acc, curves["step"].max())
             row += [_median_reach(reach["upper"]), _median_reach(reach["elapsed_s"])]
@@ -149,11 +150,11 @@ def leaderboard(by_study: dict[str, claims.Tables], studies: dict[str, dict]) ->
             estimate = accuracy_estimate(mine)
             runs = curves[curves["cell"].isin(mine["cell"])] if "cell" in curves else curves.iloc[:0]
             reach = claims.steps_to_target(mine, runs, target, runs["step"].max()) if target else None
-            rows.append([study, norm, ", ".join(f"{axis} {_format(value)}" for axis, value in setting.items()
+            rows.append([study, norm, ", ".join(f"{axis} {format_value(value)}" for axis, value in setting.items()
                                                 if not pd.isna(value)),
                          claims.format_estimate(estimate),
                          _median_reach(reach["upper"]) if target else "no target set",
-                         "" if math.isnan(own) else _format(relative) if len(bn_rate) else "no BN cell",
+                         "" if math.isnan(own) else format_value(relative) if len(bn_rate) else "no BN cell",
                          f"{int(mine['diverged'].astype(bool).sum())} of {len(mine)}"])
     if not rows:
         return None
@@ -175,7 +176,7 @@ def benchmark_table(rounds: pd.DataFrame) -> dict | None:
                 estimate = claims.mean_interval(claims.time_ratio(case, norm, "bn"), 2, unit="repeats", log=True)
                 interval = "" if math.isnan(estimate.low) else f" [{estimate.low:.2f}, {estimate.high:.2f}]"
                 relative = f"{estimate.value:.2f}{interval}"
-            rows.append([device, layout, case["shape"].iloc[0], dtype, norm, _format(times.median() * 1e6), relative,
+            rows.append([device, layout, case["shape"].iloc[0], dtype, norm, format_value(times.median() * 1e6), relative,
                          str(len(times))])
     return {"columns": ["device", "layout", "shape", "dtype", "norm", "median time (µs)", "time / BN's [95% CI]",
                         "rounds (all repeats)"],
@@ -194,4 +195,4 @@ def numerics_table(numerics: pd.DataFrame) -> dict | None:
     wide = numerics.pivot_table(index=["norm", "mean_offset"], columns="dtype", values="max_abs_error", sort=False)
     devices = sorted(numerics["device"].dropna().unique()) if "device" in numerics else []
     return {"device": ", ".join(devices) or "not recorded", "columns": ["norm", "input mean offset", *wide.columns],
-            "rows": [[norm, _format(offset), *map(_format, row)] for (norm, offset), row in wide.iterrows()]}
+            "rows": [[norm, format_value(offset), *map(format_value, row)] for (norm, offset), row in wide.iterrows()]}
