@@ -22,10 +22,11 @@ from normbench.claims import studies_claiming
 from normbench.config import SETTING_NAMES, Settings, SettingsError, check_against_schema, check_names
 from normbench.data import model_io
 from normbench.norms import uses_batch_statistics
-from normbench.plugins import is_plugin
+from normbench.plugins import describe_model, is_plugin
 
 # The settings that decide a model's shapes and layers; cells alike in these share one trial build.
-ARCHITECTURE = ("dataset", "text_path", "context", "model", "depth", "width", "activation", "heads", "patch_size",
+ARCHITECTURE = ("dataset", "text_path", "context", "model", "depth", "width", "stem_stride", "activation", "heads",
+                "patch_size",
                 "norm_placement", "norm", "gn_groups", "ghost_batch", "dropout")
 
 
@@ -182,11 +183,10 @@ def studies_table(config: dict[str, Any]) -> str:
             points = ", ".join("(" + ", ".join(map(str, point)) + ")" for point in zip(*linked.values()))
             axes.append(f"({', '.join(linked)}) ∈ {{{points}}}")
         cells = len(study_cells(name, {**study, "fixed": fixed}))
-        model = Settings(**{k: v for k, v in fixed.items() if k in ("model", "width", "depth")})
-        depth = f", depth {model.depth}" if model.depth else ""
+        model = describe_model(Settings(**{k: v for k, v in fixed.items() if k in SETTING_NAMES}).to_dict())
         claims = ", ".join(entry["id"] if isinstance(entry, dict) else entry
                            for entry in study.get("claims", [])) or "none (descriptive)"
-        lines.append(f"| `{name}` | {claims} | {cells} | {model.model}, width {model.width}{depth}: {' × '.join(axes)} |")
+        lines.append(f"| `{name}` | {claims} | {cells} | {model}: {' × '.join(axes)} |")
     if "benchmarks" in config:
         claims = ", ".join(config["benchmarks"].get("claims", {})) or "none"
         folding = studies_claiming(config, "C11")

@@ -40,6 +40,7 @@ class Settings:
     model: str = "resnet20"
     depth: int | None = None
     width: int = 16
+    stem_stride: int = 1
     activation: str = "relu"
     init: str = "default"
     heads: int = 4

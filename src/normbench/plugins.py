@@ -103,8 +103,9 @@ def provenance(references: list[str]) -> dict[str, dict]:
 
 def describe_model(settings) -> str:
     """The model in a few words, e.g. "resnet, depth 8, width 8", a plugged-in one by its short name (`settings`: a
-    mapping, or a table's row)."""
-    depth = settings.get("depth")
+    mapping, or a table's row); a stem stride other than 1 is named ("..., stem stride 2")."""
+    depth, stride = settings.get("depth"), settings.get("stem_stride")
     depth = f", depth {depth:g}" if depth and depth == depth else ""  # None, 0 and a table's NaN: no depth
+    stride = f", stem stride {stride:g}" if stride and stride == stride and stride != 1 else ""
     model = short_name(settings["model"]) if is_plugin(settings["model"]) else settings["model"]
-    return f"{model}{depth}, width {settings['width']:g}"
+    return f"{model}{depth}, width {settings['width']:g}{stride}"
