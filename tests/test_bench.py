@@ -14,7 +14,7 @@ from normbench.report.tables import benchmark_table, folding_time_table
 from normbench.results import benchmark_rounds
 
 
-FOLD = {"inference": {"model": "resnet", "depth": 8, "width": 8, "channels_last": True}}
+FOLD = {"inference": {"model": "resnet", "depth": 8, "width": 8, "stem_stride": 2, "channels_last": True}}
 
 
 def test_bench_times_every_case_and_reports_ratios_to_bn(tmp_path):
@@ -48,7 +48,7 @@ def test_bench_times_every_case_and_reports_ratios_to_bn(tmp_path):
     assert len(timed) == 4 and (timed["size"] == FOLD_ROUNDS).all() and (timed["min"] > 0).all()  # both each round
     assert set(folding["shape"]) == {"250x1x28x28"}  # the CPU's evaluation batch
     row = folding_time_table(folding)["rows"][0]
-    assert row[1:3] == ["resnet, depth 8, width 8", "250x1x28x28"] and row[-1] == "2"
+    assert row[1:3] == ["resnet, depth 8, width 8, stem stride 2", "250x1x28x28"] and row[-1] == "2"
     assert float(row[3]) > 0 and float(row[4]) > 0
 
 

@@ -53,3 +53,22 @@ def test_frn_brings_its_own_activation_and_every_other_norm_is_followed_by_relu(
     assert isinstance(bn.stem[2], torch.nn.ReLU) and isinstance(bn.stages[0].act1, torch.nn.ReLU)
     cnn = build_model(Settings(model="cnn", norm="frn", width=8, depth=3), (1, 28, 28), 10)
     assert not any(isinstance(m, torch.nn.ReLU) for m in cnn.features)
+
+
+@pytest.mark.parametrize("model", ["resnet", "cnn"])
+def test_stem_stride_halves_every_map_and_keeps_the_weights(model):
+    """Each norm layer sees maps half as high and wide with stem_stride 2, from the first one to the last; the weights
+    are the same ones, so only the maps' size changes."""
+    sizes = {}
+    for stride in (1, 2):
+        torch.manual_seed(0)
+        net = build_model(Settings(model=model, depth=8, width=4, norm="bn", stem_stride=stride), (1, 28, 28), 10)
+        seen = []
+        for layer in net.modules():
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                layer.register_forward_hook(lambda layer, inputs, output: seen.append(tuple(output.shape[2:])))
+        assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+        sizes[stride] = (seen, [p.shape for p in net.parameters()])
+    assert sizes[1][0][0] == (28, 28) and sizes[2][0][0] == (14, 14)
+    assert [((h + 1) // 2, (w + 1) // 2) for h, w in sizes[1][0]] == sizes[2][0]
+    assert sizes[1][1] == sizes[2][1]
