@@ -148,6 +148,17 @@ def test_cells_at_the_same_path_with_other_settings_are_not_compared():
     assert left_out == ["b: 1 cell(s) at the baseline's paths with other settings (not compared)"]
 
 
+def test_a_run_from_before_a_setting_existed_compares_at_its_default():
+    """An archive from before stem_stride has no such column: its cells trained at the default, 1. A cell of stride 2
+    at the same path is another cell; one of stride 1 is the same."""
+    baseline, other = finished_run("a", "supported", 0.01, 0.01), finished_run("b", "supported", 0.01, 0.01)
+    strides = other.cells["cell"].map({"norm~bn": 1, "norm~gn": 2})
+    other = FinishedRun("b", {"run_id": "b"}, other.cells.assign(stem_stride=strides), other.curves, other.claims)
+    cells, left_out = cell_comparison([baseline, other])
+    assert list(cells["cell"]) == ["norm~bn"]
+    assert left_out == ["b: 1 cell(s) at the baseline's paths with other settings (not compared)"]
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda path: path.mkdir(), "the run has no run.json"),
     (lambda path: path.write_text("not an archive"), "is no run archive"),

@@ -1,9 +1,12 @@
 """Every model with every norm runs forward and backward and trains every parameter."""
 
+import copy
+
 import pytest
 import torch
 
-from normbench.config import Settings
+from normbench.cells import make_settings
+from normbench.config import Settings, SettingsError
 from normbench.models import ResNet, build_model
 from normbench.norms import NORM_NAMES
 
@@ -56,19 +59,30 @@ def test_frn_brings_its_own_activation_and_every_other_norm_is_followed_by_relu(
 
 
 @pytest.mark.parametrize("model", ["resnet", "cnn"])
-def test_stem_stride_halves_every_map_and_keeps_the_weights(model):
+def test_stem_stride_halves_every_map_and_leaves_the_weights_as_they_were(model):
     """Each norm layer sees maps half as high and wide with stem_stride 2, from the first one to the last; the weights
-    are the same ones, so only the maps' size changes."""
-    sizes = {}
+    (shapes and, from one seed, values) are those of stride 1: only the maps' size changes."""
+    sizes, weights = {}, {}
     for stride in (1, 2):
         torch.manual_seed(0)
         net = build_model(Settings(model=model, depth=8, width=4, norm="bn", stem_stride=stride), (1, 28, 28), 10)
-        seen = []
+        weights[stride], sizes[stride] = copy.deepcopy(net.state_dict()), []  # before a forward moves BN's statistics
         for layer in net.modules():
             if isinstance(layer, torch.nn.BatchNorm2d):
-                layer.register_forward_hook(lambda layer, inputs, output: seen.append(tuple(output.shape[2:])))
+                layer.register_forward_hook(lambda layer, inputs, output, seen=sizes[stride]:
+                                            seen.append(tuple(output.shape[2:])))
         assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
-        sizes[stride] = (seen, [p.shape for p in net.parameters()])
-    assert sizes[1][0][0] == (28, 28) and sizes[2][0][0] == (14, 14)
-    assert [((h + 1) // 2, (w + 1) // 2) for h, w in sizes[1][0]] == sizes[2][0]
-    assert sizes[1][1] == sizes[2][1]
+    assert sizes[1][0] == (28, 28) and sizes[2][0] == (14, 14)
+    assert [((h + 1) // 2, (w + 1) // 2) for h, w in sizes[1]] == sizes[2]
+    assert weights[1].keys() == weights[2].keys()
+    assert all(torch.equal(weights[1][name], weights[2][name]) for name in weights[1])
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"model": "mlp", "stem_stride": 2}, "stem_stride.*first conv of cnn and resnet models, not to 'mlp'"),
+    ({"model": "vit", "width": 64, "stem_stride": 2}, "stem_stride.*not to 'vit'"),
+    ({"model": "resnet", "depth": 8, "stem_stride": 4}, "stem_stride"),  # beyond the 3x3 kernel: pixels skipped
+])
+def test_a_stem_stride_without_a_stem_or_beyond_its_kernel_is_refused(values, message):
+    with pytest.raises(SettingsError, match=message):
+        make_settings(values)

@@ -1,6 +1,7 @@
 """The training loop end to end on tiny Fashion-MNIST cells: learning, determinism, resume, divergence."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -239,6 +240,22 @@ def test_a_checkpoint_from_before_plugin_digests_resumes_a_cell_without_plugins(
     checkpoint = tmp_path / "cut/checkpoint.pt"
     state = torch.load(checkpoint, weights_only=True)
     torch.save({key: value for key, value in state.items() if key != "plugin_code"}, checkpoint)
+    resumed = train(settings, tmp_path / "cut")
+    assert resumed["resumed_from_step"] == 16
+    assert without_timing([resumed]) == without_timing([whole])
+
+
+def test_a_cell_from_before_a_setting_existed_resumes_at_its_default(tiny, tmp_path):
+    """A setting added since a cell was written (stem_stride) takes its default there, which is what the cell trained
+    with: its config.json and checkpoint still hold the same settings, so it resumes."""
+    settings = tiny()
+    whole = train(settings, tmp_path / "whole")
+    train(settings, tmp_path / "cut", time_limit_s=0.0)
+    checkpoint, config = tmp_path / "cut/checkpoint.pt", tmp_path / "cut/config.json"
+    state = torch.load(checkpoint, weights_only=True)
+    del state["settings"]["stem_stride"]
+    torch.save(state, checkpoint)
+    config.write_text(json.dumps({key: value for key, value in read_json(config).items() if key != "stem_stride"}))
     resumed = train(settings, tmp_path / "cut")
     assert resumed["resumed_from_step"] == 16
     assert without_timing([resumed]) == without_timing([whole])

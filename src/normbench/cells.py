@@ -26,8 +26,7 @@ from normbench.plugins import describe_model, is_plugin
 
 # The settings that decide a model's shapes and layers; cells alike in these share one trial build.
 ARCHITECTURE = ("dataset", "text_path", "context", "model", "depth", "width", "stem_stride", "activation", "heads",
-                "patch_size",
-                "norm_placement", "norm", "gn_groups", "ghost_batch", "dropout")
+                "patch_size", "norm_placement", "norm", "gn_groups", "ghost_batch", "dropout")
 
 
 def make_settings(values: dict[str, Any]) -> Settings:
@@ -53,6 +52,9 @@ def _check_consistency(settings: Settings) -> None:
         raise SettingsError(f"setting 'heads': {settings.heads} heads do not divide width {settings.width}")
     if settings.dataset == "text" and (settings.augment or settings.channels_last):
         raise SettingsError("settings 'augment' and 'channels_last' apply to images, not to text")
+    if settings.stem_stride != 1 and (transformer or settings.model == "mlp"):
+        raise SettingsError(f"setting 'stem_stride': applies to the first conv of cnn and resnet models, not to "
+                            f"{settings.model!r}; leave it at 1")
     if settings.dropout and transformer:
         raise SettingsError(f"setting 'dropout': applies to mlp, cnn and resnet models, not {settings.model!r}")
     if (settings.norm == "ghostbn" and settings.ghost_batch is None) or (

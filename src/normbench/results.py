@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 
+from normbench.config import completed
+
 CONFIG, METRICS, PROBES, SUMMARY, ENV, CHECKPOINT, WEIGHTS = (
     "config.json", "metrics.jsonl", "probes.jsonl", "summary.json", "env.json", "checkpoint.pt", "model.pt")
 
@@ -125,7 +127,7 @@ def aggregate(summary_paths: Iterable[str | Path], runs_root: str | Path,
         identity = {"study": study, "cell": "/".join(cell_parts), "cell_dir": str(folder)}
         # A list setting (probes) becomes one comma-separated value, as a table cell holds.
         settings = {key: ",".join(value) if isinstance(value, list) else value
-                    for key, value in read_json(folder / CONFIG).items()}
+                    for key, value in completed(read_json(folder / CONFIG)).items()}
         env = columns(read_json(folder / ENV), "env_")
         # `device` is the kind of device the cell ran on (cpu, cuda), not the setting's `auto` (device_setting).
         used = {"device_setting": settings["device"], "device": env["env_device"].split(":")[0]}

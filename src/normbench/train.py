@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from normbench import plugins, results
-from normbench.config import Settings, SettingsError, describe_differences
+from normbench.config import Settings, SettingsError, completed, describe_differences
 from normbench.data import Split, augment_batch, load_data, model_io
 from normbench.distributed import (Preempted, Worker, all_reduce_sum, any_worker, join_process_group, launch,
                                    mean_over_workers, under_torchrun)
@@ -83,7 +83,7 @@ def check_cell_folder(settings: Settings, out_dir: Path, force: bool) -> None:
     if not existing.exists():
         return
     try:
-        differences = describe_differences(results.read_json(existing), settings.to_dict())
+        differences = describe_differences(completed(results.read_json(existing)), settings.to_dict())
     except results.UnreadableResult:
         if not force:
             raise
@@ -305,7 +305,7 @@ def read_checkpoint(path: Path, settings: Settings, code: dict[str, str]) -> dic
         print(f"normbench: warning: {path} was written by another version of normbench; the cell starts afresh",
               file=sys.stderr)
         return None
-    if state["settings"] != settings.to_dict():
+    if completed(state["settings"]) != settings.to_dict():
         print(f"normbench: {path} holds other settings; starting afresh", file=sys.stderr)
         return None
     # (a checkpoint from before the digests has none: a cell without plugins resumes, one with them starts afresh)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from normbench.config import SETTING_NAMES
+from normbench.config import SETTING_NAMES, Settings
 from normbench.html import environment
 from normbench.results import write_atomic, write_table
 from normbench.report.figures import shared_device
@@ -125,7 +125,10 @@ def cell_comparison(runs: list[FinishedRun]) -> tuple[pd.DataFrame, list[str]]:
     def compared(cells: pd.DataFrame) -> pd.DataFrame:
         """The columns compared, and whether the cell shared its GPU with others (packing): then its step times were
         taken beside theirs and compare nothing."""
-        return cells[[column for column in columns if column in cells]].assign(packed=shared_device(cells))
+        # A run archived before a setting existed trained with its default (config.completed), and has no column.
+        added = {name: value for name, value in Settings().to_dict().items()
+                 if name not in cells and not isinstance(value, list)}
+        return cells[[column for column in columns if column in cells]].assign(packed=shared_device(cells), **added)
 
     def cell_repeats(run: FinishedRun) -> dict[tuple, pd.Series]:
         """Each cell's step-time repeats, by (study, cell): one pass over the run's curves."""
