@@ -19,7 +19,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from normbench.claims import studies_claiming
-from normbench.config import SETTING_NAMES, Settings, SettingsError, check_against_schema, check_names
+from normbench.config import SETTING_NAMES, Settings, SettingsError, check_against_schema, check_names, completed
 from normbench.data import model_io
 from normbench.norms import uses_batch_statistics
 from normbench.plugins import describe_model, is_plugin
@@ -185,7 +185,7 @@ def studies_table(config: dict[str, Any]) -> str:
             points = ", ".join("(" + ", ".join(map(str, point)) + ")" for point in zip(*linked.values()))
             axes.append(f"({', '.join(linked)}) ∈ {{{points}}}")
         cells = len(study_cells(name, {**study, "fixed": fixed}))
-        model = describe_model(Settings(**{k: v for k, v in fixed.items() if k in SETTING_NAMES}).to_dict())
+        model = describe_model(completed(fixed))
         claims = ", ".join(entry["id"] if isinstance(entry, dict) else entry
                            for entry in study.get("claims", [])) or "none (descriptive)"
         lines.append(f"| `{name}` | {claims} | {cells} | {model}: {' × '.join(axes)} |")

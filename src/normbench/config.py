@@ -126,10 +126,13 @@ def settings_help() -> list[tuple[str, str, str]]:
     return [(f.name, json.dumps(f.default), describe(properties[f.name])) for f in fields(Settings)]
 
 
+SETTING_DEFAULTS = Settings().to_dict()
+
+
 def completed(recorded: dict[str, Any]) -> dict[str, Any]:
     """A cell's recorded settings with the default of every setting added since it was written, which is the
     behaviour it trained with (a new setting's default keeps the old one: stem_stride 1, for one)."""
-    return {**Settings().to_dict(), **recorded}
+    return {**SETTING_DEFAULTS, **recorded}
 
 
 def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from normbench.config import SETTING_NAMES, Settings
+from normbench.config import SETTING_DEFAULTS, SETTING_NAMES
 from normbench.html import environment
 from normbench.results import write_atomic, write_table
 from normbench.report.figures import shared_device
@@ -126,7 +126,7 @@ def cell_comparison(runs: list[FinishedRun]) -> tuple[pd.DataFrame, list[str]]:
         """The columns compared, and whether the cell shared its GPU with others (packing): then its step times were
         taken beside theirs and compare nothing."""
         # A run archived before a setting existed trained with its default (config.completed), and has no column.
-        added = {name: value for name, value in Settings().to_dict().items()
+        added = {name: value for name, value in SETTING_DEFAULTS.items()
                  if name not in cells and not isinstance(value, list)}
         return cells[[column for column in columns if column in cells]].assign(packed=shared_device(cells), **added)
 
